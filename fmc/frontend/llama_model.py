@@ -1,0 +1,185 @@
+"""The Llama-family decoder (llama, mistral, qwen2) as a `tvm.relax.frontend.nn` module.
+
+Plain as in the checkpoint: separate q/k/v and gate/up projections, so the parameter names
+are Hugging Face's and every optimisation is a later pass. Attention and RoPE come from
+TVM's paged KV cache (`nn.llm.TIRPagedKVCache`), whose rotary convention is HF's rotate_half.
+Reference: transformers `models/llama/modeling_llama.py`.
+"""
+
+from __future__ import annotations
+
+from tvm import relax, te, tirx
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import op
+from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
+
+from fmc.model_config import ModelConfig
+
+# Entry functions every artifact exports; the runtime calls exactly these.
+ENTRY_FUNCTIONS = ("embed", "prefill", "decode", "batch_prefill", "batch_decode",
+                   "create_kv_cache")
+
+
+class Embedding(nn.Embedding):
+    def lm_head_forward(self, x: nn.Tensor) -> nn.Tensor:
+        """Tied output projection over the embedding table."""
+        return op.matmul(x, op.permute_dims(self.weight))
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: ModelConfig, dtype: str):
+        self.num_q = config.num_attention_heads
+        self.num_kv = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        hidden, q_dim, kv_dim = config.hidden_size, self.num_q * self.head_dim, \
+            self.num_kv * self.head_dim
+        self.q_proj = nn.Linear(hidden, q_dim, bias=config.qkv_bias, dtype=dtype)
+        self.k_proj = nn.Linear(hidden, kv_dim, bias=config.qkv_bias, dtype=dtype)
+        self.v_proj = nn.Linear(hidden, kv_dim, bias=config.qkv_bias, dtype=dtype)
+        self.o_proj = nn.Linear(q_dim, hidden, bias=config.o_bias, dtype=dtype)
+
+    def forward(self, x: nn.Tensor, cache: PagedKVCache, layer_id: int) -> nn.Tensor:
+        batch, seq, _ = x.shape
+        qkv = op.concat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+        qkv = op.reshape(qkv, (batch, seq, self.num_q + 2 * self.num_kv, self.head_dim))
+        out = cache.attention_with_fused_qkv(layer_id, qkv, self.num_q,
+                                             sm_scale=self.head_dim**-0.5)
+        return self.o_proj(op.reshape(out, (batch, seq, self.num_q * self.head_dim)))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: ModelConfig, dtype: str):
+        hidden, inner, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(hidden, inner, bias=bias, dtype=dtype)
+        self.up_proj = nn.Linear(hidden, inner, bias=bias, dtype=dtype)
+        self.down_proj = nn.Linear(inner, hidden, bias=bias, dtype=dtype)
+
+    def forward(self, x: nn.Tensor) -> nn.Tensor:
+        return self.down_proj(op.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, dtype: str):
+        eps, hidden = config.rms_norm_eps, config.hidden_size
+        self.input_layernorm = nn.RMSNorm(hidden, -1, eps, bias=False, dtype=dtype)
+        self.self_attn = LlamaAttention(config, dtype)
+        self.post_attention_layernorm = nn.RMSNorm(hidden, -1, eps, bias=False, dtype=dtype)
+        self.mlp = LlamaMLP(config, dtype)
+
+    def forward(self, h: nn.Tensor, cache: PagedKVCache, layer_id: int) -> nn.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cache, layer_id)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig, dtype: str):
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype=dtype)
+        self.layers = nn.ModuleList(
+            [LlamaDecoderLayer(config, dtype) for _ in range(config.num_hidden_layers)])
+        self.norm = nn.RMSNorm(config.hidden_size, -1, config.rms_norm_eps, bias=False,
+                               dtype=dtype)
+
+    def forward(self, h: nn.Tensor, cache: PagedKVCache) -> nn.Tensor:
+        for layer_id, layer in enumerate(self.layers):
+            h = layer(h, cache, layer_id)
+        return self.norm(h)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Entry functions over a paged KV cache; logits are always float32."""
+
+    def __init__(self, config: ModelConfig, dtype: str, target):
+        self.config = config
+        self.dtype = dtype
+        self.target = target
+        self.model = LlamaModel(config, dtype)
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False,
+                                     dtype=dtype)
+
+    def _logits(self, h: nn.Tensor) -> nn.Tensor:
+        if self.config.tie_word_embeddings:
+            logits = self.model.embed_tokens.lm_head_forward(h)
+        else:
+            logits = self.lm_head(h)
+        return logits if logits.dtype == "float32" else op.astype(logits, "float32")
+
+    def embed(self, input_ids: nn.Tensor) -> nn.Tensor:
+        return self.model.embed_tokens(input_ids)
+
+    def prefill(self, input_embed: nn.Tensor, paged_kv_cache: PagedKVCache):
+        """One sequence's prompt chunk → logits of its last position [1, 1, vocab]."""
+        h = self.model(input_embed, paged_kv_cache)
+
+        def last_position(x: te.Tensor):
+            batch, seq, hidden = x.shape
+            return te.compute((batch, 1, hidden), lambda b, _, k: x[b, seq - 1, k],
+                              name="last_position")
+
+        h = op.tensor_expr_op(last_position, name_hint="last_position", args=[h])
+        return self._logits(h), paged_kv_cache
+
+    def decode(self, input_embed: nn.Tensor, paged_kv_cache: PagedKVCache):
+        return self._logits(self.model(input_embed, paged_kv_cache)), paged_kv_cache
+
+    def batch_prefill(self, input_embeds: nn.Tensor, logit_positions: nn.Tensor,
+                      paged_kv_cache: PagedKVCache):
+        """Packed prompts of several sequences [1, total, H] → logits at the requested
+        positions [1, num_logits, vocab] (every position, for perplexity)."""
+        h = self.model(input_embeds, paged_kv_cache)
+        h = op.take(h, logit_positions, axis=1)
+        return self._logits(h), paged_kv_cache
+
+    def batch_decode(self, input_embeds: nn.Tensor, paged_kv_cache: PagedKVCache):
+        return self._logits(self.model(input_embeds, paged_kv_cache)), paged_kv_cache
+
+    def create_kv_cache(self, max_batch_size: tirx.Var, max_total_seq_len: tirx.Var,
+                        prefill_chunk_size: tirx.Var, page_size: tirx.Var) -> PagedKVCache:
+        c = self.config
+        return TIRPagedKVCache(
+            attn_kind="mha",
+            max_batch_size=max_batch_size,
+            max_total_seq_len=max_total_seq_len,
+            prefill_chunk_size=prefill_chunk_size,
+            page_size=page_size,
+            support_sliding_window=0,
+            layer_partition=relax.ShapeExpr([0, c.num_hidden_layers]),
+            num_hidden_layers=c.num_hidden_layers,
+            num_attention_heads=c.num_attention_heads,
+            num_key_value_heads=c.num_key_value_heads,
+            qk_head_dim=c.head_dim,
+            v_head_dim=c.head_dim,
+            mla_original_qk_head_dim=0,
+            mla_original_v_head_dim=0,
+            rope_mode=RopeMode.NORMAL,
+            rope_scale=1,
+            rope_theta=c.rope_theta,
+            rope_scaling=dict(c.rope_scaling or {}),
+            rope_ext_factors=relax.prim_value(0),
+            rotary_dim=c.head_dim,
+            enable_disaggregation=False,
+            dtype=self.dtype,
+            target=self.target,
+        )
+
+    def get_default_spec(self) -> nn.spec.ModuleSpec:
+        hidden, dtype = self.config.hidden_size, self.dtype
+        packed = {"param_mode": "packed", "effect_mode": "none"}
+        cache = nn.spec.Object(object_type=PagedKVCache)
+        spec = {
+            "embed": {"input_ids": nn.spec.Tensor(["seq_len"], "int32"), "$": packed},
+            "prefill": {"input_embed": nn.spec.Tensor([1, "seq_len", hidden], dtype),
+                        "paged_kv_cache": cache, "$": packed},
+            "decode": {"input_embed": nn.spec.Tensor([1, 1, hidden], dtype),
+                       "paged_kv_cache": cache, "$": packed},
+            "batch_prefill": {
+                "input_embeds": nn.spec.Tensor([1, "seq_len", hidden], dtype),
+                "logit_positions": nn.spec.Tensor(["num_logits"], "int32"),
+                "paged_kv_cache": cache, "$": packed},
+            "batch_decode": {"input_embeds": nn.spec.Tensor(["batch_size", 1, hidden], dtype),
+                             "paged_kv_cache": cache, "$": packed},
+            "create_kv_cache": {
+                "max_batch_size": int, "max_total_seq_len": int, "prefill_chunk_size": int,
+                "page_size": int, "$": {"param_mode": "none", "effect_mode": "none"}},
+        }
+        return nn.spec.ModuleSpec.from_raw(spec, self)

@@ -1,0 +1,131 @@
+"""A bounded, validating safetensors reader: header checks first, then one tensor per mmap slice.
+
+The `safetensors` package's numpy API cannot return bfloat16 and reports malformed files with
+generic messages; this reader names the file and tensor and never allocates more than the file.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from fmc.errors import InputError
+from fmc.frontend.weights import TensorInfo
+
+# Headers of real checkpoints are a few hundred KB; anything far larger is corrupt.
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+DTYPES: dict[str, tuple[str, int]] = {
+    "F64": ("float64", 8),
+    "F32": ("float32", 4),
+    "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2),
+    "I64": ("int64", 8),
+    "I32": ("int32", 4),
+    "I16": ("int16", 2),
+    "I8": ("int8", 1),
+    "U64": ("uint64", 8),
+    "U32": ("uint32", 4),
+    "U16": ("uint16", 2),
+    "U8": ("uint8", 1),
+    "BOOL": ("bool", 1),
+}
+
+
+class SafetensorsFile:
+    """One `.safetensors` file, header parsed and validated on open."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        try:
+            size = self.path.stat().st_size
+            with open(self.path, "rb") as handle:
+                prefix = handle.read(8)
+                if len(prefix) < 8:
+                    raise InputError(f"{self.path}: not a safetensors file (shorter than 8 bytes)")
+                (header_len,) = struct.unpack("<Q", prefix)
+                if header_len > min(MAX_HEADER_BYTES, size - 8):
+                    raise InputError(
+                        f"{self.path}: corrupt safetensors header (claims {header_len} bytes, "
+                        f"file has {size})"
+                    )
+                raw = handle.read(header_len)
+        except OSError as exc:
+            raise InputError(f"{self.path}: cannot read ({exc.strerror})") from None
+        self._data_start = 8 + header_len
+        data_size = size - self._data_start
+        try:
+            header = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise InputError(f"{self.path}: corrupt safetensors header (not JSON)") from None
+        if not isinstance(header, dict):
+            raise InputError(f"{self.path}: corrupt safetensors header (not a JSON object)")
+        self.metadata = header.pop("__metadata__", None) or {}
+        self._entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
+        for name, entry in header.items():
+            self._entries[name] = self._check_entry(name, entry, data_size)
+        self._mmap: mmap.mmap | None = None
+
+    def _check_entry(self, name: str, entry: object, data_size: int):
+        where = f"{self.path}: tensor {name!r}"
+        if not isinstance(entry, dict):
+            raise InputError(f"{where}: header entry is not an object")
+        dtype = entry.get("dtype")
+        shape = entry.get("shape")
+        offsets = entry.get("data_offsets")
+        if dtype not in DTYPES:
+            raise InputError(f"{where}: unsupported dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
+            raise InputError(f"{where}: bad shape {shape!r}")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+        ):
+            raise InputError(f"{where}: bad data_offsets {offsets!r}")
+        begin, end = offsets
+        numpy_name, itemsize = DTYPES[dtype]
+        nbytes = int(np.prod(shape, dtype=object)) * itemsize
+        if not 0 <= begin <= end or end - begin != nbytes:
+            raise InputError(
+                f"{where}: data_offsets {offsets} do not hold shape {shape} of {dtype}"
+            )
+        if end > data_size:
+            raise InputError(
+                f"{where}: data ends at byte {end} but the file holds {data_size} "
+                "(truncated file?)"
+            )
+        return numpy_name, tuple(shape), begin, end
+
+    def index(self) -> dict[str, TensorInfo]:
+        return {
+            name: TensorInfo(name, shape, dtype, self.path)
+            for name, (dtype, shape, _, _) in self._entries.items()
+        }
+
+    def load(self, name: str) -> np.ndarray:
+        dtype, shape, begin, end = self._entries[name]
+        if self._mmap is None:
+            with open(self.path, "rb") as handle:
+                self._mmap = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        start = self._data_start + begin
+        if end - begin == 0:
+            return np.zeros(shape, dtype="float32" if dtype == "bfloat16" else dtype)
+        if dtype == "bfloat16":
+            bits = np.frombuffer(self._mmap, dtype="<u2", count=(end - begin) // 2, offset=start)
+            return (bits.astype(np.uint32) << 16).view(np.float32).reshape(shape)
+        array = np.frombuffer(self._mmap, dtype=np.dtype(dtype).newbyteorder("<"),
+                              count=(end - begin) // np.dtype(dtype).itemsize, offset=start)
+        # Copy out of the mmap so the file can be closed and the array is writable.
+        return array.reshape(shape).astype(dtype, copy=True)
+
+    def close(self) -> None:
+        if self._mmap is not None:
+            self._mmap.close()
+            self._mmap = None

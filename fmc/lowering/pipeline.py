@@ -1,0 +1,128 @@
+"""The IR pipeline: named passes of the `fuse` and `lower` phases, in order, in one place.
+
+Each entry is a `PassSpec`: a name users can list, disable or dump after, a one-line doc,
+and a factory that builds the TVM pass for a given compile context."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tvm
+from tvm import relax
+
+from fmc.errors import UsageError
+
+
+@dataclass(frozen=True)
+class PassSpec:
+    name: str
+    phase: str  # "fuse" or "lower"
+    doc: str
+    make: Callable[[Any], tvm.transform.Pass]
+    # Passes whose removal would produce an unbuildable module cannot be disabled.
+    required: bool = False
+
+
+def _relax(factory: Callable[[], tvm.transform.Pass]) -> Callable[[Any], tvm.transform.Pass]:
+    return lambda ctx: factory()
+
+
+def _entry_dce(ctx) -> tvm.transform.Pass:
+    return relax.transform.DeadCodeElimination(list(ctx.entry_functions))
+
+
+def _schedule(ctx) -> tvm.transform.Pass:
+    passes = [p for _, _, p in ctx.target.schedule_passes()]
+    return tvm.transform.Sequential(passes, name="schedule")
+
+
+PIPELINE: list[PassSpec] = [
+    PassSpec("legalize", "fuse", "lower every Relax operator to a TIR kernel (LegalizeOps)",
+             _relax(relax.transform.LegalizeOps), required=True),
+    PassSpec("annotate-patterns", "fuse",
+             "classify kernels (elementwise, injective, reduction) for fusion",
+             _relax(relax.transform.AnnotateTIROpPattern), required=True),
+    PassSpec("fold-constants", "fuse", "evaluate kernels whose inputs are all constants",
+             _relax(relax.transform.FoldConstant)),
+    PassSpec("fuse-ops", "fuse",
+             "group producer→consumer kernels (e.g. transpose→matmul→add) into one",
+             _relax(relax.transform.FuseOps)),
+    PassSpec("fuse-tir", "fuse", "merge each fused group into a single TIR kernel",
+             _relax(relax.transform.FuseTIR), required=True),
+    PassSpec("dead-code", "fuse", "drop functions and bindings the entry functions never use",
+             _entry_dce),
+    PassSpec("schedule", "lower", "apply the target's kernel schedules (loops, threads, SIMD)",
+             _schedule),
+    PassSpec("rewrite-dataflow-reshape", "lower", "turn reshapes into views",
+             _relax(relax.transform.RewriteDataflowReshape)),
+    PassSpec("to-non-dataflow", "lower", "leave the dataflow form",
+             _relax(relax.transform.ToNonDataflow), required=True),
+    PassSpec("remove-purity-checking", "lower", "drop purity annotations before VM lowering",
+             _relax(relax.transform.RemovePurityChecking), required=True),
+    PassSpec("call-tir-rewrite", "lower", "make kernel outputs explicit allocations",
+             _relax(relax.transform.CallTIRRewrite), required=True),
+    PassSpec("plan-memory", "lower", "reuse intermediate buffers across kernels (static plan)",
+             _relax(relax.transform.StaticPlanBlockMemory)),
+    PassSpec("lower-alloc", "lower", "lower allocations to VM builtins",
+             _relax(relax.transform.LowerAllocTensor), required=True),
+    PassSpec("kill-after-last-use", "lower", "free intermediates as soon as they die",
+             _relax(relax.transform.KillAfterLastUse)),
+    PassSpec("lower-runtime-builtin", "lower", "lower remaining ops to VM builtins",
+             _relax(relax.transform.LowerRuntimeBuiltin), required=True),
+    PassSpec("compute-prim-value", "lower", "compute symbolic scalars on the host",
+             _relax(relax.transform.ComputePrimValue), required=True),
+    PassSpec("vm-shape-lower", "lower", "lower symbolic shape checks and arithmetic for the VM",
+             _relax(relax.transform.VMShapeLower), required=True),
+    PassSpec("attach-global-symbol", "lower", "name every function for the library",
+             _relax(relax.transform.AttachGlobalSymbol), required=True),
+]
+
+
+def pass_names() -> list[str]:
+    return [p.name for p in PIPELINE]
+
+
+def resolve_disabled(disabled: list[str]) -> set[str]:
+    names = set(pass_names())
+    for name in disabled:
+        if name not in names:
+            from fmc.errors import unknown_choice
+
+            raise unknown_choice("pass", name, sorted(names))
+        spec = next(p for p in PIPELINE if p.name == name)
+        if spec.required:
+            raise UsageError(f"pass {name!r} is required to produce a library and cannot be "
+                             "disabled")
+    return set(disabled)
+
+
+class IRDumper:
+    """Writes TVMScript after each pass as NN-phase-pass.py, numbered in pipeline order."""
+
+    def __init__(self, directory: Path | None):
+        self.directory = directory
+        self.count = 0
+        if directory is not None:
+            directory.mkdir(parents=True, exist_ok=True)
+
+    def dump(self, phase: str, name: str, mod: tvm.IRModule) -> None:
+        if self.directory is None:
+            return
+        path = self.directory / f"{self.count:02d}-{phase}-{name}.py"
+        path.write_text(mod.script(show_meta=False), encoding="utf-8")
+        self.count += 1
+
+
+def run_phase(phase: str, mod: tvm.IRModule, ctx, disabled: set[str],
+              dumper: IRDumper) -> tvm.IRModule:
+    """Run the enabled passes of `phase` in order, dumping the IR after each."""
+    with ctx.target.tvm_target():
+        for spec in PIPELINE:
+            if spec.phase != phase or spec.name in disabled:
+                continue
+            mod = spec.make(ctx)(mod)
+            dumper.dump(phase, spec.name, mod)
+    return mod

@@ -1,0 +1,106 @@
+"""Graph side of quantization: layers that hold a scheme's storage and dequantize in the graph.
+
+`quantize_layers` swaps a model's nn.Linear / nn.Embedding for these, so model definitions
+never know about quantization (the nn.Mutator pattern of TVM's frontend)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import op
+
+from fmc.quant.plan import QuantPlan
+from fmc.quant.scheme import QuantScheme
+
+
+def _dequantize(scheme: QuantScheme, stored: list[nn.Tensor], out_dtype: str) -> nn.Tensor:
+    return op.tensor_expr_op(
+        lambda *tensors: scheme.dequantize_te(list(tensors), out_dtype),
+        name_hint=f"dequantize_{scheme.name}",
+        args=stored,
+    )
+
+
+class _QuantizedWeight(nn.Module):
+    """Registers the scheme's storage arrays as parameters named after the storage tensors."""
+
+    def _init_storage(self, scheme: QuantScheme, shape: tuple[int, int], layer: str, dtype: str):
+        self.scheme = scheme
+        self.compute_dtype = dtype
+        self.storage = scheme.storage(shape, f"{layer}.weight")
+        for tensor in self.storage:
+            setattr(self, tensor.name, nn.Parameter(tensor.shape, tensor.dtype))
+
+    def stored(self) -> list[nn.Tensor]:
+        return [getattr(self, tensor.name) for tensor in self.storage]
+
+    def dequantized_weight(self) -> nn.Tensor:
+        return _dequantize(self.scheme, self.stored(), self.compute_dtype)
+
+
+class QuantizedLinear(_QuantizedWeight):
+    def __init__(self, linear: nn.Linear, scheme: QuantScheme, layer: str, dtype: str):
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self._init_storage(scheme, (linear.out_features, linear.in_features), layer, dtype)
+        self.bias = linear.bias
+
+    def forward(self, x: nn.Tensor) -> nn.Tensor:
+        y = op.matmul(x, op.permute_dims(self.dequantized_weight()))
+        return y + self.bias if self.bias is not None else y
+
+
+class QuantizedEmbedding(_QuantizedWeight):
+    """Row lookup gathers the stored rows first, then dequantizes only those rows."""
+
+    def __init__(self, embedding: nn.Embedding, scheme: QuantScheme, layer: str, dtype: str):
+        self.num, self.dim = embedding.num, embedding.dim
+        self._init_storage(scheme, (embedding.num, embedding.dim), layer, dtype)
+
+    def forward(self, ids: nn.Tensor) -> nn.Tensor:
+        rows = [op.take(tensor, ids, axis=0) for tensor in self.stored()]
+        return _dequantize(self.scheme, rows, self.compute_dtype)
+
+    def lm_head_forward(self, x: nn.Tensor) -> nn.Tensor:
+        """Tied output projection: logits = x · Eᵀ over the same stored embedding."""
+        return op.matmul(x, op.permute_dims(self.dequantized_weight()))
+
+
+class _Quantizer(nn.Mutator):
+    def __init__(self, plan: QuantPlan, dtype: str):
+        self.plan = plan
+        self.dtype = dtype
+        self.layers: dict[str, str] = {}
+        self.stored: dict[str, QuantizedParam] = {}
+
+    def visit_module(self, name: str, node: nn.Module):
+        if isinstance(node, (nn.Linear, nn.Embedding)):
+            scheme = self.plan.scheme_for(name)
+            self.layers[name] = scheme.name
+            if scheme.is_identity(node.weight.dtype):
+                return node
+            cls = QuantizedLinear if isinstance(node, nn.Linear) else QuantizedEmbedding
+            layer = cls(node, scheme, name, self.dtype)
+            for part, tensor in enumerate(layer.storage):
+                self.stored[f"{name}.{tensor.name}"] = QuantizedParam(
+                    f"{name}.weight", scheme.name, part)
+            return layer
+        return self.visit(name, node)
+
+
+@dataclass(frozen=True)
+class QuantizedParam:
+    """A parameter holding part `part` of scheme `scheme`'s storage of tensor `source`."""
+
+    source: str
+    scheme: str
+    part: int
+
+
+def quantize_layers(model: nn.Module, plan: QuantPlan,
+                    dtype: str) -> tuple[dict[str, str], dict[str, QuantizedParam]]:
+    """Swap every Linear/Embedding of `model` per `plan`, in place. Returns the scheme of
+    every layer and, for each new storage parameter, what it is made from."""
+    quantizer = _Quantizer(plan, dtype)
+    quantizer.visit("", model)
+    return quantizer.layers, quantizer.stored

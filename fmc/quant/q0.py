@@ -1,0 +1,40 @@
+"""q0f32 and q0f16: no quantization, weights stored as float32 or float16."""
+
+from __future__ import annotations
+
+import numpy as np
+from tvm import te
+
+from fmc.quant.registry import register
+from fmc.quant.scheme import QuantScheme, StorageTensor
+
+
+class Unquantized(QuantScheme):
+    """Weights kept as floats of one width; dequantize is a cast (free when widths match)."""
+
+    def __init__(self, name: str, dtype: str):
+        self.name = name
+        self.dtype = dtype
+        self.compute_dtype = dtype
+        self.bits_per_weight = float(np.dtype(dtype).itemsize * 8)
+        self.description = f"no quantization, {dtype} weights"
+
+    def storage(self, shape, tensor):
+        return [StorageTensor("weight", tuple(shape), self.dtype)]
+
+    def quantize(self, weight):
+        return [np.ascontiguousarray(weight, dtype=self.dtype)]
+
+    def dequantize(self, stored):
+        return stored[0].astype(np.float32)
+
+    def dequantize_te(self, stored, out_dtype):
+        (weight,) = stored
+        return te.compute(weight.shape, lambda *i: weight(*i).astype(out_dtype), name="dequantize")
+
+    def is_identity(self, dtype):
+        return dtype == self.dtype
+
+
+register(Unquantized("q0f32", "float32"))
+register(Unquantized("q0f16", "float16"))

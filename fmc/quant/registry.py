@@ -1,0 +1,68 @@
+"""The registry of quantization schemes: built-ins register on import, plugins from files."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import pkgutil
+import sys
+from pathlib import Path
+
+from fmc.errors import InputError, UsageError, unknown_choice
+from fmc.quant.scheme import QuantScheme
+
+SCHEMES: dict[str, QuantScheme] = {}
+_BUILTINS_LOADED = False
+
+
+def register(scheme: QuantScheme) -> QuantScheme:
+    """Add a scheme; a plugin may replace a built-in of the same name on purpose."""
+    if not scheme.name:
+        raise UsageError(f"quantization scheme {type(scheme).__name__} has no name")
+    SCHEMES[scheme.name] = scheme
+    return scheme
+
+
+def _load_builtins() -> None:
+    global _BUILTINS_LOADED
+    if _BUILTINS_LOADED:
+        return
+    _BUILTINS_LOADED = True
+    package = importlib.import_module("fmc.quant")
+    skip = {"registry", "scheme", "plan", "modules", "convert"}
+    for info in pkgutil.iter_modules(package.__path__):
+        if info.name not in skip:
+            importlib.import_module(f"fmc.quant.{info.name}")
+
+
+def load_plugin(path: str | Path) -> list[str]:
+    """Import a user's scheme file; returns the names it registered."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: quantization plugin file not found")
+    _load_builtins()
+    before = dict(SCHEMES)
+    module_name = f"fmc_quant_plugin_{path.stem}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:  # a plugin is user code: report any failure as bad input
+        raise InputError(f"{path}: quantization plugin failed to load: {exc}") from exc
+    added = [name for name, scheme in SCHEMES.items() if before.get(name) is not scheme]
+    if not added:
+        raise InputError(f"{path}: registers no quantization scheme (call fmc.quant.register)")
+    return added
+
+
+def get(name: str) -> QuantScheme:
+    _load_builtins()
+    if name not in SCHEMES:
+        raise unknown_choice("quantization scheme", name, list(SCHEMES))
+    return SCHEMES[name]
+
+
+def all_schemes() -> dict[str, QuantScheme]:
+    _load_builtins()
+    return dict(sorted(SCHEMES.items()))

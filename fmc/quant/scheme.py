@@ -1,0 +1,55 @@
+"""The contract a quantization scheme implements: storage layout, numpy quantizer, TE dequant."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from tvm import te
+
+
+@dataclass(frozen=True)
+class StorageTensor:
+    """One array a quantized weight is stored as. All have the weight's rows as axis 0."""
+
+    name: str  # replaces the trailing "weight" of the parameter name ("weight", "q_weight", …)
+    shape: tuple[int, ...]
+    dtype: str
+
+
+class QuantScheme:
+    """Base class for a scheme. A subclass in one file, registered with `register`, is all a
+    new scheme needs: the pipeline asks it for these members and never branches on names."""
+
+    name: str = ""
+    description: str = ""
+    # Activation dtype the scheme is meant for; a target may compute in a wider type.
+    compute_dtype: str = "float32"
+    # Average storage bits per weight, scales included (for listings and memory estimates).
+    bits_per_weight: float = 32.0
+
+    def storage(self, shape: tuple[int, ...], tensor: str) -> list[StorageTensor]:
+        """The arrays a weight of `shape` [rows, reduction] is stored as; `tensor` names the
+        weight in errors (e.g. a group size that does not divide the reduction axis)."""
+        raise NotImplementedError
+
+    def quantize(self, weight: np.ndarray) -> list[np.ndarray]:
+        """Quantize one float32 weight to arrays matching `storage` (same order)."""
+        raise NotImplementedError
+
+    def dequantize(self, stored: list[np.ndarray]) -> np.ndarray:
+        """Numpy reference of `dequantize_te`, returning float32."""
+        raise NotImplementedError
+
+    def dequantize_te(self, stored: list[te.Tensor], out_dtype: str) -> te.Tensor:
+        """The dequantize expression as a TE compute over the stored arrays (rows first);
+        fusion passes inline it into the consuming matmul."""
+        raise NotImplementedError
+
+    def is_identity(self, dtype: str) -> bool:
+        """True when storing with this scheme is a plain `dtype` parameter (no dequantize)."""
+        return False
+
+    def describe(self) -> dict:
+        return {"name": self.name, "description": self.description,
+                "compute_dtype": self.compute_dtype, "bits_per_weight": self.bits_per_weight}

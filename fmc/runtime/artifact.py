@@ -1,0 +1,122 @@
+"""Open an artifact: check the manifest and hashes, load the library and the weights."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fmc.artifacts.manifest import ABI_VERSION, read_manifest
+from fmc.artifacts.shards import sha256_file
+from fmc.errors import ArtifactError, InputError
+from fmc.frontend.safetensors_reader import SafetensorsFile
+
+# Artifacts up to this size have every shard hashed on load unless the caller says otherwise.
+VERIFY_BY_DEFAULT_BYTES = 2 * 1024**3
+
+
+def verify_files(artifact: Path, manifest: dict[str, Any]) -> None:
+    """sha256 of the library and every shard against the manifest; names the first bad file."""
+    entries = [manifest["library"], *manifest["weights"]["shards"]]
+    for entry in entries:
+        path = artifact / entry["file"]
+        if not path.is_file():
+            raise ArtifactError(f"{path}: missing from the artifact")
+        if sha256_file(path) != entry["sha256"]:
+            raise ArtifactError(f"{path}: sha256 mismatch with the manifest (corrupt or altered)")
+
+
+def should_verify(manifest: dict[str, Any], verify: bool | None) -> bool:
+    if verify is not None:
+        return verify
+    size = sum(s["bytes"] for s in manifest["weights"]["shards"])
+    return size <= VERIFY_BY_DEFAULT_BYTES
+
+
+@dataclass
+class LoadedArtifact:
+    path: Path
+    manifest: dict[str, Any]
+    vm: Any
+    device: Any
+    params: list[Any]
+
+
+def load_library(artifact: Path, manifest: dict[str, Any], device):
+    import tvm
+    from tvm import relax
+
+    library = artifact / manifest["library"]["file"]
+    if not library.is_file():
+        raise ArtifactError(f"{library}: missing from the artifact")
+    try:
+        vm = relax.VirtualMachine(tvm.runtime.load_module(str(library)), device)
+    except Exception as exc:  # TVM raises its own error types for unloadable libraries
+        raise ArtifactError(f"{library}: cannot be loaded on this machine ({exc})") from None
+    embedded = json.loads(str(vm["_metadata"]()))
+    if embedded["abi_version"] != ABI_VERSION:
+        raise ArtifactError(f"{library}: library ABI {embedded['abi_version']} does not match "
+                            f"this fmc ({ABI_VERSION})")
+    listed = [[p["name"], p["shape"], p["dtype"]] for p in manifest["params"]]
+    if embedded["params"] != listed:
+        raise ArtifactError(f"{library}: parameters differ from {artifact / 'manifest.json'}")
+    return vm
+
+
+def load_params(artifact: Path, manifest: dict[str, Any], device) -> list[Any]:
+    import tvm
+
+    if not manifest["weights"]["present"]:
+        raise ArtifactError(f"{artifact}: compiled without weights (a weights-free artifact); "
+                            "recompile with weights to run it")
+    opened: dict[str, SafetensorsFile] = {}
+    params = []
+    try:
+        for entry in manifest["params"]:
+            shard = entry["shard"]
+            if shard not in opened:
+                try:
+                    opened[shard] = SafetensorsFile(artifact / shard)
+                except InputError as exc:
+                    raise ArtifactError(str(exc)) from None
+            try:
+                array = opened[shard].load(entry["name"])
+            except KeyError:
+                raise ArtifactError(f"{artifact / shard}: tensor {entry['name']!r} "
+                                    "missing") from None
+            if list(array.shape) != entry["shape"] or str(array.dtype) != entry["dtype"]:
+                raise ArtifactError(f"{artifact / shard}: tensor {entry['name']!r} is "
+                                    f"{array.dtype}{list(array.shape)}, manifest says "
+                                    f"{entry['dtype']}{entry['shape']}")
+            params.append(tvm.runtime.tensor(np.ascontiguousarray(array), device))
+    finally:
+        for shard in opened.values():
+            shard.close()
+    return params
+
+
+def open_artifact(path: Path | str, device=None, verify: bool | None = None) -> LoadedArtifact:
+    import tvm
+
+    artifact = Path(path)
+    manifest = read_manifest(artifact)
+    if should_verify(manifest, verify):
+        verify_files(artifact, manifest)
+    device = device or _device_for(manifest)
+    vm = load_library(artifact, manifest, device)
+    params = load_params(artifact, manifest, device)
+    del tvm
+    return LoadedArtifact(artifact, manifest, vm, device, params)
+
+
+def _device_for(manifest: dict[str, Any]):
+    from fmc.targets import get as get_target
+
+    name = manifest["target"]["name"]
+    device = get_target(name).device()
+    if device is None:
+        raise ArtifactError(f"artifacts for target {name!r} cannot run on this machine")
+    return device

@@ -1,0 +1,188 @@
+"""The Engine: an artifact's entry functions driven over TVM's paged KV cache."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from fmc.errors import UsageError
+from fmc.model_config import ModelConfig
+from fmc.runtime.artifact import open_artifact
+from fmc.runtime.sampling import Sampler, SamplingParams
+from fmc.runtime.tokenizer import StreamDecoder, TextTokenizer
+
+
+class _Builtins:
+    """The VM's KV-cache functions, looked up once."""
+
+    def __init__(self):
+        import tvm
+
+        get = tvm.get_global_func
+        self.add_sequence = get("vm.builtin.kv_state_add_sequence")
+        self.remove_sequence = get("vm.builtin.kv_state_remove_sequence")
+        self.fork_sequence = get("vm.builtin.kv_state_fork_sequence")
+        self.popn = get("vm.builtin.kv_state_popn")
+        self.begin_forward = get("vm.builtin.kv_state_begin_forward")
+        self.end_forward = get("vm.builtin.kv_state_end_forward")
+        self.sequence_length = get("vm.builtin.attention_kv_cache_get_sequence_length")
+        self.available_pages = get("vm.builtin.attention_kv_cache_get_num_available_pages")
+        self.reshape = get("vm.builtin.reshape")
+
+
+class Engine:
+    """Load with `fmc.load(path)`; `generate` for text, `logits` for numerics."""
+
+    def __init__(self, path: Path | str, device=None, verify: bool | None = None,
+                 context_window: int | None = None, max_batch_size: int = 8):
+        import tvm
+        from tvm.runtime import ShapeTuple
+
+        self.artifact = open_artifact(path, device, verify)
+        self.path = self.artifact.path
+        self.manifest = self.artifact.manifest
+        self.config = ModelConfig.from_dict(self.manifest["model"])
+        runtime = self.manifest["runtime"]
+        self.context_window = context_window or runtime["context_window"]
+        if self.context_window > self.config.context_window:
+            raise UsageError(f"context window {self.context_window} exceeds the model's "
+                             f"{self.config.context_window}")
+        self.prefill_chunk = runtime["prefill_chunk_size"]
+        self.max_batch_size = max_batch_size
+        self._vm = self.artifact.vm
+        self._params = self.artifact.params
+        self._device = self.artifact.device
+        self._tvm = tvm
+        self._shape = ShapeTuple
+        self._kv_builtins = _Builtins()
+        self.kv_cache = self._vm["create_kv_cache"](
+            ShapeTuple([max_batch_size]), ShapeTuple([self.context_window]),
+            ShapeTuple([self.prefill_chunk]), ShapeTuple([runtime["page_size"]]))
+        self._sequence_ids = itertools.count()
+        self._tokenizer: TextTokenizer | None = None
+
+    # -- tokenizer ---------------------------------------------------------------------------
+    @property
+    def tokenizer(self) -> TextTokenizer:
+        if self._tokenizer is None:
+            self._tokenizer = TextTokenizer(self.path)
+        return self._tokenizer
+
+    # -- low-level steps ---------------------------------------------------------------------
+    def _check_ids(self, ids: list[int]) -> np.ndarray:
+        array = np.asarray(ids, dtype=np.int64)
+        if array.ndim != 1 or array.size == 0:
+            raise UsageError("token ids must be a non-empty 1-D sequence")
+        if array.min() < 0 or array.max() >= self.config.vocab_size:
+            raise UsageError(f"token id {int(array.max() if array.max() >= 0 else array.min())} "
+                             f"is outside the vocabulary (0..{self.config.vocab_size - 1})")
+        return array.astype(np.int32)
+
+    def _embed(self, ids: np.ndarray, shape: list[int]):
+        tensor = self._tvm.runtime.tensor(ids, self._device)
+        embedded = self._vm["embed"](tensor, self._params)
+        return self._kv_builtins.reshape(embedded, self._shape([*shape, self.config.hidden_size]))
+
+    def _forward(self, function: str, seq_ids: list[int], lengths: list[int], *args) -> np.ndarray:
+        b = self._kv_builtins
+        b.begin_forward(self.kv_cache, self._shape(seq_ids), self._shape(lengths))
+        try:
+            out = self._vm[function](*args, self.kv_cache, self._params)
+        finally:
+            b.end_forward(self.kv_cache)
+        return out[0].numpy()
+
+    def new_sequence(self) -> int:
+        seq = next(self._sequence_ids)
+        self._kv_builtins.add_sequence(self.kv_cache, seq)
+        return seq
+
+    def remove(self, seq: int) -> None:
+        self._kv_builtins.remove_sequence(self.kv_cache, seq)
+
+    def sequence_length(self, seq: int) -> int:
+        return int(self._kv_builtins.sequence_length(self.kv_cache, seq))
+
+    def _check_room(self, seq: int, extra: int) -> None:
+        total = self.sequence_length(seq) + extra
+        if total > self.context_window:
+            raise UsageError(f"sequence of {total} tokens exceeds the context window "
+                             f"({self.context_window})")
+
+    def prefill(self, seq: int, ids: list[int]) -> np.ndarray:
+        """Append `ids` to sequence `seq`; returns the logits after its last token."""
+        array = self._check_ids(ids)
+        self._check_room(seq, len(array))
+        logits = None
+        for start in range(0, len(array), self.prefill_chunk):
+            chunk = array[start:start + self.prefill_chunk]
+            embedded = self._embed(chunk, [1, len(chunk)])
+            logits = self._forward("prefill", [seq], [len(chunk)], embedded)
+        return logits[0, -1]
+
+    def decode(self, seq: int, token: int) -> np.ndarray:
+        """Append one token to `seq`; returns the logits after it."""
+        array = self._check_ids([token])
+        self._check_room(seq, 1)
+        embedded = self._embed(array, [1, 1])
+        return self._forward("decode", [seq], [1], embedded)[0, -1]
+
+    def logits(self, token_ids: list[int]) -> np.ndarray:
+        """Logits at every position of `token_ids` [n, vocab], in a fresh sequence."""
+        array = self._check_ids(token_ids)
+        seq = self.new_sequence()
+        try:
+            self._check_room(seq, len(array))
+            parts = []
+            for start in range(0, len(array), self.prefill_chunk):
+                chunk = array[start:start + self.prefill_chunk]
+                embedded = self._embed(chunk, [1, len(chunk)])
+                positions = self._tvm.runtime.tensor(np.arange(len(chunk), dtype=np.int32),
+                                                     self._device)
+                parts.append(self._forward("batch_prefill", [seq], [len(chunk)], embedded,
+                                           positions)[0])
+        finally:
+            self.remove(seq)
+        return np.concatenate(parts, axis=0)
+
+    # -- generation --------------------------------------------------------------------------
+    def generate_ids(self, prompt_ids: list[int], max_tokens: int = 128,
+                     sampling: SamplingParams | None = None,
+                     stop_at_eos: bool = True) -> Iterator[int]:
+        """Yield generated token ids one by one (the prompt is not repeated)."""
+        if max_tokens < 0:
+            raise UsageError(f"--max-tokens must be ≥ 0, got {max_tokens}")
+        sampler = Sampler(sampling or SamplingParams())
+        eos = set(self.config.eos_token_ids) if stop_at_eos else set()
+        seq = self.new_sequence()
+        try:
+            if max_tokens == 0:
+                return
+            token = sampler(self.prefill(seq, prompt_ids))
+            for produced in range(1, max_tokens + 1):
+                if token in eos:
+                    return
+                yield token
+                if produced == max_tokens or self.sequence_length(seq) >= self.context_window:
+                    return  # budget spent, or the context is full
+                token = sampler(self.decode(seq, token))
+        finally:
+            self.remove(seq)
+
+    def stream(self, prompt: str, max_tokens: int = 128,
+               sampling: SamplingParams | None = None) -> Iterator[str]:
+        """Yield text pieces as tokens are produced."""
+        decoder = StreamDecoder(self.tokenizer)
+        for token in self.generate_ids(self.tokenizer.encode(prompt), max_tokens, sampling):
+            piece = decoder.push(token)
+            if piece:
+                yield piece
+
+    def generate(self, prompt: str, max_tokens: int = 128, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int | None = None) -> str:
+        sampling = SamplingParams(temperature, top_p, seed)
+        ids = list(self.generate_ids(self.tokenizer.encode(prompt), max_tokens, sampling))
+        return self.tokenizer.decode(ids)

@@ -1,0 +1,95 @@
+"""The contract a compilation target implements; the pipeline asks it and never tests kinds."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from fmc.errors import MissingToolchainError
+
+
+@dataclass(frozen=True)
+class Tool:
+    """A host program a target needs to build or validate its library."""
+
+    name: str  # executable searched on PATH
+    purpose: str
+    install_hint: str  # e.g. "apt-get install lld"
+    version_args: tuple[str, ...] = ("--version",)
+
+    def path(self) -> str | None:
+        return shutil.which(self.name)
+
+    def version(self) -> str | None:
+        path = self.path()
+        if path is None:
+            return None
+        try:
+            out = subprocess.run([path, *self.version_args], capture_output=True, text=True,
+                                 timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        lines = (out.stdout or out.stderr).strip().splitlines()
+        return lines[0] if lines else ""
+
+    def require(self) -> str:
+        path = self.path()
+        if path is None:
+            raise MissingToolchainError(
+                f"{self.name} not found on PATH (needed for {self.purpose}); "
+                f"install it: {self.install_hint}")
+        return path
+
+
+class Target:
+    """A compilation target. Subclasses are one file each and register an instance."""
+
+    name: str = ""
+    description: str = ""
+    library_suffix: str = ".so"
+    tools: tuple[Tool, ...] = ()
+
+    def tvm_target(self):
+        """The `tvm.target.Target` kernels are compiled for."""
+        raise NotImplementedError
+
+    def compute_dtype(self, preferred: str) -> str:
+        """Activation dtype for a scheme that prefers `preferred`."""
+        return preferred
+
+    def schedule_passes(self) -> list:
+        """(name, doc, tvm Pass) kernel-scheduling passes for the lower phase."""
+        return []
+
+    def export(self, executable, path: Path) -> None:
+        """Write the compiled library to `path`."""
+        executable.export_library(str(path))
+
+    def device(self):
+        """The TVM device the runtime runs this target's artifacts on, or None."""
+        return None
+
+    def describe(self) -> dict:
+        target = self.tvm_target()
+        return {"name": self.name, "tvm_target": _target_json(target),
+                "tools": {tool.name: tool.version() for tool in self.tools}}
+
+    def check_toolchain(self) -> None:
+        for tool in self.tools:
+            tool.require()
+
+
+def _target_json(target) -> dict:
+    """A TVM target as a JSON-safe dict (stable key order for reproducible manifests)."""
+    def plain(value):
+        if hasattr(value, "items"):
+            return {str(k): plain(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+        if isinstance(value, (list, tuple)) or type(value).__name__ == "Array":
+            return [plain(v) for v in value]
+        if isinstance(value, (bool, int, float, str)) or value is None:
+            return value
+        return str(value)
+
+    return plain(target.export())

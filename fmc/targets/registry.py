@@ -1,0 +1,46 @@
+"""Target registry: `name` or `name:variant` → a Target instance; one file per target family."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Callable
+
+from fmc.errors import unknown_choice
+from fmc.targets.base import Target
+
+# family name → factory(variant or None) → Target
+FAMILIES: dict[str, Callable[[str | None], Target]] = {}
+_LOADED = False
+
+
+def register(name: str):
+    def decorator(factory):
+        FAMILIES[name] = factory
+        return factory
+    return decorator
+
+
+def _load_builtins() -> None:
+    global _LOADED
+    if _LOADED:
+        return
+    _LOADED = True
+    package = importlib.import_module("fmc.targets")
+    for info in pkgutil.iter_modules(package.__path__):
+        if info.name not in {"base", "registry"}:
+            importlib.import_module(f"fmc.targets.{info.name}")
+
+
+def get(spec: str) -> Target:
+    """Resolve `cpu`, `cuda:sm_80,sm_90`, … to a Target."""
+    _load_builtins()
+    family, _, variant = spec.partition(":")
+    if family not in FAMILIES:
+        raise unknown_choice("target", spec, list(FAMILIES))
+    return FAMILIES[family](variant or None)
+
+
+def families() -> list[str]:
+    _load_builtins()
+    return sorted(FAMILIES)
