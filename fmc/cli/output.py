@@ -1,0 +1,66 @@
+"""How commands talk to people and scripts: logs and progress on stderr, results on stdout."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.logging import RichHandler
+
+stderr = Console(stderr=True, highlight=False)
+stdout = Console(highlight=False)
+
+
+def interactive() -> bool:
+    """Rich progress only on a terminal and outside CI; plain lines otherwise."""
+    return stderr.is_terminal and not os.environ.get("CI")
+
+
+def setup_logging(quiet: bool = False, debug: bool = False) -> None:
+    level = logging.DEBUG if debug else logging.ERROR if quiet else logging.INFO
+    logger = logging.getLogger("fmc")
+    logger.handlers.clear()
+    if interactive():
+        handler: logging.Handler = RichHandler(console=stderr, show_time=False, show_path=False)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("fmc: %(levelname)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+
+
+def emit_json(data: Any) -> None:
+    """The one JSON object a `--json` command prints on stdout."""
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def human_bytes(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(count) < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} GiB"
+
+
+def parse_size(text: str) -> int:
+    """'512MB', '1GiB', '1048576' → bytes."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20,
+             "GIB": 2**30, "K": 2**10, "M": 2**20, "G": 2**30}
+    value = text.strip().upper()
+    number = value.rstrip("KMGIB")
+    unit = value[len(number):]
+    from fmc.errors import UsageError
+
+    try:
+        if unit not in units:
+            raise ValueError
+        return int(float(number) * units[unit])
+    except ValueError:
+        raise UsageError(f"cannot parse size {text!r} (e.g. 512MB, 1GiB)") from None

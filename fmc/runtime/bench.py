@@ -1,0 +1,64 @@
+"""Measure an artifact: prefill and decode tokens/s (median of runs after warm-up), time to
+first token, peak memory. Measurements only; no timed unit tests anywhere in fmc."""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+
+import numpy as np
+
+from fmc.errors import UsageError
+
+
+def set_threads(threads: int | None) -> int:
+    """Size TVM's CPU thread pool (must precede the first kernel launch); returns the count."""
+    import tvm
+
+    if threads is not None:
+        if threads <= 0:
+            raise UsageError(f"--threads must be positive, got {threads}")
+        tvm.get_global_func("runtime.config_threadpool")(0, threads)
+    return int(tvm.get_global_func("runtime.NumThreads")())
+
+
+def _summary(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def benchmark(engine, prompt_len: int = 128, gen_len: int = 64, runs: int = 5,
+              warmup: int = 1, seed: int = 0) -> dict:
+    """One sequence at a time: prefill `prompt_len` random tokens, then `gen_len` greedy
+    decode steps (logits copied to the host each step, as in real generation)."""
+    if prompt_len <= 0 or gen_len <= 0 or runs <= 0 or warmup < 0:
+        raise UsageError("--prompt-len, --gen-len and --runs must be positive")
+    if prompt_len + gen_len > engine.context_window:
+        raise UsageError(f"prompt-len + gen-len ({prompt_len + gen_len}) exceeds the context "
+                         f"window ({engine.context_window})")
+    rng = np.random.default_rng(seed)
+    prompt = rng.integers(0, engine.config.vocab_size, prompt_len).tolist()
+    prefill_tps, decode_tps, ttft = [], [], []
+    for run in range(warmup + runs):
+        seq = engine.new_sequence()
+        try:
+            start = time.perf_counter()
+            logits = engine.prefill(seq, prompt)
+            token = int(np.argmax(logits))
+            first = time.perf_counter()
+            for _ in range(gen_len):
+                token = int(np.argmax(engine.decode(seq, token)))
+            end = time.perf_counter()
+        finally:
+            engine.remove(seq)
+        if run >= warmup:
+            ttft.append(first - start)
+            prefill_tps.append(prompt_len / (first - start))
+            decode_tps.append(gen_len / (end - first))
+    return {
+        "prompt_len": prompt_len, "gen_len": gen_len, "runs": runs, "warmup": warmup,
+        "prefill_tokens_per_s": _summary(prefill_tps),
+        "decode_tokens_per_s": _summary(decode_tps),
+        "time_to_first_token_s": _summary(ttft),
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }

@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny checkpoints and their compiled artifacts, built once per session."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from models import TINY_MODELS, write_tiny_checkpoint  # noqa: E402
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+logging.getLogger("fmc").setLevel(logging.WARNING)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """name → path of a tiny HF checkpoint (written on first use)."""
+    cache: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in cache:
+            cache[name] = write_tiny_checkpoint(name, tmp_path_factory.mktemp(name))
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tiny_checkpoint, tmp_path_factory):
+    """(name, quant) → path of the compiled artifact (compiled on first use)."""
+    from fmc.compiler import CompileOptions, compile_model
+
+    cache: dict[tuple[str, str], Path] = {}
+
+    def get(name: str, quant: str = "q0f32") -> Path:
+        key = (name, quant)
+        if key not in cache:
+            out = tmp_path_factory.mktemp("artifacts") / f"{name}-{quant}"
+            compile_model(CompileOptions(model=str(tiny_checkpoint(name)), output=out,
+                                         quant=quant))
+            cache[key] = out
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    from fmc.frontend.source import default_model_path
+
+    return default_model_path()
+
+
+def pytest_collection_modifyitems(config, items):
+    if not items:
+        raise pytest.UsageError("no tests collected")
+    assert TINY_MODELS  # the registry of tiny models must not be empty

