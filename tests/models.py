@@ -39,4 +39,91 @@ def write_tiny_checkpoint(name: str, directory: Path, seed: int = 0, std: float 
             else:
                 param.copy_(std * torch.randn_like(param))
     model.save_pretrained(directory)
+    write_word_tokenizer(directory, config.vocab_size)
     return directory
+
+
+def write_word_tokenizer(directory: Path, vocab_size: int) -> None:
+    """A word-level tokenizer over w0…w{n-1} so tiny artifacts can run text commands."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {f"w{i}": i for i in range(vocab_size)}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tokenizer.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"eos_token": "w1"}))
+
+
+def permute_like_llama_cpp(weight, n_head: int):
+    """convert_hf_to_gguf.py's Q/K permutation, written independently of fmc's inverse."""
+    rows = weight.shape[0]
+    return (weight.reshape(n_head, 2, rows // n_head // 2, *weight.shape[1:])
+            .swapaxes(1, 2).reshape(weight.shape))
+
+
+GGUF_LAYER_NAMES = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q",
+                    "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                    "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+                    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                    "mlp.down_proj": "ffn_down"}
+
+
+def write_gguf_from_checkpoint(checkpoint: Path, path: Path, quant_types: dict | None = None):
+    """Convert a tiny llama checkpoint to GGUF as llama.cpp does (names, Q/K permutation,
+    metadata, a byte-level vocabulary); `quant_types` maps GGUF names to GGML types."""
+    import json
+
+    import gguf
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    config = json.loads((checkpoint / "config.json").read_text())
+    state = load_file(str(checkpoint / "model.safetensors"))
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(config["num_attention_heads"])
+    writer.add_head_count_kv(config["num_key_value_heads"])
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_rope_freq_base(config.get("rope_theta")
+                              or config["rope_parameters"]["rope_theta"])
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    tokens = [f"t{i}" for i in range(config["vocab_size"])]
+    writer.add_token_list(tokens)
+    writer.add_token_types([1] * len(tokens))
+    writer.add_token_merges([])
+    writer.add_bos_token_id(0)
+    writer.add_eos_token_id(1)
+    quant_types = quant_types or {}
+    for name, array in state.items():
+        if name == "model.embed_tokens.weight":
+            gname = "token_embd.weight"
+        elif name == "model.norm.weight":
+            gname = "output_norm.weight"
+        elif name == "lm_head.weight":
+            gname = "output.weight"
+        else:
+            _, _, layer, rest = name.split(".", 3)
+            module, kind = rest.rsplit(".", 1)
+            gname = f"blk.{layer}.{GGUF_LAYER_NAMES[module]}.{kind}"
+        if name.endswith("q_proj.weight"):
+            array = permute_like_llama_cpp(array, config["num_attention_heads"])
+        elif name.endswith("k_proj.weight"):
+            array = permute_like_llama_cpp(array, config["num_key_value_heads"])
+        qtype = quant_types.get(gname)
+        if qtype is None:
+            writer.add_tensor(gname, np.ascontiguousarray(array, dtype=np.float32))
+        else:
+            data = gguf.quants.quantize(np.ascontiguousarray(array, dtype=np.float32), qtype)
+            writer.add_tensor(gname, data, raw_shape=data.shape, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -1,4 +1,4 @@
-"""A bounded, validating safetensors reader: header checks first, then one tensor per mmap slice.
+"""A bounded, validating safetensors reader: header checks first, then one tensor per read.
 
 The `safetensors` package's numpy API cannot return bfloat16 and reports malformed files with
 generic messages; this reader names the file and tensor and never allocates more than the file.
@@ -7,7 +7,7 @@ generic messages; this reader names the file and tensor and never allocates more
 from __future__ import annotations
 
 import json
-import mmap
+import os
 import struct
 from pathlib import Path
 
@@ -68,7 +68,7 @@ class SafetensorsFile:
         self._entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
         for name, entry in header.items():
             self._entries[name] = self._check_entry(name, entry, data_size)
-        self._mmap: mmap.mmap | None = None
+        self._fd: int | None = None
 
     def _check_entry(self, name: str, entry: object, data_size: int):
         where = f"{self.path}: tensor {name!r}"
@@ -110,22 +110,25 @@ class SafetensorsFile:
         }
 
     def load(self, name: str) -> np.ndarray:
+        """Read one tensor with pread into a fresh array (no mmap: a mapped checkpoint would
+        count twice in RSS while its tensors are copied to the device)."""
         dtype, shape, begin, end = self._entries[name]
-        if self._mmap is None:
-            with open(self.path, "rb") as handle:
-                self._mmap = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-        start = self._data_start + begin
-        if end - begin == 0:
-            return np.zeros(shape, dtype="float32" if dtype == "bfloat16" else dtype)
+        storage = "<u2" if dtype == "bfloat16" else np.dtype(dtype).newbyteorder("<")
+        array = np.empty(shape, dtype=storage)
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        view = memoryview(array.reshape(-1).view(np.uint8))
+        offset, done = self._data_start + begin, 0
+        while done < end - begin:
+            count = os.preadv(self._fd, [view[done:]], offset + done)
+            if count == 0:
+                raise InputError(f"{self.path}: tensor {name!r} is truncated")
+            done += count
         if dtype == "bfloat16":
-            bits = np.frombuffer(self._mmap, dtype="<u2", count=(end - begin) // 2, offset=start)
-            return (bits.astype(np.uint32) << 16).view(np.float32).reshape(shape)
-        array = np.frombuffer(self._mmap, dtype=np.dtype(dtype).newbyteorder("<"),
-                              count=(end - begin) // np.dtype(dtype).itemsize, offset=start)
-        # Copy out of the mmap so the file can be closed and the array is writable.
-        return array.reshape(shape).astype(dtype, copy=True)
+            return (array.astype(np.uint32) << 16).view(np.float32)
+        return array.astype(dtype, copy=False)
 
     def close(self) -> None:
-        if self._mmap is not None:
-            self._mmap.close()
-            self._mmap = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

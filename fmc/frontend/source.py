@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fmc.errors import InputError, UsageError, unknown_choice
+from fmc.errors import InputError, UsageError
 from fmc.frontend.architectures import config_from_hf
 from fmc.frontend.gguf_file import open_gguf
 from fmc.frontend.hf_dir import open_hf_dir, tokenizer_files
@@ -110,9 +111,10 @@ def open_model(reference: str | None, weights: str | None = None,
         _, config, weight_source, toks, inputs = _open_path(snapshot, True, use_own_tokenizer)
         source = ModelSource(config, weight_source, toks, "hub", reference, inputs)
     else:
-        error = unknown_choice("model", reference, list(PRESETS))
+        hint = difflib.get_close_matches(reference, list(PRESETS), n=1)
+        suggestion = f"did you mean {hint[0]!r}? " if hint else ""
         raise InputError(f"{reference}: no such file or directory, and not a preset or a hub "
-                         f"id ({str(error).split('; ', 1)[1]})")
+                         f"id ({suggestion}presets: {', '.join(sorted(PRESETS))})")
     if tokenizer_dir is not None:
         source.tokenizer = tokenizer_files(tokenizer_dir)
         source.input_files += list(source.tokenizer.values())

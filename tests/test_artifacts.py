@@ -1,0 +1,166 @@
+"""Artifacts: manifest hashes, shards, atomic publication, weights-free builds, load checks."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+import fmc
+from fmc.artifacts.manifest import ABI_VERSION
+from fmc.artifacts.shards import sha256_array, sha256_file
+from fmc.compiler import PHASES, CompileOptions, compile_model
+from fmc.errors import ArtifactError, InputError, OutputError
+from fmc.frontend.safetensors_reader import SafetensorsFile
+
+
+def leftovers(parent):
+    return [p.name for p in parent.iterdir() if ".fmc-tmp-" in p.name or ".fmc-old-" in p.name]
+
+
+def test_manifest_hashes_match_the_files(tiny_artifact):
+    out = tiny_artifact("llama-gqa-untied")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["abi_version"] == ABI_VERSION
+    assert manifest["library"]["sha256"] == sha256_file(out / manifest["library"]["file"])
+    for shard in manifest["weights"]["shards"]:
+        assert sha256_file(out / shard["file"]) == shard["sha256"]
+    for entry in manifest["params"]:
+        array = SafetensorsFile(out / entry["shard"]).load(entry["name"])
+        assert list(array.shape) == entry["shape"] and str(array.dtype) == entry["dtype"]
+        assert sha256_array(array) == entry["sha256"]
+    memory = manifest["memory"]
+    assert memory["weights_bytes"] == sum(p["bytes"] for p in manifest["params"])
+    assert memory["total_bytes"] > memory["weights_bytes"] + memory["kv_cache_bytes"]
+
+
+def test_shard_cap_splits_weights(tiny_checkpoint, tiny_artifact, tmp_path):
+    out = tmp_path / "sharded"
+    compile_model(CompileOptions(model=str(tiny_checkpoint("llama-gqa-untied")), output=out,
+                                 shard_bytes=40_000))
+    manifest = json.loads((out / "manifest.json").read_text())
+    shards = manifest["weights"]["shards"]
+    assert len(shards) > 3
+    largest = max(p["bytes"] for p in manifest["params"])
+    assert all(s["bytes"] <= max(40_000, largest) + 4096 for s in shards)
+    ids = [1, 2, 3, 4, 5]
+    reference = fmc.load(tiny_artifact("llama-gqa-untied")).logits(ids)
+    np.testing.assert_array_equal(fmc.load(out).logits(ids), reference)
+
+
+def test_failed_compile_leaves_nothing(tiny_checkpoint, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    source = tiny_checkpoint("llama-mha")
+    (broken / "config.json").write_text((source / "config.json").read_text())
+    state = load_file(str(source / "model.safetensors"))
+    del state["model.layers.1.mlp.up_proj.weight"]
+    save_file(state, str(broken / "model.safetensors"))
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match="model.layers.1.mlp.up_proj.weight.*missing"):
+        compile_model(CompileOptions(model=str(broken), output=out))
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("phase", ["codegen", "weights", "package"])
+def test_interrupted_compile_keeps_the_previous_artifact(phase, tiny_checkpoint, tmp_path,
+                                                         monkeypatch):
+    out = tmp_path / "out"
+    model = str(tiny_checkpoint("llama-mha"))
+    compile_model(CompileOptions(model=model, output=out))
+    before = (out / "manifest.json").read_bytes()
+    index = next(i for i, p in enumerate(PHASES) if p.name == phase)
+    original = PHASES[index]
+
+    def interrupted(state, progress):
+        original.run(state, progress)
+        raise KeyboardInterrupt
+
+    patched = list(PHASES)
+    patched[index] = type(original)(original.name, original.doc, interrupted)
+    monkeypatch.setattr("fmc.compiler.PHASES", patched)
+    with pytest.raises(KeyboardInterrupt):
+        compile_model(CompileOptions(model=model, output=out, force=True, quant="q0f16"))
+    assert (out / "manifest.json").read_bytes() == before
+    assert leftovers(tmp_path) == []
+
+
+def test_existing_output_needs_force(tiny_checkpoint, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    model = str(tiny_checkpoint("llama-mha"))
+    with pytest.raises(OutputError, match="already exists"):
+        compile_model(CompileOptions(model=model, output=out))
+    assert (out / "keep.txt").read_text() == "mine"
+    compile_model(CompileOptions(model=model, output=out, force=True))
+    assert not (out / "keep.txt").exists() and (out / "manifest.json").exists()
+
+
+def test_stale_temp_dirs_of_dead_processes_are_removed(tiny_checkpoint, tmp_path):
+    import subprocess
+
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    stale = tmp_path / f".out.fmc-tmp-{proc.pid}-deadbeef"
+    stale.mkdir()
+    (stale / "half.bin").write_bytes(b"x")
+    compile_model(CompileOptions(model=str(tiny_checkpoint("llama-mha")),
+                                 output=tmp_path / "out"))
+    assert not stale.exists()
+
+
+def test_altered_shard_is_refused(tiny_artifact, tmp_path):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(tiny_artifact("llama-mha"), out)
+    shard = next((out / "params").glob("*.safetensors"))
+    data = bytearray(shard.read_bytes())
+    data[-10] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match=f"{shard.name}: sha256 mismatch"):
+        fmc.load(out)
+    shard.unlink()
+    with pytest.raises(ArtifactError, match=f"{shard.name}: missing"):
+        fmc.load(out)
+
+
+def test_newer_abi_is_refused(tiny_artifact, tmp_path):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(tiny_artifact("llama-mha"), out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["abi_version"] = ABI_VERSION + 1
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="newer than this fmc supports"):
+        fmc.load(out)
+
+
+def test_weights_free_preset_artifact(tmp_path):
+    out = tmp_path / "preset"
+    result = compile_model(CompileOptions(model="smollm2-135m", output=out))
+    manifest = result.manifest
+    assert manifest["weights"] == {"present": False, "shards": [],
+                                   "shard_size_limit": manifest["weights"]["shard_size_limit"]}
+    assert (out / "model.so").stat().st_size > 100_000
+    assert len(manifest["params"]) == 1 + 30 * 9 + 1  # embed, 9 per layer, final norm
+    assert manifest["memory"]["weights_bytes"] == 4 * 134_515_008
+    with pytest.raises(ArtifactError, match="weights-free"):
+        fmc.load(out)
+
+
+def test_context_window_is_enforced(tiny_artifact):
+    engine = fmc.load(tiny_artifact("llama-mha"), context_window=32)
+    from fmc.errors import UsageError
+
+    with pytest.raises(UsageError, match="exceeds the context window"):
+        engine.logits(list(range(1, 40)))
+    with pytest.raises(UsageError, match="outside the vocabulary"):
+        engine.logits([1, 2, 10_000])
+    assert os.path.isdir(engine.path)

@@ -1,0 +1,84 @@
+"""The `fmc` command line: results on stdout, one-line errors with documented exit codes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from fmc.cli import main
+
+
+def run_cli(capsys, *args):
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_compile_inspect_run_bench(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "art"
+    code, stdout, _ = run_cli(capsys, "compile", str(tiny_checkpoint("llama-mha")), "-o",
+                              str(out), "--json")
+    assert code == 0
+    result = json.loads(stdout)
+    assert result["output"] == str(out) and result["weights"] is True
+    assert set(result["timings"]) >= {"import", "quantize", "fuse", "lower", "codegen"}
+
+    code, stdout, _ = run_cli(capsys, "inspect", str(out), "--json")
+    info = json.loads(stdout)
+    assert code == 0 and info["target"] == "cpu" and info["quantization"] == "q0f32"
+    assert info["weights_present"] and info["parameters"] == 1 + 2 * 9 + 1 + 1
+    code, stdout, _ = run_cli(capsys, "inspect", str(out))
+    assert code == 0 and "memory estimate" in stdout
+
+    code, stdout, _ = run_cli(capsys, "run", str(out), "--prompt", "w5 w7 w9",
+                              "--max-tokens", "6")
+    words = stdout.split()
+    assert code == 0 and 1 <= len(words) <= 6 and all(w.startswith("w") for w in words)
+
+    code, stdout, _ = run_cli(capsys, "bench", str(out), "--json", "--runs", "2",
+                              "--prompt-len", "8", "--gen-len", "4")
+    bench = json.loads(stdout)
+    assert code == 0 and bench["decode_tokens_per_s"]["median"] > 0
+    assert bench["peak_rss_bytes"] > 0
+
+
+def test_sampling_is_reproducible_with_a_seed(tiny_artifact, capsys):
+    art = str(tiny_artifact("llama-mha"))
+    args = ["run", art, "-p", "w3 w4", "-n", "8", "--temperature", "1.5", "--seed", "7"]
+    first = run_cli(capsys, *args)[1]
+    assert run_cli(capsys, *args)[1] == first
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["compile", "llama-7b", "-o", "{tmp}/x", "--quant", "q4f17"], 2,
+     "unknown quantization scheme 'q4f17'"),
+    (["compile", "llama-7b", "-o", "{tmp}/x", "--target", "cpux"], 2, "unknown target 'cpux'"),
+    (["compile", "{tmp}/nope", "-o", "{tmp}/x"], 4, "no such file or directory"),
+    (["compile", "llama-7b", "-o", "{tmp}", "--quant", "q0f32"], 6, "already exists"),
+    (["compile", "llama-7b", "-o", "{tmp}/x", "--disable-pass", "legalize"], 2,
+     "'legalize' is required"),
+    (["compile", "llama-7b", "-o", "{tmp}/x", "--quant-override", "lm_head"], 2,
+     "expected PATTERN=SCHEME"),
+    (["run", "{tmp}", "--prompt", "hi"], 5, "manifest.json: missing"),
+    (["inspect", "{tmp}/none"], 5, "not an artifact directory"),
+])
+def test_errors_are_one_line_with_exit_codes(args, code, message, tmp_path, capsys):
+    got, stdout, stderr = run_cli(capsys, *[a.format(tmp=tmp_path) for a in args])
+    assert got == code
+    errors = [line for line in stderr.splitlines() if not line.startswith("fmc: INFO: ")]
+    assert len(errors) == 1 and errors[0].startswith("fmc: error: "), stderr
+    assert message in errors[0]
+    assert not (tmp_path / "x").exists()
+
+
+def test_console_script_exit_code(tmp_path):
+    fmc = shutil.which("fmc") or str(__import__("pathlib").Path(sys.executable).parent / "fmc")
+    done = subprocess.run([fmc, "inspect", str(tmp_path / "missing")], capture_output=True,
+                          text=True)
+    assert done.returncode == 5
+    assert done.stderr.strip().startswith("fmc: error:") and "Traceback" not in done.stderr
+    assert subprocess.run([fmc, "--help"], capture_output=True).returncode == 0
