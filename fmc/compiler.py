@@ -101,7 +101,8 @@ def _quantize(state: CompileState, progress: Progress) -> None:
         if extra:
             log.warning("ignoring %d checkpoint tensor(s) the model does not use: %s",
                         len(extra), ", ".join(extra[:5]) + (" …" if len(extra) > 5 else ""))
-    state.layer_schemes, quantized = quantize_layers(model, state.plan, state.compute_dtype)
+    state.layer_schemes, quantized = quantize_layers(model, state.plan, state.compute_dtype,
+                                                     model.output_layers())
     mod, named = model.export_tvm(spec=model.get_default_spec())
     params = [(n, tuple(int(d) for d in p.shape), str(p.dtype)) for n, p in named]
     state.params = plan_params(params, quantized)
@@ -147,11 +148,14 @@ def _weights(state: CompileState, progress: Progress) -> None:
         return
     writer = ShardWriter(state.staging.path, state.options.shard_bytes)
     total = len(state.params)
+    stats: dict[str, int] = {}
     for done, (name, array) in enumerate(
-            convert(weights, state.params, state.options.allow_nonfinite), start=1):
+            convert(weights, state.params, state.options.allow_nonfinite, stats), start=1):
         writer.add(name, array)
         progress("tensor", done=done, total=total, name=name)
     state.tensors, state.shards = writer.close()
+    if stats.get("lossless"):
+        log.info("imported %d tensor(s) losslessly from GGUF blocks", stats["lossless"])
 
 
 def _package(state: CompileState, progress: Progress) -> None:

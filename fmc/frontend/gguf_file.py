@@ -117,10 +117,16 @@ class GGUFWeights:
             array = unpermute_rows(array, self._heads[name])
         return array
 
-    def raw(self, name: str):
-        """The tensor's stored GGUF blocks and type, for lossless import of quantized data."""
+    def raw(self, name: str) -> tuple[str, np.ndarray]:
+        """(GGML type name, stored blocks as [rows, bytes per row]) with Q/K rows unpermuted,
+        for schemes that import quantized data without loss."""
         tensor = self._tensors[name]
-        return tensor.tensor_type, np.asarray(tensor.data)
+        blocks = np.asarray(tensor.data)
+        rows = self._index[name].shape[0]
+        blocks = blocks.reshape(rows, -1)
+        if name in self._heads:
+            blocks = unpermute_rows(blocks, self._heads[name])
+        return tensor.tensor_type.name, blocks
 
     def files(self) -> list[Path]:
         return [self.path]

@@ -101,6 +101,10 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False,
                                      dtype=dtype)
 
+    def output_layers(self) -> set[str]:
+        """Layers whose weight produces the logits (the tied embedding doubles as one)."""
+        return {"model.embed_tokens"} if self.config.tie_word_embeddings else {"lm_head"}
+
     def _logits(self, h: nn.Tensor) -> nn.Tensor:
         if self.config.tie_word_embeddings:
             logits = self.model.embed_tokens.lm_head_forward(h)

@@ -60,24 +60,60 @@ def check_source(weights: WeightSource, expected: dict[str, tuple[int, ...]]) ->
     return sorted(n for n in index if n not in expected and not n.endswith(IGNORED_SUFFIXES))
 
 
-def convert(weights: WeightSource, plans: list[StoredParam],
-            allow_nonfinite: bool = False) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield (param name, stored array) in parameter order; one source tensor in memory."""
+# Quantize in row blocks of about this many float32 bytes, so temporaries stay bounded
+# whatever the tensor's size (a 7B embedding is 0.5 GB in float32).
+ROW_BLOCK_BYTES = 64 * 1024 * 1024
+
+
+def _check_finite(name: str, arrays: list[np.ndarray], allow_nonfinite: bool) -> None:
+    if allow_nonfinite:
+        return
+    for array in arrays:
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            bad = int((~np.isfinite(array)).sum())
+            raise InputError(f"tensor {name!r} holds {bad} NaN/Inf value(s) "
+                             "(pass --allow-nonfinite to compile anyway)")
+
+
+def quantize_rows(scheme, tensor: np.ndarray) -> list[np.ndarray]:
+    """`scheme.quantize` over blocks of rows (schemes are row-independent by contract)."""
+    rows = tensor.shape[0]
+    step = max(1, ROW_BLOCK_BYTES // max(1, tensor[0].size * 4))
+    if step >= rows:
+        return scheme.quantize(np.asarray(tensor, dtype=np.float32))
+    parts = [scheme.quantize(np.asarray(tensor[i:i + step], dtype=np.float32))
+             for i in range(0, rows, step)]
+    return [np.concatenate(column) for column in zip(*parts)]
+
+
+def _stored_parts(weights: WeightSource, plan: StoredParam, allow_nonfinite: bool,
+                  stats: dict[str, int]) -> list[np.ndarray]:
+    """The arrays one source tensor becomes: GGUF blocks repacked without loss when the
+    scheme supports their type, else load → check → quantize (or cast)."""
+    scheme = registry.get(plan.scheme) if plan.scheme else None
+    raw = getattr(weights, "raw", None)
+    if scheme is not None and scheme.gguf_types and raw is not None:
+        type_name, blocks = raw(plan.source)
+        if type_name in scheme.gguf_types:
+            parts = scheme.from_gguf(type_name, blocks, weights.index()[plan.source].shape)
+            _check_finite(plan.source, parts, allow_nonfinite)
+            stats["lossless"] = stats.get("lossless", 0) + 1
+            return parts
+    tensor = weights.load(plan.source)
+    _check_finite(plan.source, [tensor], allow_nonfinite)
+    return [tensor] if scheme is None else quantize_rows(scheme, tensor)
+
+
+def convert(weights: WeightSource, plans: list[StoredParam], allow_nonfinite: bool = False,
+            stats: dict[str, int] | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield (param name, stored array) in parameter order; one source tensor in memory.
+    `stats` (if given) counts tensors imported losslessly from GGUF blocks."""
+    stats = {} if stats is None else stats
     current_source, current_parts = None, None
     for plan in plans:
         if plan.source != current_source:
             current_source = plan.source
-            tensor = weights.load(plan.source)
-            if not allow_nonfinite and tensor.dtype.kind == "f" and not np.isfinite(tensor).all():
-                bad = int((~np.isfinite(tensor)).sum())
-                raise InputError(f"tensor {plan.source!r} holds {bad} NaN/Inf value(s) "
-                                 "(pass --allow-nonfinite to compile anyway)")
-            if plan.scheme is None:
-                current_parts = [tensor]
-            else:
-                current_parts = registry.get(plan.scheme).quantize(
-                    np.asarray(tensor, dtype=np.float32))
-            del tensor
+            current_parts = _stored_parts(weights, plan, allow_nonfinite, stats)
         array = current_parts[plan.part]
         if plan.scheme is None:
             array = array.astype(plan.dtype, copy=False)

@@ -68,15 +68,16 @@ class QuantizedEmbedding(_QuantizedWeight):
 
 
 class _Quantizer(nn.Mutator):
-    def __init__(self, plan: QuantPlan, dtype: str):
+    def __init__(self, plan: QuantPlan, dtype: str, output_layers: set[str]):
         self.plan = plan
         self.dtype = dtype
+        self.output_layers = output_layers
         self.layers: dict[str, str] = {}
         self.stored: dict[str, QuantizedParam] = {}
 
     def visit_module(self, name: str, node: nn.Module):
         if isinstance(node, (nn.Linear, nn.Embedding)):
-            scheme = self.plan.scheme_for(name)
+            scheme = self.plan.scheme_for(name, name in self.output_layers)
             self.layers[name] = scheme.name
             if scheme.is_identity(node.weight.dtype):
                 return node
@@ -98,10 +99,11 @@ class QuantizedParam:
     part: int
 
 
-def quantize_layers(model: nn.Module, plan: QuantPlan,
-                    dtype: str) -> tuple[dict[str, str], dict[str, QuantizedParam]]:
-    """Swap every Linear/Embedding of `model` per `plan`, in place. Returns the scheme of
-    every layer and, for each new storage parameter, what it is made from."""
-    quantizer = _Quantizer(plan, dtype)
+def quantize_layers(model: nn.Module, plan: QuantPlan, dtype: str, output_layers: set[str]
+                    ) -> tuple[dict[str, str], dict[str, QuantizedParam]]:
+    """Swap every Linear/Embedding of `model` per `plan`, in place; `output_layers` are the
+    layers that produce logits. Returns the scheme of every layer and, for each new storage
+    parameter, what it is made from."""
+    quantizer = _Quantizer(plan, dtype, output_layers)
     quantizer.visit("", model)
     return quantizer.layers, quantizer.stored

@@ -25,12 +25,16 @@ class QuantPlan:
             pairs.append((pattern.strip(), registry.get(name.strip())))
         return cls(registry.get(default), pairs)
 
-    def scheme_for(self, layer: str) -> QuantScheme:
+    def scheme_for(self, layer: str, is_output: bool = False) -> QuantScheme:
         """The scheme for a layer path such as `model.layers.3.mlp.down_proj`.
 
-        A pattern is a glob over the dotted path; it also matches any dotted suffix, so
-        `lm_head`, `embed_tokens` and `mlp.*_proj` work without a leading `*.`."""
+        The output projection (`is_output`: lm_head or a tied embedding) starts from the
+        default scheme's `output_scheme`. A pattern is a glob over the dotted path; it also
+        matches any dotted suffix, so `lm_head`, `embed_tokens` and `mlp.*_proj` work without
+        a leading `*.`."""
         chosen = self.default
+        if is_output and self.default.output_scheme:
+            chosen = registry.get(self.default.output_scheme)
         for pattern, scheme in self.overrides:
             if fnmatchcase(layer, pattern) or fnmatchcase(layer, f"*.{pattern}"):
                 chosen = scheme

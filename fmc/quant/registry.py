@@ -29,7 +29,7 @@ def _load_builtins() -> None:
         return
     _BUILTINS_LOADED = True
     package = importlib.import_module("fmc.quant")
-    skip = {"registry", "scheme", "plan", "modules", "convert"}
+    skip = {"registry", "scheme", "plan", "modules", "convert", "packing"}
     for info in pkgutil.iter_modules(package.__path__):
         if info.name not in skip:
             importlib.import_module(f"fmc.quant.{info.name}")

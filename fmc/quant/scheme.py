@@ -27,6 +27,11 @@ class QuantScheme:
     compute_dtype: str = "float32"
     # Average storage bits per weight, scales included (for listings and memory estimates).
     bits_per_weight: float = 32.0
+    # Scheme for the output projection (lm_head, or the tied embedding) unless overridden;
+    # None keeps this scheme. 4-bit schemes keep it at 8 bits, as llama.cpp does.
+    output_scheme: str | None = None
+    # GGUF tensor types `from_gguf` converts without loss (e.g. ("Q8_0",)).
+    gguf_types: tuple[str, ...] = ()
 
     def storage(self, shape: tuple[int, ...], tensor: str) -> list[StorageTensor]:
         """The arrays a weight of `shape` [rows, reduction] is stored as; `tensor` names the
@@ -46,10 +51,16 @@ class QuantScheme:
         fusion passes inline it into the consuming matmul."""
         raise NotImplementedError
 
+    def from_gguf(self, type_name: str, blocks: np.ndarray, shape: tuple[int, int]):
+        """Stored arrays straight from a GGUF tensor's raw blocks [rows, bytes per row], for
+        a type in `gguf_types`; their dequantization must equal gguf's bit for bit."""
+        raise NotImplementedError
+
     def is_identity(self, dtype: str) -> bool:
         """True when storing with this scheme is a plain `dtype` parameter (no dequantize)."""
         return False
 
     def describe(self) -> dict:
         return {"name": self.name, "description": self.description,
-                "compute_dtype": self.compute_dtype, "bits_per_weight": self.bits_per_weight}
+                "compute_dtype": self.compute_dtype, "bits_per_weight": self.bits_per_weight,
+                "output_scheme": self.output_scheme, "gguf_lossless": list(self.gguf_types)}

@@ -1,0 +1,68 @@
+"""nf4: QLoRA's NormalFloat4 — 16-value code book, blocksize 64, absmax scale per block.
+
+Code indices are packed 8 per uint32 along the reduction axis; float16 absmax per 64 values.
+Reference: Dettmers et al. 2023, "QLoRA" (code book from bitsandbytes' create_normal_map)."""
+
+from __future__ import annotations
+
+import numpy as np
+from tvm import te, tirx
+
+from fmc.quant.packing import (absmax_scales, check_groups, grouped, nibble, pack_nibbles,
+                               safe_reciprocal, unpack_nibbles)
+from fmc.quant.registry import register
+from fmc.quant.scheme import QuantScheme, StorageTensor
+
+BLOCK = 64
+CODE_BOOK = np.array([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0], dtype=np.float32)
+_MIDPOINTS = (CODE_BOOK[1:] + CODE_BOOK[:-1]) / 2
+
+
+def _lookup(code, dtype: str, low: int = 0, high: int = 16) -> tirx.PrimExpr:
+    """Code-book value of a 4-bit code as a balanced tree of selects (no memory lookup)."""
+    if high - low == 1:
+        return tirx.const(float(CODE_BOOK[low]), dtype)
+    middle = (low + high) // 2
+    return tirx.Select(code < tirx.const(middle, code.dtype), _lookup(code, dtype, low, middle),
+                       _lookup(code, dtype, middle, high))
+
+
+class NormalFloat4(QuantScheme):
+    name = "nf4"
+    compute_dtype = "float16"
+    bits_per_weight = 4 + 16 / BLOCK
+    description = f"NormalFloat4 code book (QLoRA), block {BLOCK}, float16 absmax scales"
+    output_scheme = "q8f16"
+
+    def storage(self, shape, tensor):
+        check_groups(shape, BLOCK, tensor, self.name)
+        rows, k = shape
+        return [StorageTensor("q_weight", (rows, k // 8), "uint32"),
+                StorageTensor("q_scale", (rows, k // BLOCK), "float16")]
+
+    def quantize(self, weight):
+        scales = absmax_scales(weight, BLOCK, 1, "float16")
+        normalized = grouped(weight, BLOCK) * safe_reciprocal(scales)[..., None]
+        codes = np.searchsorted(_MIDPOINTS, normalized).astype(np.uint8)
+        return [pack_nibbles(codes.reshape(weight.shape)), scales]
+
+    def dequantize(self, stored):
+        words, scales = stored
+        values = grouped(CODE_BOOK[unpack_nibbles(words)], BLOCK)
+        return (values * scales.astype(np.float32)[..., None]).reshape(words.shape[0], -1)
+
+    def dequantize_te(self, stored, out_dtype):
+        words, scales = stored
+        rows, k = words.shape[0], words.shape[1] * 8
+        return te.compute(
+            (rows, k),
+            lambda i, j: _lookup(nibble(words, i, j), out_dtype)
+            * scales[i, j // BLOCK].astype(out_dtype),
+            name="dequantize")
+
+
+register(NormalFloat4())

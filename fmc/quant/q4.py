@@ -1,0 +1,59 @@
+"""q4f16 / q4f32: symmetric int4, group 32, scale = absmax/7, value = (q − 7)·scale.
+
+The layout of MLC-LLM's q4f16_1: codes q = clamp(round(w/scale) + 7, 0, 14) packed 8 per uint32
+along the reduction axis, [rows, K/8]; scales [rows, K/32] in float16 (q4f16) or float32."""
+
+from __future__ import annotations
+
+import numpy as np
+from tvm import te
+
+from fmc.quant.packing import (absmax_scales, check_groups, grouped, nibble, pack_nibbles,
+                               safe_reciprocal, unpack_nibbles)
+from fmc.quant.registry import register
+from fmc.quant.scheme import QuantScheme, StorageTensor
+
+GROUP = 32
+ZERO = 7
+
+
+class SymmetricInt4(QuantScheme):
+    output_scheme = "q8f16"
+
+    def __init__(self, name: str, scale_dtype: str):
+        self.name = name
+        self.scale_dtype = scale_dtype
+        self.compute_dtype = scale_dtype
+        self.bits_per_weight = 4 + np.dtype(scale_dtype).itemsize * 8 / GROUP
+        self.description = (f"symmetric int4, group {GROUP}, {scale_dtype} absmax/7 scales, "
+                            "8 codes per uint32 along K")
+
+    def storage(self, shape, tensor):
+        check_groups(shape, GROUP, tensor, self.name)
+        rows, k = shape
+        return [StorageTensor("q_weight", (rows, k // 8), "uint32"),
+                StorageTensor("q_scale", (rows, k // GROUP), self.scale_dtype)]
+
+    def quantize(self, weight):
+        scales = absmax_scales(weight, GROUP, ZERO, self.scale_dtype)
+        scaled = grouped(weight, GROUP) * safe_reciprocal(scales)[..., None]
+        codes = np.clip(np.rint(scaled) + ZERO, 0, 2 * ZERO).astype(np.uint8)
+        return [pack_nibbles(codes.reshape(weight.shape)), scales]
+
+    def dequantize(self, stored):
+        words, scales = stored
+        codes = grouped(unpack_nibbles(words).astype(np.float32) - ZERO, GROUP)
+        return (codes * scales.astype(np.float32)[..., None]).reshape(codes.shape[0], -1)
+
+    def dequantize_te(self, stored, out_dtype):
+        words, scales = stored
+        rows, k = words.shape[0], words.shape[1] * 8
+        return te.compute(
+            (rows, k),
+            lambda i, j: (nibble(words, i, j).astype(out_dtype) - ZERO)
+            * scales[i, j // GROUP].astype(out_dtype),
+            name="dequantize")
+
+
+register(SymmetricInt4("q4f16", "float16"))
+register(SymmetricInt4("q4f32", "float32"))
