@@ -22,6 +22,7 @@ from fmc.lowering.pipeline import IRDumper, resolve_disabled, run_phase
 from fmc.quant.convert import StoredParam, check_source, convert, plan_params
 from fmc.quant.modules import quantize_layers
 from fmc.quant.plan import QuantPlan
+from fmc.quant.registry import load_plugin
 from fmc.targets import Target
 from fmc.targets import get as get_target
 
@@ -42,6 +43,7 @@ class CompileOptions:
     target: str = "cpu"
     quant: str = "q0f32"
     quant_overrides: list[str] = field(default_factory=list)
+    quant_plugins: list[str] = field(default_factory=list)  # files registering schemes
     weights: str | None = None
     tokenizer: str | None = None
     force: bool = False
@@ -59,7 +61,7 @@ class CompileState:
     target: Target
     plan: QuantPlan
     disabled: set[str]
-    staging: StagingDir
+    staging: StagingDir | None  # None when only the IR is built
     dumper: IRDumper
     source: ModelSource | None = None
     compute_dtype: str = "float32"
@@ -250,28 +252,53 @@ class CompileResult:
     timings: dict[str, float]
 
 
+def _prepare(options: CompileOptions) -> tuple[Target, QuantPlan, set[str]]:
+    """Check the options and resolve target, plan and disabled passes (before any work)."""
+    if options.shard_bytes <= 0:
+        raise UsageError("--shard-size must be positive")
+    if options.prefill_chunk <= 0:
+        raise UsageError("--prefill-chunk must be positive")
+    target = get_target(options.target)
+    for plugin in options.quant_plugins:
+        load_plugin(plugin)
+    plan = QuantPlan.parse(options.quant, options.quant_overrides)
+    disabled = resolve_disabled(options.disable_passes)
+    return target, plan, disabled
+
+
+def _run(state: CompileState, phases: list[Phase], progress: Progress) -> None:
+    for phase in phases:
+        progress("phase", name=phase.name, doc=phase.doc)
+        start = time.perf_counter()
+        phase.run(state, progress)
+        state.timings[phase.name] = time.perf_counter() - start
+        progress("phase-done", name=phase.name, seconds=state.timings[phase.name])
+
+
+IR_PHASES = ("import", "quantize", "fuse", "lower")
+
+
+def build_ir(options: CompileOptions, progress: Progress | None = None) -> CompileState:
+    """Run only the IR phases (import → lower) in memory, writing nothing but IR dumps; the
+    state's `mod` is the scheduled, VM-lowered module codegen would build."""
+    target, plan, disabled = _prepare(options)
+    state = CompileState(options, target, plan, disabled, None,
+                         IRDumper(Path(options.dump_ir) if options.dump_ir else None))
+    _run(state, [p for p in PHASES if p.name in IR_PHASES], progress or (lambda *a, **k: None))
+    return state
+
+
 def compile_model(options: CompileOptions, progress: Progress | None = None) -> CompileResult:
     """Run every phase; the output appears at `options.output` only if all succeed."""
     progress = progress or (lambda *args, **kwargs: None)
     if options.output is None:
         raise UsageError("an output directory is required (-o/--output)")
     output = Path(options.output)
-    if options.shard_bytes <= 0:
-        raise UsageError("--shard-size must be positive")
-    if options.prefill_chunk <= 0:
-        raise UsageError("--prefill-chunk must be positive")
-    target = get_target(options.target)
-    plan = QuantPlan.parse(options.quant, options.quant_overrides)
-    disabled = resolve_disabled(options.disable_passes)
+    target, plan, disabled = _prepare(options)
     target.check_toolchain()
     with StagingDir(output, options.force) as staging:
         state = CompileState(options, target, plan, disabled, staging,
                              IRDumper(Path(options.dump_ir) if options.dump_ir else None))
-        for phase in PHASES:
-            progress("phase", name=phase.name, doc=phase.doc)
-            start = time.perf_counter()
-            phase.run(state, progress)
-            state.timings[phase.name] = time.perf_counter() - start
-            progress("phase-done", name=phase.name, seconds=state.timings[phase.name])
+        _run(state, PHASES, progress)
         staging.commit()
     return CompileResult(output, state.manifest, state.timings)

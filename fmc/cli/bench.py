@@ -16,16 +16,16 @@ def bench_command(
     runs: int = typer.Option(5, "--runs", help="Measured runs (median reported)."),
     warmup: int = typer.Option(1, "--warmup", help="Unmeasured runs first."),
     threads: int = typer.Option(None, "--threads",
-                                help="CPU threads (default: TVM_NUM_THREADS or all cores)."),
+                                help="CPU threads (default: TVM_NUM_THREADS, else physical cores)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON result on stdout."),
 ) -> None:
     """Benchmark prefill and decode speed."""
     import fmc
-    from fmc.runtime.bench import benchmark, set_threads
+    from fmc.runtime.bench import benchmark
 
     setup_logging(quiet=json_out)
-    used_threads = set_threads(threads)
-    engine = fmc.load(artifact)
+    engine = fmc.load(artifact, threads=threads)
+    used_threads = engine.threads
     result = benchmark(engine, prompt_len, gen_len, runs, warmup)
     result.update(threads=used_threads, artifact=str(artifact),
                   target=engine.manifest["target"]["name"],

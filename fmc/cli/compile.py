@@ -17,6 +17,8 @@ def compile_command(
     quant: str = typer.Option("q0f32", "--quant", "-q", help="Quantization scheme."),
     quant_override: list[str] = typer.Option(
         [], "--quant-override", help="PATTERN=SCHEME for matching layers (repeatable)."),
+    quant_plugin: list[str] = typer.Option(
+        [], "--quant-plugin", help="Python file registering extra schemes (repeatable)."),
     weights: str = typer.Option(None, "--weights", help="Weights for a preset (dir or GGUF)."),
     tokenizer: str = typer.Option(None, "--tokenizer",
                                   help="Directory of HF tokenizer files to use instead."),
@@ -40,7 +42,7 @@ def compile_command(
     setup_logging(quiet or json_out)
     options = CompileOptions(
         model=model, output=output, target=target, quant=quant,
-        quant_overrides=list(quant_override), weights=weights, tokenizer=tokenizer, force=force,
+        quant_overrides=list(quant_override), quant_plugins=list(quant_plugin), weights=weights, tokenizer=tokenizer, force=force,
         shard_bytes=parse_size(shard_size), context_window=context_window,
         prefill_chunk=prefill_chunk, dump_ir=dump_ir, disable_passes=list(disable_pass),
         allow_nonfinite=allow_nonfinite)

@@ -18,6 +18,7 @@ def run_command(
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass."),
     seed: int = typer.Option(None, "--seed", help="Seed for sampling."),
     context_window: int = typer.Option(None, "--context-window", help="KV-cache context."),
+    threads: int = typer.Option(None, "--threads", help="CPU threads (default: physical cores)."),
     verify: bool = typer.Option(None, "--verify/--no-verify",
                                 help="Hash the shards on load (default: small artifacts)."),
 ) -> None:
@@ -32,7 +33,7 @@ def run_command(
             raise UsageError("give a prompt with --prompt or on stdin")
         prompt = sys.stdin.read()
     sampling = SamplingParams(temperature, top_p, seed)
-    engine = fmc.load(artifact, verify=verify, context_window=context_window)
+    engine = fmc.load(artifact, verify=verify, context_window=context_window, threads=threads)
     for piece in engine.stream(prompt, max_tokens, sampling):
         sys.stdout.write(piece)
         sys.stdout.flush()

@@ -14,6 +14,8 @@ import tvm
 from tvm import relax
 
 from fmc.errors import UsageError
+from fmc.lowering.passes.fuse_dequantize_matmul import FuseDequantizeMatmul
+from fmc.lowering.passes.inline_dequantize import InlineDequantize
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,12 @@ PIPELINE: list[PassSpec] = [
              _relax(relax.transform.FuseOps)),
     PassSpec("fuse-tir", "fuse", "merge each fused group into a single TIR kernel",
              _relax(relax.transform.FuseTIR), required=True),
+    PassSpec("fuse-dequantize-matmul", "fuse",
+             "put each dequantize kernel into the matmul kernel that consumes it",
+             lambda ctx: FuseDequantizeMatmul()),
+    PassSpec("inline-dequantize", "fuse",
+             "decode quantized weights inside the consuming loop (no float copy in memory)",
+             lambda ctx: InlineDequantize()),
     PassSpec("dead-code", "fuse", "drop functions and bindings the entry functions never use",
              _entry_dce),
     PassSpec("schedule", "lower", "apply the target's kernel schedules (loops, threads, SIMD)",
@@ -110,6 +118,8 @@ class IRDumper:
         self.count = 0
         if directory is not None:
             directory.mkdir(parents=True, exist_ok=True)
+            for stale in directory.glob("[0-9][0-9]-*.py"):  # dumps of an earlier compile
+                stale.unlink()
 
     def dump(self, phase: str, name: str, mod: tvm.IRModule) -> None:
         if self.directory is None:

@@ -9,7 +9,7 @@ import numpy as np
 from tvm import te, tirx
 
 from fmc.quant.packing import (absmax_scales, check_groups, grouped, nibble, pack_nibbles,
-                               safe_reciprocal, unpack_nibbles)
+                               divide_by_scales, unpack_nibbles)
 from fmc.quant.registry import register
 from fmc.quant.scheme import QuantScheme, StorageTensor
 
@@ -23,11 +23,12 @@ _MIDPOINTS = (CODE_BOOK[1:] + CODE_BOOK[:-1]) / 2
 
 
 def _lookup(code, dtype: str, low: int = 0, high: int = 16) -> tirx.PrimExpr:
-    """Code-book value of a 4-bit code as a balanced tree of selects (no memory lookup)."""
+    """Code-book value of a uint32 4-bit code as a balanced tree of selects (no memory
+    lookup)."""
     if high - low == 1:
         return tirx.const(float(CODE_BOOK[low]), dtype)
     middle = (low + high) // 2
-    return tirx.Select(code < tirx.const(middle, code.dtype), _lookup(code, dtype, low, middle),
+    return tirx.Select(code < tirx.const(middle, "uint32"), _lookup(code, dtype, low, middle),
                        _lookup(code, dtype, middle, high))
 
 
@@ -46,7 +47,7 @@ class NormalFloat4(QuantScheme):
 
     def quantize(self, weight):
         scales = absmax_scales(weight, BLOCK, 1, "float16")
-        normalized = grouped(weight, BLOCK) * safe_reciprocal(scales)[..., None]
+        normalized = divide_by_scales(weight, scales, BLOCK)
         codes = np.searchsorted(_MIDPOINTS, normalized).astype(np.uint8)
         return [pack_nibbles(codes.reshape(weight.shape)), scales]
 

@@ -53,7 +53,9 @@ def absmax_scales(weight: np.ndarray, group: int, levels: int, dtype: str) -> np
     return (np.abs(grouped(weight, group)).max(axis=-1) / levels).astype(dtype)
 
 
-def safe_reciprocal(scales: np.ndarray) -> np.ndarray:
-    """1/scale in float32, 0 where a whole group is zero (its codes then encode zero)."""
-    scales = scales.astype(np.float32)
-    return np.divide(1.0, scales, out=np.zeros_like(scales), where=scales != 0)
+def divide_by_scales(weight: np.ndarray, scales: np.ndarray, group: int) -> np.ndarray:
+    """w / scale per group as [rows, K/group, group] float32; 0 where a group's scale is 0
+    (an all-zero group, whose codes then encode zero)."""
+    blocks = grouped(weight.astype(np.float32, copy=False), group)
+    divisor = np.broadcast_to(scales.astype(np.float32)[..., None], blocks.shape)
+    return np.divide(blocks, divisor, out=np.zeros_like(blocks), where=divisor != 0)

@@ -9,7 +9,7 @@ import numpy as np
 from tvm import te
 
 from fmc.quant.packing import (absmax_scales, check_groups, grouped, nibble, pack_nibbles,
-                               safe_reciprocal, unpack_nibbles)
+                               divide_by_scales, unpack_nibbles)
 from fmc.quant.registry import register
 from fmc.quant.scheme import QuantScheme, StorageTensor
 
@@ -36,7 +36,7 @@ class SymmetricInt4(QuantScheme):
 
     def quantize(self, weight):
         scales = absmax_scales(weight, GROUP, ZERO, self.scale_dtype)
-        scaled = grouped(weight, GROUP) * safe_reciprocal(scales)[..., None]
+        scaled = divide_by_scales(weight, scales, GROUP)
         codes = np.clip(np.rint(scaled) + ZERO, 0, 2 * ZERO).astype(np.uint8)
         return [pack_nibbles(codes.reshape(weight.shape)), scales]
 

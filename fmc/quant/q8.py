@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 from tvm import te
 
-from fmc.quant.packing import absmax_scales, check_groups, grouped, safe_reciprocal
+from fmc.quant.packing import absmax_scales, check_groups, grouped, divide_by_scales
 from fmc.quant.registry import register
 from fmc.quant.scheme import QuantScheme, StorageTensor
 
@@ -32,7 +32,7 @@ class Int8(QuantScheme):
 
     def quantize(self, weight):
         scales = absmax_scales(weight, GROUP, LEVELS, "float16")
-        scaled = grouped(weight, GROUP) * safe_reciprocal(scales)[..., None]
+        scaled = divide_by_scales(weight, scales, GROUP)
         codes = np.clip(np.rint(scaled), -LEVELS, LEVELS).astype(np.int8)
         return [codes.reshape(weight.shape), scales]
 

@@ -12,17 +12,6 @@ import numpy as np
 from fmc.errors import UsageError
 
 
-def set_threads(threads: int | None) -> int:
-    """Size TVM's CPU thread pool (must precede the first kernel launch); returns the count."""
-    import tvm
-
-    if threads is not None:
-        if threads <= 0:
-            raise UsageError(f"--threads must be positive, got {threads}")
-        tvm.get_global_func("runtime.config_threadpool")(0, threads)
-    return int(tvm.get_global_func("runtime.NumThreads")())
-
-
 def _summary(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 

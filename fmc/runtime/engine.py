@@ -12,6 +12,7 @@ from fmc.errors import UsageError
 from fmc.model_config import ModelConfig
 from fmc.runtime.artifact import open_artifact
 from fmc.runtime.sampling import Sampler, SamplingParams
+from fmc.runtime.threads import configure_threads
 from fmc.runtime.tokenizer import StreamDecoder, TextTokenizer
 
 
@@ -37,10 +38,12 @@ class Engine:
     """Load with `fmc.load(path)`; `generate` for text, `logits` for numerics."""
 
     def __init__(self, path: Path | str, device=None, verify: bool | None = None,
-                 context_window: int | None = None, max_batch_size: int = 8):
+                 context_window: int | None = None, max_batch_size: int = 8,
+                 threads: int | None = None):
         import tvm
         from tvm.runtime import ShapeTuple
 
+        self.threads = configure_threads(threads)
         self.artifact = open_artifact(path, device, verify)
         self.path = self.artifact.path
         self.manifest = self.artifact.manifest
@@ -130,23 +133,34 @@ class Engine:
         embedded = self._embed(array, [1, 1])
         return self._forward("decode", [seq], [1], embedded)[0, -1]
 
-    def logits(self, token_ids: list[int]) -> np.ndarray:
-        """Logits at every position of `token_ids` [n, vocab], in a fresh sequence."""
+    def logits(self, token_ids: list[int], positions: list[int] | None = None) -> np.ndarray:
+        """Logits after each of `token_ids` [n, vocab] in a fresh sequence, or only at
+        `positions` (indices into token_ids; the output projection then runs only there)."""
         array = self._check_ids(token_ids)
+        wanted = np.arange(len(array)) if positions is None else np.asarray(positions)
+        if wanted.size and (wanted.min() < 0 or wanted.max() >= len(array)):
+            raise UsageError(f"logit positions must lie in 0..{len(array) - 1}")
         seq = self.new_sequence()
         try:
             self._check_room(seq, len(array))
             parts = []
             for start in range(0, len(array), self.prefill_chunk):
                 chunk = array[start:start + self.prefill_chunk]
+                local = wanted[(wanted >= start) & (wanted < start + len(chunk))] - start
+                if local.size == 0:  # still run the chunk: later chunks attend to it
+                    local = np.array([len(chunk) - 1])
+                    keep = False
+                else:
+                    keep = True
                 embedded = self._embed(chunk, [1, len(chunk)])
-                positions = self._tvm.runtime.tensor(np.arange(len(chunk), dtype=np.int32),
-                                                     self._device)
-                parts.append(self._forward("batch_prefill", [seq], [len(chunk)], embedded,
-                                           positions)[0])
+                index = self._tvm.runtime.tensor(local.astype(np.int32), self._device)
+                out = self._forward("batch_prefill", [seq], [len(chunk)], embedded, index)[0]
+                if keep:
+                    parts.append(out)
         finally:
             self.remove(seq)
-        return np.concatenate(parts, axis=0)
+        vocab = self.config.vocab_size
+        return np.concatenate(parts, axis=0) if parts else np.zeros((0, vocab), np.float32)
 
     # -- generation --------------------------------------------------------------------------
     def generate_ids(self, prompt_ids: list[int], max_tokens: int = 128,

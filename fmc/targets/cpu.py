@@ -33,6 +33,11 @@ class HostCPU(Target):
         # registers, so activations and the KV cache stay float32 on the CPU.
         return "float32"
 
+    def schedule_passes(self) -> list:
+        from fmc.lowering.passes.schedule_cpu_matmul import ScheduleCPUMatmul
+
+        return [("matmul", "parallel outputs, SIMD reduction", ScheduleCPUMatmul())]
+
     def device(self):
         import tvm
 

@@ -1,0 +1,47 @@
+"""`fmc ppl`: perplexity of an artifact on a text file (llama.cpp's windowed protocol)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import typer
+
+from fmc.cli.output import emit_json, setup_logging, stdout
+
+log = logging.getLogger("fmc")
+
+
+def ppl_command(
+    artifact: Path = typer.Argument(..., help="Artifact directory."),
+    text: Path = typer.Option(..., "--text", help="UTF-8 text file to score."),
+    context: int = typer.Option(512, "--context", "-c", help="Window length in tokens."),
+    max_chunks: int = typer.Option(None, "--max-chunks", help="Score at most this many."),
+    threads: int = typer.Option(None, "--threads", help="CPU threads."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON result on stdout."),
+) -> None:
+    """Perplexity with non-overlapping windows, the second half of each scored."""
+    import fmc
+    from fmc.errors import InputError
+    from fmc.runtime.perplexity import perplexity
+
+    setup_logging(quiet=json_out)
+    try:
+        content = text.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{text}: cannot read as UTF-8 text ({exc})") from None
+    engine = fmc.load(artifact, threads=threads, context_window=max(context, 1))
+    tokens = engine.tokenizer.encode(content)
+
+    def report(done, total, value):
+        log.info("chunk %d/%d: running perplexity %.4f", done, total, value)
+
+    result = perplexity(engine, tokens, context, max_chunks, progress=report)
+    result.update(artifact=str(artifact), text=str(text),
+                  quantization=engine.manifest["quantization"]["default"])
+    if json_out:
+        emit_json(result)
+    else:
+        stdout.print(f"perplexity {result['perplexity']:.4f} over {result['scored_tokens']} "
+                     f"scored tokens ({result['chunks']} windows of {context}; "
+                     f"{result['seconds']:.1f} s)")

@@ -1,0 +1,1 @@
+"""fmc's own IR passes, one per module."""

@@ -1,0 +1,68 @@
+"""A first CPU schedule for matmul kernels: parallel over outputs, SIMD over the reduction."""
+
+from __future__ import annotations
+
+import tvm
+from tvm import s_tir, tirx
+
+from fmc.lowering.tir_util import block_names
+
+LANES = 16  # float32 lanes of a 512-bit vector
+
+
+def _const_extent(schedule: s_tir.Schedule, loop) -> int | None:
+    extent = schedule.get(loop).extent
+    return int(extent) if isinstance(extent, tirx.IntImm) else None
+
+
+def schedule_matmul(func: tirx.PrimFunc, lanes: int = LANES) -> tirx.PrimFunc | None:
+    """Schedule the kernel's matmul block (and its fused epilogue) or return None.
+
+    Each output element is a dot product: the reduction is split into `lanes`-wide chunks
+    accumulated in a vector (rfactor), summed once at the end; output elements are spread
+    over threads. Dequantize expressions are already inlined, so weights are decoded in
+    registers."""
+    names = block_names(func)
+    matmuls = [n for n in names if "matmul" in n]
+    if len(matmuls) != 1:
+        return None
+    schedule = s_tir.Schedule(func)
+    block = schedule.get_sblock(matmuls[0])
+    *spatial, reduction = schedule.get_loops(block)
+    if not spatial:
+        return None
+    epilogue = names[names.index(matmuls[0]) + 1:]
+    outer = schedule.fuse(*spatial) if len(spatial) > 1 else spatial[0]
+    k_extent = _const_extent(schedule, reduction)
+    partial = chunk = None
+    if k_extent is not None and k_extent % lanes == 0:
+        _, inner = schedule.split(reduction, factors=[None, lanes])
+        partial = schedule.rfactor(inner, factor_axis=0)
+        # rfactor leaves the final sum in a loop nest of its own: nest the partial sums
+        # under its output loop so the [lanes] accumulator is per output element.
+        outer = schedule.get_loops(block)[0]
+        schedule.compute_at(partial, outer)
+        _, lane, chunk = schedule.get_loops(partial)
+        schedule.reorder(chunk, lane)
+        schedule.vectorize(lane)
+    for name in epilogue:
+        schedule.reverse_compute_at(schedule.get_sblock(name), outer)
+    schedule.parallel(outer)
+    if partial is not None:  # after `parallel`, which needs the reduction block whole
+        schedule.decompose_reduction(partial, chunk)
+    return schedule.mod["main"]
+
+
+@tvm.transform.module_pass(opt_level=0, name="ScheduleCPUMatmul")
+class ScheduleCPUMatmul:
+    """Apply `schedule_matmul` to every kernel with one matmul block; leave the rest."""
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        for gv, func in list(mod.functions_items()):
+            if not isinstance(func, tirx.PrimFunc):
+                continue
+            scheduled = schedule_matmul(func)
+            if scheduled is not None:
+                mod[gv] = scheduled.with_attr("global_symbol", gv.name_hint) \
+                    if "global_symbol" in (func.attrs or {}) else scheduled
+        return mod

@@ -1,0 +1,250 @@
+"""Quantization: each scheme against an independent numpy reference, fused kernels against
+dequantize(W) @ x, quantized models against transformers on the dequantized weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from models import write_gguf_from_checkpoint
+
+import fmc
+from fmc.compiler import CompileOptions, compile_model
+from fmc.errors import InputError
+from fmc.frontend.gguf_file import unpermute_rows
+from fmc.frontend.safetensors_reader import SafetensorsFile
+from fmc.quant import all_schemes, get, load_plugin
+
+EXAMPLE_PLUGIN = Path(__file__).parent.parent / "examples" / "quant_plugin_int3.py"
+QLORA_NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+             -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+             0.07958029955625534, 0.16093020141124725, 0.24611230194568634,
+             0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+             0.7229568362236023, 1.0]
+
+
+def weight(rows=48, k=256, seed=0):
+    w = np.random.default_rng(seed).standard_normal((rows, k)).astype(np.float32)
+    w[3, :64] = 0.0  # an all-zero group must not divide by zero
+    return w
+
+
+def unpack(words):
+    """Element j of a row = nibble j % 8 (low first) of word j // 8 — written independently."""
+    rows, count = words.shape
+    out = np.zeros((rows, count * 8), dtype=np.uint8)
+    for j in range(count * 8):
+        out[:, j] = (words[:, j // 8] >> np.uint32(4 * (j % 8))) & 0xF
+    return out
+
+
+def reference_symmetric(w, group, levels, scale_dtype):
+    g = w.reshape(w.shape[0], -1, group)
+    scale = (np.abs(g).max(-1) / levels).astype(scale_dtype).astype(np.float32)
+    safe = np.where(scale == 0, 1, scale)[..., None]
+    q = np.where(scale[..., None] == 0, 0, np.round(g / safe))
+    return (np.clip(q, -levels, levels) * scale[..., None]).reshape(w.shape)
+
+
+@pytest.mark.parametrize("name, scale_dtype", [("q4f16", np.float16), ("q4f32", np.float32)])
+def test_q4_matches_reference(name, scale_dtype):
+    w = weight()
+    scheme = get(name)
+    stored = scheme.quantize(w)
+    words, scales = stored
+    assert words.dtype == np.uint32 and words.shape == (48, 32)
+    assert scales.dtype == scale_dtype and scales.shape == (48, 8)
+    codes = unpack(words)
+    assert codes.max() <= 14
+    expected = reference_symmetric(w, 32, 7, scale_dtype)
+    np.testing.assert_array_equal(scheme.dequantize(stored), expected)
+    g = scales.astype(np.float32).repeat(32, axis=1)
+    np.testing.assert_array_equal((codes.astype(np.float32) - 7) * g, expected)
+
+
+def test_q8f16_equals_gguf_q8_0():
+    w = weight()
+    stored = get("q8f16").quantize(w)
+    np.testing.assert_array_equal(get("q8f16").dequantize(stored),
+                                  reference_symmetric(w, 32, 127, np.float16))
+    # GGUF Q8_0 blocks (llama.cpp rounds with the unrounded scale) map onto q8f16 storage
+    # and dequantize exactly as gguf does.
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    blocks = gguf.quants.quantize(w, q8)
+    imported = get("q8f16").from_gguf("Q8_0", blocks, w.shape)
+    np.testing.assert_array_equal(get("q8f16").dequantize(imported),
+                                  gguf.quants.dequantize(blocks, q8))
+
+
+def test_q4_0_equals_gguf_q4_0():
+    """Quantizes exactly like llama.cpp (gguf-py's port) and imports its blocks losslessly."""
+    w = weight()
+    q4 = gguf.GGMLQuantizationType.Q4_0
+    blocks = gguf.quants.quantize(w, q4)
+    theirs = gguf.quants.dequantize(blocks, q4)
+    np.testing.assert_array_equal(get("q4_0").dequantize(get("q4_0").quantize(w)), theirs)
+    imported = get("q4_0").from_gguf("Q4_0", blocks, w.shape)
+    np.testing.assert_array_equal(get("q4_0").dequantize(imported), theirs)
+
+
+def test_nf4_code_book_and_nearest_code():
+    from fmc.quant.nf4 import CODE_BOOK
+
+    np.testing.assert_array_equal(CODE_BOOK, np.array(QLORA_NF4, dtype=np.float32))
+    w = weight(k=128)
+    words, scales = get("nf4").quantize(w)
+    assert scales.shape == (48, 2)
+    absmax = scales.astype(np.float32).repeat(64, axis=1)
+    normalized = np.divide(w, absmax, out=np.zeros_like(w), where=absmax != 0)
+    nearest = np.abs(normalized[..., None] - np.array(QLORA_NF4)).argmin(-1)
+    np.testing.assert_array_equal(unpack(words), nearest)
+    np.testing.assert_array_equal(get("nf4").dequantize([words, scales]),
+                                  np.array(QLORA_NF4, dtype=np.float32)[nearest] * absmax)
+
+
+@pytest.mark.parametrize("name", ["q4f16", "q4f32", "q8f16", "q4_0", "nf4"])
+def test_group_size_that_does_not_divide_names_the_tensor(name):
+    with pytest.raises(InputError, match="tensor 'layer.weight': reduction dimension 48 is "
+                                         f"not a multiple of {name}'s group size"):
+        get(name).storage((8, 48), "layer.weight")
+
+
+def test_bad_group_size_fails_the_compile_naming_the_tensor(tiny_checkpoint, tmp_path):
+    with pytest.raises(InputError,
+                       match=r"tensor 'model\.[\w.]+\.weight': reduction dimension 48 "):
+        compile_model(CompileOptions(model=str(tiny_checkpoint("llama-tied")),
+                                     output=tmp_path / "x", quant="q4f16"))
+    assert not (tmp_path / "x").exists()
+
+
+def dequantized_state(artifact: Path) -> dict[str, np.ndarray]:
+    """The artifact's weights as float32 checkpoint tensors, dequantized in numpy."""
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    stored: dict[str, dict[int, np.ndarray]] = {}
+    schemes = {}
+    for entry in manifest["params"]:
+        array = SafetensorsFile(artifact / entry["shard"]).load(entry["name"])
+        stored.setdefault(entry["source"], {})[len(stored.get(entry["source"], {}))] = array
+        schemes[entry["source"]] = entry["scheme"]
+    state = {}
+    for source, parts in stored.items():
+        arrays = [parts[i] for i in sorted(parts)]
+        scheme = schemes[source]
+        state[source] = (get(scheme).dequantize(arrays) if scheme
+                         else arrays[0].astype(np.float32))
+    return state
+
+
+def hf_logits_with(checkpoint, state, ids):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    missing, unexpected = model.load_state_dict(
+        {k: torch.from_numpy(v) for k, v in state.items()}, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].numpy()
+
+
+IDS = [5, 9, 100, 3, 44, 150, 7, 7, 12]
+# Logit error of each scheme against the fp32 model on the tiny random checkpoint, as
+# max|Δ| / max|logit|. Measured (2026-11-25): q8f16 0.021, nf4 0.23, q4f16 0.31, q4f32 0.31,
+# q4_0 0.33 — random tiny weights are harsher than trained ones; bounds are 1.5× those.
+QUALITY_BOUND = {"q8f16": 0.032, "nf4": 0.35, "q4f16": 0.47, "q4f32": 0.47, "q4_0": 0.5}
+
+
+@pytest.mark.parametrize("name", sorted(QUALITY_BOUND))
+def test_quantized_model_kernels_and_quality(name, tiny_checkpoint, tiny_artifact):
+    """The compiled quantized model equals transformers running the same dequantized weights
+    (so every fused kernel computes dequantize(W)·x), and stays near the fp32 model."""
+    checkpoint = tiny_checkpoint("llama-quant")
+    artifact = tiny_artifact("llama-quant", name)
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    layers = manifest["quantization"]["layers"]
+    assert layers["model.layers.0.mlp.down_proj"] == name
+    assert layers["model.embed_tokens"] == (get(name).output_scheme or name)  # tied: output
+    ours = fmc.load(artifact).logits(IDS)
+    expected = hf_logits_with(checkpoint, dequantized_state(artifact), IDS)
+    assert np.abs(ours - expected).max() <= 1e-5 * np.abs(expected).max()
+    full = fmc.load(tiny_artifact("llama-quant")).logits(IDS)
+    error = np.abs(ours - full).max() / np.abs(full).max()
+    assert error <= QUALITY_BOUND[name], error
+
+
+def test_overrides_choose_per_layer_schemes(tiny_checkpoint, tmp_path):
+    out = tmp_path / "nf4"
+    compile_model(CompileOptions(
+        model=str(tiny_checkpoint("llama-gqa-untied")), output=out, quant="q4f16",
+        quant_overrides=["lm_head=q0f16", "embed_tokens=q8f16", "layers.1.mlp.*=q8f16"]))
+    layers = json.loads((out / "manifest.json").read_text())["quantization"]["layers"]
+    assert layers["lm_head"] == "q0f16" and layers["model.embed_tokens"] == "q8f16"
+    assert layers["model.layers.1.mlp.up_proj"] == "q8f16"
+    assert layers["model.layers.0.mlp.up_proj"] == "q4f16"
+    assert layers["model.layers.1.self_attn.q_proj"] == "q4f16"
+    ours = fmc.load(out).logits(IDS)
+    expected = hf_logits_with(tiny_checkpoint("llama-gqa-untied"), dequantized_state(out), IDS)
+    assert np.abs(ours - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+def test_plugin_from_a_file_outside_the_package(tiny_checkpoint, tmp_path):
+    assert "int3" in load_plugin(EXAMPLE_PLUGIN)
+    assert "int3" in all_schemes()
+    out = tmp_path / "int3"
+    compile_model(CompileOptions(model=str(tiny_checkpoint("llama-gqa-untied")), output=out,
+                                 quant="int3", quant_plugins=[str(EXAMPLE_PLUGIN)]))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["quantization"]["layers"]["model.layers.0.self_attn.q_proj"] == "int3"
+    assert any(p["dtype"] == "uint8" for p in manifest["params"])
+    ours = fmc.load(out).logits(IDS)
+    expected = hf_logits_with(tiny_checkpoint("llama-gqa-untied"), dequantized_state(out), IDS)
+    assert np.abs(ours - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+def test_plugin_that_registers_nothing_is_an_error(tmp_path):
+    plugin = tmp_path / "empty.py"
+    plugin.write_text("x = 1\n")
+    with pytest.raises(InputError, match="registers no quantization scheme"):
+        load_plugin(plugin)
+
+
+def test_gguf_q4_0_and_q8_0_import_losslessly(tiny_checkpoint, tmp_path):
+    checkpoint = tiny_checkpoint("llama-gqa-untied")
+    q4, q8 = gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q8_0
+    types = {f"blk.{i}.{part}.weight": q4 for i in range(2)
+             for part in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up",
+                          "ffn_down")}
+    types.update({"token_embd.weight": q8, "output.weight": q8})
+    path = write_gguf_from_checkpoint(checkpoint, tmp_path / "q.gguf", types)
+    out = tmp_path / "lossless"
+    compile_model(CompileOptions(model=str(path), output=out, quant="q4_0",
+                                 quant_overrides=["embed_tokens=q8f16"]))
+    state = dequantized_state(out)
+    reader = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    heads = {"attn_q": 4, "attn_k": 2}
+    for gname, qtype in types.items():
+        expected = gguf.quants.dequantize(reader[gname].data, qtype)
+        part = gname.split(".")[-2]
+        if part in heads:
+            expected = unpermute_rows(expected, heads[part])
+        from fmc.frontend.gguf_file import hf_name
+
+        np.testing.assert_array_equal(state[hf_name(gname)], expected, err_msg=gname)
+    # Compiling the dequantized floats gives the same model.
+    floats = tmp_path / "floats"
+    compile_model(CompileOptions(model=str(path), output=floats, quant="q0f32"))
+    a, b = fmc.load(out).logits(IDS), fmc.load(floats).logits(IDS)
+    assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
+
+
+def test_quant_list_cli(capsys):
+    from fmc.cli import main
+
+    assert main(["quant", "list", "--json"]) == 0
+    rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
+    assert {"q0f32", "q0f16", "q4f16", "q4f32", "q8f16", "nf4", "q4_0"} <= set(rows)
+    assert rows["q4f16"]["storage"] == "q_weight uint32[N, K/8], q_scale float16[N, K/32]"
+    assert rows["q8f16"]["gguf_lossless"] == ["Q8_0"]
