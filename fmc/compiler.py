@@ -18,7 +18,7 @@ from fmc.artifacts.staging import StagingDir
 from fmc.errors import UsageError
 from fmc.frontend import ModelSource, open_model
 from fmc.frontend.llama_model import ENTRY_FUNCTIONS, LlamaForCausalLM
-from fmc.lowering.pipeline import IRDumper, resolve_disabled, run_phase
+from fmc.lowering.pipeline import IRDumper, load_pass_plugin, resolve_disabled, run_phase
 from fmc.quant.convert import StoredParam, check_source, convert, plan_params
 from fmc.quant.modules import quantize_layers
 from fmc.quant.plan import QuantPlan
@@ -44,6 +44,7 @@ class CompileOptions:
     quant: str = "q0f32"
     quant_overrides: list[str] = field(default_factory=list)
     quant_plugins: list[str] = field(default_factory=list)  # files registering schemes
+    pass_plugins: list[str] = field(default_factory=list)  # files registering passes
     weights: str | None = None
     tokenizer: str | None = None
     force: bool = False
@@ -261,6 +262,8 @@ def _prepare(options: CompileOptions) -> tuple[Target, QuantPlan, set[str]]:
     target = get_target(options.target)
     for plugin in options.quant_plugins:
         load_plugin(plugin)
+    for plugin in options.pass_plugins:
+        load_pass_plugin(plugin)
     plan = QuantPlan.parse(options.quant, options.quant_overrides)
     disabled = resolve_disabled(options.disable_passes)
     return target, plan, disabled

@@ -27,13 +27,14 @@ def _global(debug: bool = typer.Option(False, "--debug", help="Show tracebacks o
 
 
 def _register() -> None:
-    from fmc.cli import bench, compile, inspect, ppl, quant, run
+    from fmc.cli import bench, compile, inspect, passes, ppl, quant, run
 
     app.command("compile")(compile.compile_command)
     app.command("run")(run.run_command)
     app.command("inspect")(inspect.inspect_command)
     app.command("bench")(bench.bench_command)
     app.command("ppl")(ppl.ppl_command)
+    app.command("passes")(passes.passes_command)
     app.add_typer(quant.app, name="quant")
 
 

@@ -30,6 +30,8 @@ def compile_command(
                                       help="Tokens per prefill call (longer prompts are split)."),
     dump_ir: Path = typer.Option(None, "--dump-ir", help="Write TVMScript after each pass."),
     disable_pass: list[str] = typer.Option([], "--disable-pass", help="Skip a pass (repeatable)."),
+    pass_plugin: list[str] = typer.Option(
+        [], "--pass-plugin", help="Python file that adds or replaces passes (repeatable)."),
     allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite",
                                          help="Compile even if weights hold NaN/Inf."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON result on stdout."),
@@ -45,6 +47,7 @@ def compile_command(
         quant_overrides=list(quant_override), quant_plugins=list(quant_plugin), weights=weights, tokenizer=tokenizer, force=force,
         shard_bytes=parse_size(shard_size), context_window=context_window,
         prefill_chunk=prefill_chunk, dump_ir=dump_ir, disable_passes=list(disable_pass),
+        pass_plugins=list(pass_plugin),
         allow_nonfinite=allow_nonfinite)
     with CompileProgress(quiet or json_out) as progress:
         result = compile_model(options, progress)

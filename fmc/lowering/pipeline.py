@@ -96,6 +96,51 @@ def pass_names() -> list[str]:
     return [p.name for p in PIPELINE]
 
 
+def register_pass(spec: PassSpec, *, before: str | None = None, after: str | None = None,
+                  replace: str | None = None) -> PassSpec:
+    """Add a pass at a named position (exactly one of before/after/replace), or replace the
+    pass of the same name in place. Pass plugins call this; see docs/design.md."""
+    if spec.phase not in ("fuse", "lower"):
+        raise UsageError(f"pass {spec.name!r}: phase must be 'fuse' or 'lower', "
+                         f"got {spec.phase!r}")
+    anchors = [a for a in (before, after, replace) if a is not None]
+    if len(anchors) > 1:
+        raise UsageError(f"pass {spec.name!r}: give one of before=, after=, replace=")
+    existing = pass_names()
+    if not anchors:
+        if spec.name not in existing:
+            raise UsageError(f"pass {spec.name!r}: a new pass needs before=, after= or "
+                             "replace=")
+        PIPELINE[existing.index(spec.name)] = spec
+        return spec
+    anchor = anchors[0]
+    if anchor not in existing:
+        from fmc.errors import unknown_choice
+
+        raise unknown_choice("pass", anchor, existing)
+    if spec.name in existing and spec.name != anchor:
+        del PIPELINE[existing.index(spec.name)]
+    index = pass_names().index(anchor)
+    if replace is not None:
+        PIPELINE[index] = spec
+    else:
+        PIPELINE.insert(index + (1 if after is not None else 0), spec)
+    return spec
+
+
+def load_pass_plugin(path: str | Path) -> list[str]:
+    """Import a user's file that calls `register_pass`; returns the pass names it changed."""
+    from fmc.errors import InputError
+    from fmc.plugins import import_file
+
+    before = list(PIPELINE)
+    import_file(path, "pass plugin")
+    changed = [p.name for p in PIPELINE if p not in before]
+    if not changed:
+        raise InputError(f"{path}: registers no pass (call fmc.lowering.register_pass)")
+    return changed
+
+
 def resolve_disabled(disabled: list[str]) -> set[str]:
     names = set(pass_names())
     for name in disabled:

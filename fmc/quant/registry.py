@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import pkgutil
-import sys
 from pathlib import Path
 
 from fmc.errors import InputError, UsageError, unknown_choice
+from fmc.plugins import import_file
 from fmc.quant.scheme import QuantScheme
 
 SCHEMES: dict[str, QuantScheme] = {}
@@ -37,19 +36,9 @@ def _load_builtins() -> None:
 
 def load_plugin(path: str | Path) -> list[str]:
     """Import a user's scheme file; returns the names it registered."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: quantization plugin file not found")
     _load_builtins()
     before = dict(SCHEMES)
-    module_name = f"fmc_quant_plugin_{path.stem}"
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    try:
-        spec.loader.exec_module(module)
-    except Exception as exc:  # a plugin is user code: report any failure as bad input
-        raise InputError(f"{path}: quantization plugin failed to load: {exc}") from exc
+    import_file(path, "quantization plugin")
     added = [name for name, scheme in SCHEMES.items() if before.get(name) is not scheme]
     if not added:
         raise InputError(f"{path}: registers no quantization scheme (call fmc.quant.register)")

@@ -1,0 +1,126 @@
+"""Bounded-memory conversion: a 7B-shaped random fp16 Llama checkpoint → q4f16 artifact.
+
+    python benchmarks/convert_7b.py [--keep]
+
+Writes a checkpoint with the `llama-7b` preset's shapes (6.74 B weights, ~13.5 GB fp16) in
+Hugging Face's sharded safetensors layout under benchmarks/.cache/llama7b-random/, then runs
+`fmc compile llama-7b --weights … --quant q4f16` in a child process and reports its wall time
+and peak RSS (getrusage of the child). Random values are fp16 bit patterns with a bounded
+exponent (|w| < 2^-5): conversion cost does not depend on the values."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent
+CACHE = ROOT / ".cache"
+CHECKPOINT = CACHE / "llama7b-random"
+OUTPUT = CACHE / "llama7b-q4f16"
+RESULTS = ROOT / "results" / "convert_7b.json"
+SHARD_BYTES = 5 * 10**9  # like HF's default 5 GB shards
+
+
+def tensor_shapes(config: dict) -> list[tuple[str, tuple[int, ...]]]:
+    h, i, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    kv = config["num_key_value_heads"] * h // config["num_attention_heads"]
+    shapes = [("model.embed_tokens.weight", (v, h))]
+    for layer in range(config["num_hidden_layers"]):
+        p = f"model.layers.{layer}."
+        shapes += [(p + "input_layernorm.weight", (h,)),
+                   (p + "self_attn.q_proj.weight", (h, h)), (p + "self_attn.k_proj.weight", (kv, h)),
+                   (p + "self_attn.v_proj.weight", (kv, h)), (p + "self_attn.o_proj.weight", (h, h)),
+                   (p + "post_attention_layernorm.weight", (h,)),
+                   (p + "mlp.gate_proj.weight", (i, h)), (p + "mlp.up_proj.weight", (i, h)),
+                   (p + "mlp.down_proj.weight", (h, i))]
+    return shapes + [("model.norm.weight", (h,)), ("lm_head.weight", (v, h))]
+
+
+def random_fp16(shape, rng) -> np.ndarray:
+    bits = rng.integers(0, 1 << 16, size=shape, dtype=np.uint16)
+    # keep sign and mantissa, force a small exponent: finite values of magnitude < 2^-5
+    return ((bits & np.uint16(0x83FF)) | np.uint16(0x2000)).view(np.float16)
+
+
+def write_shard(path: Path, names: list[tuple[str, tuple[int, ...]]], rng) -> None:
+    """Stream one safetensors file: header, then each tensor generated and written in turn."""
+    header, offset = {}, 0
+    for name, shape in names:
+        size = int(np.prod(shape)) * 2
+        header[name] = {"dtype": "F16", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(blob)) + blob)
+        for name, shape in names:
+            handle.write(random_fp16(shape, rng).tobytes())
+
+
+def make_checkpoint() -> None:
+    sys.path.insert(0, str(ROOT.parent))
+    from fmc.frontend.presets import PRESETS
+
+    if (CHECKPOINT / "model.safetensors.index.json").exists():
+        return
+    config = dict(PRESETS["llama-7b"], torch_dtype="float16", architectures=["LlamaForCausalLM"])
+    CHECKPOINT.mkdir(parents=True, exist_ok=True)
+    (CHECKPOINT / "config.json").write_text(json.dumps(config, indent=1))
+    shards, current, size = [], [], 0
+    for name, shape in tensor_shapes(config):
+        nbytes = int(np.prod(shape)) * 2
+        if current and size + nbytes > SHARD_BYTES:
+            shards.append(current)
+            current, size = [], 0
+        current.append((name, shape))
+        size += nbytes
+    shards.append(current)
+    rng = np.random.default_rng(0)
+    weight_map = {}
+    for index, names in enumerate(shards, start=1):
+        file = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
+        write_shard(CHECKPOINT / file, names, rng)
+        weight_map.update({name: file for name, _ in names})
+        print(f"wrote {file}", file=sys.stderr, flush=True)
+    total = sum(int(np.prod(s)) * 2 for _, s in tensor_shapes(config))
+    (CHECKPOINT / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--keep", action="store_true", help="keep the checkpoint and artifact")
+    args = parser.parse_args()
+    start = time.perf_counter()
+    make_checkpoint()
+    generated = time.perf_counter() - start
+    checkpoint_bytes = sum(p.stat().st_size for p in CHECKPOINT.glob("*.safetensors"))
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "fmc.cli", "compile", "llama-7b", "--weights",
+                    str(CHECKPOINT), "--quant", "q4f16", "-o", str(OUTPUT), "--force"],
+                   check=True)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    artifact_bytes = sum(p.stat().st_size for p in OUTPUT.rglob("*") if p.is_file())
+    result = {"checkpoint_bytes": checkpoint_bytes, "artifact_bytes": artifact_bytes,
+              "compile_seconds": seconds, "peak_rss_bytes": peak,
+              "checkpoint_generation_seconds": generated}
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+    print(json.dumps(result, indent=1, sort_keys=True))
+    if not args.keep:
+        shutil.rmtree(CHECKPOINT, ignore_errors=True)
+        shutil.rmtree(OUTPUT, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

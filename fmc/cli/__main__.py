@@ -1,0 +1,5 @@
+"""`python -m fmc.cli …` runs the fmc command."""
+
+from fmc.cli import entry
+
+entry()

@@ -1,0 +1,29 @@
+"""Import a user's plugin file (a quantization scheme, a pass) as a module, reporting any
+failure as bad input that names the file."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+from fmc.errors import FmcError, InputError
+
+
+def import_file(path: str | Path, kind: str) -> ModuleType:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: {kind} file not found")
+    name = f"fmc_plugin_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except FmcError:
+        raise
+    except Exception as exc:  # plugin code is the user's: any failure is bad input
+        raise InputError(f"{path}: {kind} failed to load: {type(exc).__name__}: {exc}") \
+            from exc
+    return module
