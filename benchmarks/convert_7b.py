@@ -37,8 +37,10 @@ def tensor_shapes(config: dict) -> list[tuple[str, tuple[int, ...]]]:
     for layer in range(config["num_hidden_layers"]):
         p = f"model.layers.{layer}."
         shapes += [(p + "input_layernorm.weight", (h,)),
-                   (p + "self_attn.q_proj.weight", (h, h)), (p + "self_attn.k_proj.weight", (kv, h)),
-                   (p + "self_attn.v_proj.weight", (kv, h)), (p + "self_attn.o_proj.weight", (h, h)),
+                   (p + "self_attn.q_proj.weight", (h, h)),
+                   (p + "self_attn.k_proj.weight", (kv, h)),
+                   (p + "self_attn.v_proj.weight", (kv, h)),
+                   (p + "self_attn.o_proj.weight", (h, h)),
                    (p + "post_attention_layernorm.weight", (h,)),
                    (p + "mlp.gate_proj.weight", (i, h)), (p + "mlp.up_proj.weight", (i, h)),
                    (p + "mlp.down_proj.weight", (h, i))]
@@ -56,13 +58,14 @@ def write_shard(path: Path, names: list[tuple[str, tuple[int, ...]]], rng) -> No
     header, offset = {}, 0
     for name, shape in names:
         size = int(np.prod(shape)) * 2
-        header[name] = {"dtype": "F16", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        header[name] = {"dtype": "F16", "shape": list(shape),
+                        "data_offsets": [offset, offset + size]}
         offset += size
     blob = json.dumps(header).encode()
     blob += b" " * (-len(blob) % 8)
     with open(path, "wb") as handle:
         handle.write(struct.pack("<Q", len(blob)) + blob)
-        for name, shape in names:
+        for _, shape in names:
             handle.write(random_fp16(shape, rng).tobytes())
 
 

@@ -18,6 +18,18 @@ from fmc.lowering import PassSpec, register_pass
 log = logging.getLogger("fmc")
 
 
+def count_kernel_calls(func: relax.Function) -> int:
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+    calls = []
+
+    def visit(expr):
+        if isinstance(expr, relax.Call) and expr.op == call_tir:
+            calls.append(expr)
+
+    relax.analysis.post_order_visit(func, visit)
+    return len(calls)
+
+
 @tvm.transform.module_pass(opt_level=0, name="KernelReport")
 class KernelReport:
     """Counts call_tir bindings per Relax function; changes nothing."""
@@ -25,11 +37,8 @@ class KernelReport:
     def transform_module(self, mod, _ctx):
         for gv, func in mod.functions_items():
             if isinstance(func, relax.Function):
-                calls = []
-                relax.analysis.post_order_visit(
-                    func, lambda e: calls.append(e) if isinstance(e, relax.Call)
-                    and e.op == tvm.ir.Op.get("relax.call_tir") else None)
-                log.info("kernel-report: %s launches %d kernels", gv.name_hint, len(calls))
+                log.info("kernel-report: %s launches %d kernels", gv.name_hint,
+                         count_kernel_calls(func))
         return mod
 
 

@@ -15,8 +15,8 @@ def bench_command(
     gen_len: int = typer.Option(64, "--gen-len", help="Tokens to decode."),
     runs: int = typer.Option(5, "--runs", help="Measured runs (median reported)."),
     warmup: int = typer.Option(1, "--warmup", help="Unmeasured runs first."),
-    threads: int = typer.Option(None, "--threads",
-                                help="CPU threads (default: TVM_NUM_THREADS, else physical cores)."),
+    threads: int = typer.Option(
+        None, "--threads", help="CPU threads (default: TVM_NUM_THREADS, else physical cores)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON result on stdout."),
 ) -> None:
     """Benchmark prefill and decode speed."""

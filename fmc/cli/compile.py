@@ -44,7 +44,8 @@ def compile_command(
     setup_logging(quiet or json_out)
     options = CompileOptions(
         model=model, output=output, target=target, quant=quant,
-        quant_overrides=list(quant_override), quant_plugins=list(quant_plugin), weights=weights, tokenizer=tokenizer, force=force,
+        quant_overrides=list(quant_override), quant_plugins=list(quant_plugin), weights=weights,
+        tokenizer=tokenizer, force=force,
         shard_bytes=parse_size(shard_size), context_window=context_window,
         prefill_chunk=prefill_chunk, dump_ir=dump_ir, disable_passes=list(disable_pass),
         pass_plugins=list(pass_plugin),

@@ -1,4 +1,5 @@
-"""Stream a checkpoint into stored parameters: check names and shapes, quantize, tensor by tensor."""
+"""Stream a checkpoint into stored parameters: check names and shapes, quantize, one tensor
+at a time."""
 
 from __future__ import annotations
 
@@ -83,7 +84,7 @@ def quantize_rows(scheme, tensor: np.ndarray) -> list[np.ndarray]:
         return scheme.quantize(np.asarray(tensor, dtype=np.float32))
     parts = [scheme.quantize(np.asarray(tensor[i:i + step], dtype=np.float32))
              for i in range(0, rows, step)]
-    return [np.concatenate(column) for column in zip(*parts)]
+    return [np.concatenate(column) for column in zip(*parts, strict=True)]
 
 
 def _stored_parts(weights: WeightSource, plan: StoredParam, allow_nonfinite: bool,

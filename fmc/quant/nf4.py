@@ -8,8 +8,15 @@ from __future__ import annotations
 import numpy as np
 from tvm import te, tirx
 
-from fmc.quant.packing import (absmax_scales, check_groups, grouped, nibble, pack_nibbles,
-                               divide_by_scales, unpack_nibbles)
+from fmc.quant.packing import (
+    absmax_scales,
+    check_groups,
+    divide_by_scales,
+    grouped,
+    nibble,
+    pack_nibbles,
+    unpack_nibbles,
+)
 from fmc.quant.registry import register
 from fmc.quant.scheme import QuantScheme, StorageTensor
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 from tvm import te
 
-from fmc.quant.packing import absmax_scales, check_groups, grouped, divide_by_scales
+from fmc.quant.packing import absmax_scales, check_groups, divide_by_scales, grouped
 from fmc.quant.registry import register
 from fmc.quant.scheme import QuantScheme, StorageTensor
 
