@@ -32,8 +32,10 @@ def load_results() -> dict:
 
 
 def save(results: dict) -> None:
+    """Merge into the file (another run of this script may have added rows meanwhile)."""
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+    merged = {**load_results(), **results}
+    RESULTS.write_text(json.dumps(merged, indent=1, sort_keys=True) + "\n")
 
 
 def fmc_rows(results: dict, threads: int) -> None:

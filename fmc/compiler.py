@@ -45,6 +45,7 @@ class CompileOptions:
     quant_overrides: list[str] = field(default_factory=list)
     quant_plugins: list[str] = field(default_factory=list)  # files registering schemes
     pass_plugins: list[str] = field(default_factory=list)  # files registering passes
+    override_kernels: list[str] = field(default_factory=list)  # "[ENTRY/]KERNEL=FILE"
     weights: str | None = None
     tokenizer: str | None = None
     force: bool = False

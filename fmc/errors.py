@@ -41,6 +41,23 @@ class OutputError(FmcError):
     exit_code = 6
 
 
+class _CrossingTVM:
+    """TVM's FFI turns exceptions raised inside a Python pass into RuntimeError. Passes call
+    `raise_in_pass(error)`; the pipeline then re-raises the original after the pass fails."""
+
+    pending: FmcError | None = None
+
+
+def raise_in_pass(error: FmcError):
+    _CrossingTVM.pending = error
+    raise error
+
+
+def take_pass_error() -> FmcError | None:
+    error, _CrossingTVM.pending = _CrossingTVM.pending, None
+    return error
+
+
 # Exit code when the user interrupts (128 + SIGINT), as shells report it.
 INTERRUPTED_EXIT_CODE = 130
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -91,3 +92,64 @@ def test_bad_pass_plugins_are_clear_errors(restore_pipeline, tmp_path):
     with pytest.raises(UsageError, match="did you mean 'fuse-ops'"):
         pipeline.register_pass(pipeline.PassSpec("x", "fuse", "x", lambda c: None),
                                after="fuse-op")
+
+
+def lm_head_kernel(mod, hidden=64, vocab=160) -> str:
+    """The decode kernel computing logits [1, 1, vocab] from hidden states and the weight."""
+    from fmc.lowering.passes.override_kernels import signature
+
+    wanted = [f"float32[1, 1, {hidden}]", f"float32[{vocab}, {hidden}]",
+              f"float32[1, 1, {vocab}]"]
+    decode = mod["decode"].script()
+    names = [gv.name_hint for gv, f in mod.functions_items()
+             if re.search(rf"\b{gv.name_hint}\(", decode) and hasattr(f, "params")
+             and signature(f) == wanted]
+    assert len(names) == 1, names
+    return names[0]
+
+
+PLUS_ONE_KERNEL = '''
+from tvm import te
+
+x = te.placeholder((1, 1, 64), "float32", name="x")
+w = te.placeholder((160, 64), "float32", name="w")
+k = te.reduce_axis((0, 64), name="k")
+dot = te.compute((1, 1, 160), lambda b, s, n: te.sum(x[b, s, k] * w[n, k], axis=k), name="dot")
+out = te.compute((1, 1, 160), lambda b, s, n: dot[b, s, n] + {bias}, name="out")
+kernel = te.create_prim_func([x, w, out])
+'''
+
+
+def test_override_kernel_swaps_in_a_users_primfunc(tiny_checkpoint, tmp_path):
+    import numpy as np
+
+    import fmc
+    from fmc.compiler import compile_model
+
+    model = str(tiny_checkpoint("llama-mha"))
+    name = lm_head_kernel(build_ir(CompileOptions(model=model)).mod)
+    user = tmp_path / "plus_one.py"
+    user.write_text(PLUS_ONE_KERNEL.format(bias="1.0"))
+    plain, custom = tmp_path / "plain", tmp_path / "custom"
+    compile_model(CompileOptions(model=model, output=plain))
+    compile_model(CompileOptions(model=model, output=custom,
+                                 override_kernels=[f"decode/{name}={user}"]))
+    a, b = fmc.load(plain), fmc.load(custom)
+    sa, sb = a.new_sequence(), b.new_sequence()
+    a.prefill(sa, [1, 2, 3])
+    b.prefill(sb, [1, 2, 3])
+    np.testing.assert_allclose(b.decode(sb, 4), a.decode(sa, 4) + 1.0, rtol=1e-5, atol=1e-5)
+
+
+def test_override_kernel_signature_mismatch_names_both(tiny_checkpoint, tmp_path):
+    model = str(tiny_checkpoint("llama-mha"))
+    name = lm_head_kernel(build_ir(CompileOptions(model=model)).mod)
+    user = tmp_path / "wrong.py"
+    user.write_text(PLUS_ONE_KERNEL.format(bias="1.0").replace("(160, 64)", "(128, 64)"))
+    with pytest.raises(InputError, match=r"wrong.py: kernel signature \(float32\[1, 1, 64\], "
+                                         r"float32\[128, 64\].*does not match " + name):
+        build_ir(CompileOptions(model=model, override_kernels=[f"decode/{name}={user}"]))
+    with pytest.raises(UsageError, match="unknown kernel 'no_such_kernel'"):
+        build_ir(CompileOptions(model=model, override_kernels=[f"no_such_kernel={user}"]))
+    with pytest.raises(UsageError, match="does not call"):
+        build_ir(CompileOptions(model=model, override_kernels=[f"embed/{name}={user}"]))

@@ -32,6 +32,8 @@ def compile_command(
     disable_pass: list[str] = typer.Option([], "--disable-pass", help="Skip a pass (repeatable)."),
     pass_plugin: list[str] = typer.Option(
         [], "--pass-plugin", help="Python file that adds or replaces passes (repeatable)."),
+    override_kernel: list[str] = typer.Option(
+        [], "--override-kernel", help="[ENTRY/]KERNEL=FILE: use FILE's PrimFunc (repeatable)."),
     allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite",
                                          help="Compile even if weights hold NaN/Inf."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON result on stdout."),
@@ -48,7 +50,7 @@ def compile_command(
         tokenizer=tokenizer, force=force,
         shard_bytes=parse_size(shard_size), context_window=context_window,
         prefill_chunk=prefill_chunk, dump_ir=dump_ir, disable_passes=list(disable_pass),
-        pass_plugins=list(pass_plugin),
+        pass_plugins=list(pass_plugin), override_kernels=list(override_kernel),
         allow_nonfinite=allow_nonfinite)
     with CompileProgress(quiet or json_out) as progress:
         result = compile_model(options, progress)

@@ -13,9 +13,10 @@ from typing import Any
 import tvm
 from tvm import relax
 
-from fmc.errors import UsageError
+from fmc.errors import UsageError, take_pass_error
 from fmc.lowering.passes.fuse_dequantize_matmul import FuseDequantizeMatmul
 from fmc.lowering.passes.inline_dequantize import InlineDequantize
+from fmc.lowering.passes.override_kernels import OverrideKernels
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,9 @@ PIPELINE: list[PassSpec] = [
              _entry_dce),
     PassSpec("schedule", "lower", "apply the target's kernel schedules (loops, threads, SIMD)",
              _schedule),
+    PassSpec("override-kernels", "lower",
+             "swap in users' kernels given with --override-kernel (signature-checked)",
+             lambda ctx: OverrideKernels(ctx.options.override_kernels)),
     PassSpec("rewrite-dataflow-reshape", "lower", "turn reshapes into views",
              _relax(relax.transform.RewriteDataflowReshape)),
     PassSpec("to-non-dataflow", "lower", "leave the dataflow form",
@@ -181,6 +185,12 @@ def run_phase(phase: str, mod: tvm.IRModule, ctx, disabled: set[str],
         for spec in PIPELINE:
             if spec.phase != phase or spec.name in disabled:
                 continue
-            mod = spec.make(ctx)(mod)
+            try:
+                mod = spec.make(ctx)(mod)
+            except Exception:
+                original = take_pass_error()
+                if original is not None:
+                    raise original from None
+                raise
             dumper.dump(phase, spec.name, mod)
     return mod
