@@ -110,7 +110,7 @@ def _quantize(state: CompileState, progress: Progress) -> None:
     mod, named = model.export_tvm(spec=model.get_default_spec())
     params = [(n, tuple(int(d) for d in p.shape), str(p.dtype)) for n, p in named]
     state.params = plan_params(params, quantized)
-    state.mod = _attach_metadata(mod, state)
+    state.mod = mod
     state.dumper.dump("quantize", "export", state.mod)
 
 
@@ -133,6 +133,8 @@ def _fuse(state: CompileState, progress: Progress) -> None:
 
 
 def _lower(state: CompileState, progress: Progress) -> None:
+    # The parameter list is final once the fuse phase is done (horizontal fusion changes it).
+    state.mod = _attach_metadata(state.mod, state)
     state.mod = run_phase("lower", state.mod, state, state.disabled, state.dumper)
 
 
@@ -198,6 +200,14 @@ def build_manifest(state: CompileState) -> dict[str, Any]:
     for p in state.params:
         entry = {"name": p.name, "shape": list(p.shape), "dtype": p.dtype, "source": p.source,
                  "scheme": p.scheme}
+        if p.members:  # horizontally fused: rows [start, end) come from each member
+            entry["source"] = None
+            entry["fused_from"], start = [], 0
+            for member in p.members:
+                entry["fused_from"].append({"name": member.name, "source": member.source,
+                                            "part": member.part,
+                                            "rows": [start, start + member.shape[0]]})
+                start += member.shape[0]
         stored = by_name.get(p.name)
         if stored is not None:
             entry.update(shard=stored["shard"], sha256=stored["sha256"], bytes=stored["bytes"])

@@ -30,7 +30,7 @@ def test_compile_inspect_run_bench(tiny_checkpoint, tmp_path, capsys):
     code, stdout, _ = run_cli(capsys, "inspect", str(out), "--json")
     info = json.loads(stdout)
     assert code == 0 and info["target"] == "cpu" and info["quantization"] == "q0f32"
-    assert info["weights_present"] and info["parameters"] == 1 + 2 * 9 + 1 + 1
+    assert info["weights_present"] and info["parameters"] == 1 + 2 * 6 + 1 + 1
     code, stdout, _ = run_cli(capsys, "inspect", str(out))
     assert code == 0 and "memory estimate" in stdout
 

@@ -122,14 +122,20 @@ def test_bad_group_size_fails_the_compile_naming_the_tensor(tiny_checkpoint, tmp
 
 
 def dequantized_state(artifact: Path) -> dict[str, np.ndarray]:
-    """The artifact's weights as float32 checkpoint tensors, dequantized in numpy."""
+    """The artifact's weights as float32 checkpoint tensors, dequantized in numpy (fused
+    parameters are split back into their members' rows)."""
     manifest = json.loads((artifact / "manifest.json").read_text())
     stored: dict[str, dict[int, np.ndarray]] = {}
     schemes = {}
     for entry in manifest["params"]:
         array = SafetensorsFile(artifact / entry["shard"]).load(entry["name"])
-        stored.setdefault(entry["source"], {})[len(stored.get(entry["source"], {}))] = array
-        schemes[entry["source"]] = entry["scheme"]
+        members = entry.get("fused_from") or [
+            {"source": entry["source"], "part": None, "rows": [0, array.shape[0]]}]
+        for member in members:
+            parts = stored.setdefault(member["source"], {})
+            part = len(parts) if member["part"] is None else member["part"]
+            parts[part] = array[member["rows"][0]:member["rows"][1]]
+            schemes[member["source"]] = entry["scheme"]
     state = {}
     for source, parts in stored.items():
         arrays = [parts[i] for i in sorted(parts)]

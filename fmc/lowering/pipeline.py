@@ -15,6 +15,7 @@ from tvm import relax
 
 from fmc.errors import UsageError, take_pass_error
 from fmc.lowering.passes.fuse_dequantize_matmul import FuseDequantizeMatmul
+from fmc.lowering.passes.fuse_horizontal import FuseHorizontal
 from fmc.lowering.passes.inline_dequantize import InlineDequantize
 from fmc.lowering.passes.override_kernels import OverrideKernels
 
@@ -43,6 +44,9 @@ def _schedule(ctx) -> tvm.transform.Pass:
 
 
 PIPELINE: list[PassSpec] = [
+    PassSpec("fuse-horizontal", "fuse",
+             "one matmul (and weight) for projections of the same input: q/k/v, gate/up",
+             lambda ctx: FuseHorizontal(ctx)),
     PassSpec("fuse-transpose-matmul", "fuse",
              "compute x·Wᵀ straight from the [out, in] weight instead of transposing it first",
              _relax(relax.transform.FuseTransposeMatmul)),

@@ -30,6 +30,8 @@ class StoredParam:
     source: str  # checkpoint tensor it is made from
     scheme: str | None  # quantization scheme; None for plain casts (norms, biases)
     part: int = 0  # index among the scheme's storage tensors
+    # Horizontal fusion: this parameter is these parameters stacked along axis 0.
+    members: tuple[StoredParam, ...] = ()
 
 
 def plan_params(params: list[tuple[str, tuple[int, ...], str]],
@@ -105,21 +107,32 @@ def _stored_parts(weights: WeightSource, plan: StoredParam, allow_nonfinite: boo
     return [tensor] if scheme is None else quantize_rows(scheme, tensor)
 
 
+def _leaves(plan: StoredParam) -> list[StoredParam]:
+    return [leaf for member in plan.members for leaf in _leaves(member)] or [plan]
+
+
 def convert(weights: WeightSource, plans: list[StoredParam], allow_nonfinite: bool = False,
             stats: dict[str, int] | None = None) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield (param name, stored array) in parameter order; one source tensor in memory.
+    """Yield (param name, stored array) in parameter order. Only the source tensors of the
+    current parameter (a horizontally fused one has several) are held in memory.
     `stats` (if given) counts tensors imported losslessly from GGUF blocks."""
     stats = {} if stats is None else stats
-    current_source, current_parts = None, None
+    cache: dict[str, list[np.ndarray]] = {}
     for plan in plans:
-        if plan.source != current_source:
-            current_source = plan.source
-            current_parts = _stored_parts(weights, plan, allow_nonfinite, stats)
-        array = current_parts[plan.part]
-        if plan.scheme is None:
-            array = array.astype(plan.dtype, copy=False)
-        if tuple(array.shape) != tuple(plan.shape) or str(array.dtype) != plan.dtype:
-            raise InputError(f"tensor {plan.source!r}: scheme {plan.scheme} produced "
-                             f"{array.dtype}{list(array.shape)} for {plan.name!r}, expected "
-                             f"{plan.dtype}{list(plan.shape)}")
-        yield plan.name, array
+        leaves = _leaves(plan)
+        needed = {leaf.source for leaf in leaves}
+        for stale in set(cache) - needed:
+            del cache[stale]
+        pieces = []
+        for leaf in leaves:
+            if leaf.source not in cache:
+                cache[leaf.source] = _stored_parts(weights, leaf, allow_nonfinite, stats)
+            array = cache[leaf.source][leaf.part]
+            if leaf.scheme is None:
+                array = array.astype(leaf.dtype, copy=False)
+            if tuple(array.shape) != tuple(leaf.shape) or str(array.dtype) != leaf.dtype:
+                raise InputError(f"tensor {leaf.source!r}: scheme {leaf.scheme} produced "
+                                 f"{array.dtype}{list(array.shape)} for {leaf.name!r}, "
+                                 f"expected {leaf.dtype}{list(leaf.shape)}")
+            pieces.append(array)
+        yield plan.name, pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=0)

@@ -15,11 +15,16 @@ from fmc.quant.plan import QuantPlan
 from fmc.quant.scheme import QuantScheme
 
 
+# Kernel attribute naming the scheme of a dequantize kernel (passes regenerate it for new shapes).
+SCHEME_ATTR = "fmc.quant_scheme"
+
+
 def _dequantize(scheme: QuantScheme, stored: list[nn.Tensor], out_dtype: str) -> nn.Tensor:
     return op.tensor_expr_op(
         lambda *tensors: scheme.dequantize_te(list(tensors), out_dtype),
         name_hint=f"dequantize_{scheme.name}",
         args=stored,
+        attrs={SCHEME_ATTR: scheme.name},
     )
 
 
