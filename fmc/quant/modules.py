@@ -14,7 +14,6 @@ from fmc.nn_ops import take
 from fmc.quant.plan import QuantPlan
 from fmc.quant.scheme import QuantScheme
 
-
 # Kernel attribute naming the scheme of a dequantize kernel (passes regenerate it for new shapes).
 SCHEME_ATTR = "fmc.quant_scheme"
 
