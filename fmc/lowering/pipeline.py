@@ -18,6 +18,7 @@ from fmc.lowering.passes.fuse_dequantize_matmul import FuseDequantizeMatmul
 from fmc.lowering.passes.fuse_horizontal import FuseHorizontal
 from fmc.lowering.passes.inline_dequantize import InlineDequantize
 from fmc.lowering.passes.override_kernels import OverrideKernels
+from fmc.lowering.passes.simplify_copies import SimplifyCopies
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,9 @@ PIPELINE: list[PassSpec] = [
     PassSpec("fuse-horizontal", "fuse",
              "one matmul (and weight) for projections of the same input: q/k/v, gate/up",
              lambda ctx: FuseHorizontal(ctx)),
+    PassSpec("simplify-copies", "fuse",
+             "drop pure copies: concat(split(x)) → x, reshape(reshape(x)) → reshape(x)",
+             _relax(SimplifyCopies)),
     PassSpec("fuse-transpose-matmul", "fuse",
              "compute x·Wᵀ straight from the [out, in] weight instead of transposing it first",
              _relax(relax.transform.FuseTransposeMatmul)),
