@@ -27,3 +27,16 @@ def import_file(path: str | Path, kind: str) -> ModuleType:
         raise InputError(f"{path}: {kind} failed to load: {type(exc).__name__}: {exc}") \
             from exc
     return module
+
+
+def import_builtins(package_name: str, infrastructure: set[str]) -> None:
+    """Import every module of a plugin package except its infrastructure modules, so each
+    built-in plugin file registers itself (a new plugin is one new file). Imports are cached
+    by Python, so calling this again is cheap."""
+    import importlib
+    import pkgutil
+
+    package = importlib.import_module(package_name)
+    for info in pkgutil.iter_modules(package.__path__):
+        if info.name not in infrastructure:
+            importlib.import_module(f"{package_name}.{info.name}")

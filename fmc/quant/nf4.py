@@ -10,15 +10,15 @@ from tvm import te, tirx
 
 from fmc.quant.packing import (
     absmax_scales,
-    check_groups,
     divide_by_scales,
     grouped,
+    int4_storage,
     nibble,
     pack_nibbles,
     unpack_nibbles,
 )
 from fmc.quant.registry import register
-from fmc.quant.scheme import QuantScheme, StorageTensor
+from fmc.quant.scheme import QuantScheme
 
 BLOCK = 64
 CODE_BOOK = np.array([
@@ -47,10 +47,7 @@ class NormalFloat4(QuantScheme):
     output_scheme = "q8f16"
 
     def storage(self, shape, tensor):
-        check_groups(shape, BLOCK, tensor, self.name)
-        rows, k = shape
-        return [StorageTensor("q_weight", (rows, k // 8), "uint32"),
-                StorageTensor("q_scale", (rows, k // BLOCK), "float16")]
+        return int4_storage(shape, BLOCK, tensor, self.name, "float16")
 
     def quantize(self, weight):
         scales = absmax_scales(weight, BLOCK, 1, "float16")

@@ -4,9 +4,10 @@ of a row in nibble j % 8 of word j // 8, low nibble first), and per-group scales
 from __future__ import annotations
 
 import numpy as np
-from tvm import tirx
+from tvm import te, tirx
 
 from fmc.errors import InputError
+from fmc.quant.scheme import StorageTensor
 
 NIBBLES_PER_WORD = 8
 _SHIFTS = np.arange(NIBBLES_PER_WORD, dtype=np.uint32) * 4
@@ -59,3 +60,30 @@ def divide_by_scales(weight: np.ndarray, scales: np.ndarray, group: int) -> np.n
     blocks = grouped(weight.astype(np.float32, copy=False), group)
     divisor = np.broadcast_to(scales.astype(np.float32)[..., None], blocks.shape)
     return np.divide(blocks, divisor, out=np.zeros_like(blocks), where=divisor != 0)
+
+
+def int4_storage(shape: tuple[int, ...], group: int, tensor: str, scheme: str,
+                 scale_dtype: str) -> list[StorageTensor]:
+    """4-bit codes packed along K plus one scale per group: [rows, K/8] and [rows, K/group]."""
+    check_groups(shape, group, tensor, scheme)
+    rows, k = shape
+    return [StorageTensor("q_weight", (rows, k // NIBBLES_PER_WORD), "uint32"),
+            StorageTensor("q_scale", (rows, k // group), scale_dtype)]
+
+
+def dequantize_offset_int4(stored: list[np.ndarray], zero: int, group: int) -> np.ndarray:
+    """(code − zero)·scale for packed 4-bit codes, in float32 (numpy reference)."""
+    words, scales = stored
+    codes = grouped(unpack_nibbles(words).astype(np.float32) - zero, group)
+    return (codes * scales.astype(np.float32)[..., None]).reshape(codes.shape[0], -1)
+
+
+def dequantize_offset_int4_te(stored, zero: int, group: int, out_dtype: str):
+    """The same as a TE compute named `dequantize`."""
+    words, scales = stored
+    rows, k = words.shape[0], words.shape[1] * NIBBLES_PER_WORD
+    return te.compute(
+        (rows, k),
+        lambda i, j: (nibble(words, i, j).astype(out_dtype) - zero)
+        * scales[i, j // group].astype(out_dtype),
+        name="dequantize")

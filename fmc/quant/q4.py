@@ -6,19 +6,17 @@ along the reduction axis, [rows, K/8]; scales [rows, K/32] in float16 (q4f16) or
 from __future__ import annotations
 
 import numpy as np
-from tvm import te
 
 from fmc.quant.packing import (
     absmax_scales,
-    check_groups,
+    dequantize_offset_int4,
+    dequantize_offset_int4_te,
     divide_by_scales,
-    grouped,
-    nibble,
+    int4_storage,
     pack_nibbles,
-    unpack_nibbles,
 )
 from fmc.quant.registry import register
-from fmc.quant.scheme import QuantScheme, StorageTensor
+from fmc.quant.scheme import QuantScheme
 
 GROUP = 32
 ZERO = 7
@@ -36,10 +34,7 @@ class SymmetricInt4(QuantScheme):
                             "8 codes per uint32 along K")
 
     def storage(self, shape, tensor):
-        check_groups(shape, GROUP, tensor, self.name)
-        rows, k = shape
-        return [StorageTensor("q_weight", (rows, k // 8), "uint32"),
-                StorageTensor("q_scale", (rows, k // GROUP), self.scale_dtype)]
+        return int4_storage(shape, GROUP, tensor, self.name, self.scale_dtype)
 
     def quantize(self, weight):
         scales = absmax_scales(weight, GROUP, ZERO, self.scale_dtype)
@@ -48,19 +43,10 @@ class SymmetricInt4(QuantScheme):
         return [pack_nibbles(codes.reshape(weight.shape)), scales]
 
     def dequantize(self, stored):
-        words, scales = stored
-        codes = grouped(unpack_nibbles(words).astype(np.float32) - ZERO, GROUP)
-        return (codes * scales.astype(np.float32)[..., None]).reshape(codes.shape[0], -1)
+        return dequantize_offset_int4(stored, ZERO, GROUP)
 
     def dequantize_te(self, stored, out_dtype):
-        words, scales = stored
-        rows, k = words.shape[0], words.shape[1] * 8
-        return te.compute(
-            (rows, k),
-            lambda i, j: (nibble(words, i, j).astype(out_dtype) - ZERO)
-            * scales[i, j // GROUP].astype(out_dtype),
-            name="dequantize")
-
+        return dequantize_offset_int4_te(stored, ZERO, GROUP, out_dtype)
 
 register(SymmetricInt4("q4f16", "float16"))
 register(SymmetricInt4("q4f32", "float32"))

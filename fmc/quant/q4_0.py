@@ -6,11 +6,16 @@ Q4_0 tensors losslessly, repacking llama.cpp's block nibble order into fmc's uin
 from __future__ import annotations
 
 import numpy as np
-from tvm import te
 
-from fmc.quant.packing import check_groups, grouped, nibble, pack_nibbles, unpack_nibbles
+from fmc.quant.packing import (
+    dequantize_offset_int4,
+    dequantize_offset_int4_te,
+    grouped,
+    int4_storage,
+    pack_nibbles,
+)
 from fmc.quant.registry import register
-from fmc.quant.scheme import QuantScheme, StorageTensor
+from fmc.quant.scheme import QuantScheme
 
 GROUP = 32
 ZERO = 8
@@ -26,10 +31,7 @@ class GGMLQ4_0(QuantScheme):
     output_scheme = "q8f16"
 
     def storage(self, shape, tensor):
-        check_groups(shape, GROUP, tensor, self.name)
-        rows, k = shape
-        return [StorageTensor("q_weight", (rows, k // 8), "uint32"),
-                StorageTensor("q_scale", (rows, k // GROUP), "float16")]
+        return int4_storage(shape, GROUP, tensor, self.name, "float16")
 
     def quantize(self, weight):
         blocks = grouped(weight.astype(np.float32), GROUP)
@@ -41,18 +43,10 @@ class GGMLQ4_0(QuantScheme):
         return [pack_nibbles(codes.reshape(weight.shape)), d.astype(np.float16)]
 
     def dequantize(self, stored):
-        words, scales = stored
-        codes = grouped(unpack_nibbles(words).astype(np.float32) - ZERO, GROUP)
-        return (codes * scales.astype(np.float32)[..., None]).reshape(codes.shape[0], -1)
+        return dequantize_offset_int4(stored, ZERO, GROUP)
 
     def dequantize_te(self, stored, out_dtype):
-        words, scales = stored
-        rows, k = words.shape[0], words.shape[1] * 8
-        return te.compute(
-            (rows, k),
-            lambda i, j: (nibble(words, i, j).astype(out_dtype) - ZERO)
-            * scales[i, j // GROUP].astype(out_dtype),
-            name="dequantize")
+        return dequantize_offset_int4_te(stored, ZERO, GROUP, out_dtype)
 
     def from_gguf(self, type_name, blocks, shape):
         """GGUF Q4_0 rows: per block fp16 d, then 16 bytes whose low nibbles hold elements

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from pathlib import Path
 
 from fmc.errors import InputError, UsageError, unknown_choice
-from fmc.plugins import import_file
+from fmc.plugins import import_builtins, import_file
 from fmc.quant.scheme import QuantScheme
 
 SCHEMES: dict[str, QuantScheme] = {}
-_BUILTINS_LOADED = False
 
 
 def register(scheme: QuantScheme) -> QuantScheme:
@@ -23,15 +20,7 @@ def register(scheme: QuantScheme) -> QuantScheme:
 
 
 def _load_builtins() -> None:
-    global _BUILTINS_LOADED
-    if _BUILTINS_LOADED:
-        return
-    _BUILTINS_LOADED = True
-    package = importlib.import_module("fmc.quant")
-    skip = {"registry", "scheme", "plan", "modules", "convert", "packing"}
-    for info in pkgutil.iter_modules(package.__path__):
-        if info.name not in skip:
-            importlib.import_module(f"fmc.quant.{info.name}")
+    import_builtins("fmc.quant", {"registry", "scheme", "plan", "modules", "convert", "packing"})
 
 
 def load_plugin(path: str | Path) -> list[str]:

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from collections.abc import Callable
 
 from fmc.errors import unknown_choice
+from fmc.plugins import import_builtins
 from fmc.targets.base import Target
 
 # family name → factory(variant or None) → Target
 FAMILIES: dict[str, Callable[[str | None], Target]] = {}
-_LOADED = False
 
 
 def register(name: str):
@@ -22,14 +20,7 @@ def register(name: str):
 
 
 def _load_builtins() -> None:
-    global _LOADED
-    if _LOADED:
-        return
-    _LOADED = True
-    package = importlib.import_module("fmc.targets")
-    for info in pkgutil.iter_modules(package.__path__):
-        if info.name not in {"base", "registry"}:
-            importlib.import_module(f"fmc.targets.{info.name}")
+    import_builtins("fmc.targets", {"base", "registry"})
 
 
 def get(spec: str) -> Target:
