@@ -65,14 +65,13 @@ def _open_reader(path: Path):
         raise InputError(f"{path}: not a readable GGUF file ({exc})") from None
 
 
-def _field_values(reader) -> dict:
+def _field_values(reader, path: Path) -> dict:
     values = {}
     for key, field in reader.fields.items():
         try:
             values[key] = field.contents()
         except (ValueError, IndexError, TypeError, UnicodeDecodeError):
-            raise InputError(f"{reader.path if hasattr(reader, 'path') else ''}: "
-                             f"GGUF field {key!r} is corrupt") from None
+            raise InputError(f"{path}: GGUF field {key!r} is corrupt") from None
     return values
 
 
@@ -181,7 +180,7 @@ def _config(fields: dict, reader, origin: str) -> ModelConfig:
 def open_gguf(path: Path, with_weights: bool = True, with_tokenizer: bool = True):
     """Return (config, weights or None, tokenizer file contents, input files)."""
     reader = _open_reader(path)
-    fields = _field_values(reader)
+    fields = _field_values(reader, path)
     config = _config(fields, reader, str(path))
     weights = GGUFWeights(path, reader, fields, config) if with_weights else None
     tokenizer = {}

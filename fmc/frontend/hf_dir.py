@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -93,8 +94,6 @@ def load_config(directory: Path) -> ModelConfig:
         extra_ids = extra if isinstance(extra, list) else [extra] if isinstance(extra, int) else []
         merged = tuple(dict.fromkeys([*config.eos_token_ids, *extra_ids]))
         if merged != config.eos_token_ids:
-            from dataclasses import replace
-
             config = replace(config, eos_token_ids=merged)
     return config
 

@@ -99,8 +99,6 @@ def load_params(artifact: Path, manifest: dict[str, Any], device) -> list[Any]:
 
 
 def open_artifact(path: Path | str, device=None, verify: bool | None = None) -> LoadedArtifact:
-    import tvm
-
     artifact = Path(path)
     manifest = read_manifest(artifact)
     if should_verify(manifest, verify):
@@ -108,7 +106,6 @@ def open_artifact(path: Path | str, device=None, verify: bool | None = None) -> 
     device = device or _device_for(manifest)
     vm = load_library(artifact, manifest, device)
     params = load_params(artifact, manifest, device)
-    del tvm
     return LoadedArtifact(artifact, manifest, vm, device, params)
 
 
