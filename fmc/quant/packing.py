@@ -87,3 +87,13 @@ def dequantize_offset_int4_te(stored, zero: int, group: int, out_dtype: str):
         lambda i, j: (nibble(words, i, j).astype(out_dtype) - zero)
         * scales[i, j // group].astype(out_dtype),
         name="dequantize")
+
+
+def split_ggml_blocks(blocks: np.ndarray, shape: tuple[int, int], group: int,
+                      block_bytes: int) -> tuple[np.ndarray, np.ndarray]:
+    """GGUF rows of blocks that start with an fp16 scale (Q4_0, Q8_0) → (scales float16
+    [rows, K/group], payload bytes uint8 [rows, K/group, block_bytes − 2])."""
+    rows, k = shape
+    raw = blocks.reshape(rows, k // group, block_bytes)
+    scales = np.ascontiguousarray(raw[..., :2]).view(np.float16)[..., 0]
+    return np.ascontiguousarray(scales), raw[..., 2:]

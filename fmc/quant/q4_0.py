@@ -13,6 +13,7 @@ from fmc.quant.packing import (
     grouped,
     int4_storage,
     pack_nibbles,
+    split_ggml_blocks,
 )
 from fmc.quant.registry import register
 from fmc.quant.scheme import QuantScheme
@@ -51,12 +52,9 @@ class GGMLQ4_0(QuantScheme):
     def from_gguf(self, type_name, blocks, shape):
         """GGUF Q4_0 rows: per block fp16 d, then 16 bytes whose low nibbles hold elements
         0–15 and high nibbles 16–31."""
-        rows, k = shape
-        raw = blocks.reshape(rows, k // GROUP, Q4_0_BLOCK_BYTES)
-        scales = np.ascontiguousarray(raw[..., :2]).view(np.float16)[..., 0]
-        packed = raw[..., 2:]
-        codes = np.concatenate([packed & 0xF, packed >> 4], axis=-1).reshape(rows, k)
-        return [pack_nibbles(codes), np.ascontiguousarray(scales)]
+        scales, packed = split_ggml_blocks(blocks, shape, GROUP, Q4_0_BLOCK_BYTES)
+        codes = np.concatenate([packed & 0xF, packed >> 4], axis=-1).reshape(shape)
+        return [pack_nibbles(codes), scales]
 
 
 register(GGMLQ4_0())

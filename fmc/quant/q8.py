@@ -8,7 +8,13 @@ from __future__ import annotations
 import numpy as np
 from tvm import te
 
-from fmc.quant.packing import absmax_scales, check_groups, divide_by_scales, grouped
+from fmc.quant.packing import (
+    absmax_scales,
+    check_groups,
+    divide_by_scales,
+    grouped,
+    split_ggml_blocks,
+)
 from fmc.quant.registry import register
 from fmc.quant.scheme import QuantScheme, StorageTensor
 
@@ -50,11 +56,8 @@ class Int8(QuantScheme):
 
     def from_gguf(self, type_name, blocks, shape):
         """GGUF Q8_0 rows [rows, K/32 × 34 bytes] → (int8 codes, fp16 scales)."""
-        rows, k = shape
-        raw = blocks.reshape(rows, k // GROUP, Q8_0_BLOCK_BYTES)
-        scales = np.ascontiguousarray(raw[..., :2]).view(np.float16)[..., 0]
-        codes = np.ascontiguousarray(raw[..., 2:]).view(np.int8).reshape(rows, k)
-        return [codes, np.ascontiguousarray(scales)]
+        scales, payload = split_ggml_blocks(blocks, shape, GROUP, Q8_0_BLOCK_BYTES)
+        return [np.ascontiguousarray(payload).view(np.int8).reshape(shape), scales]
 
 
 register(Int8())
