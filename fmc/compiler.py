@@ -63,7 +63,7 @@ class CompileState:
     target: Target
     plan: QuantPlan
     disabled: set[str]
-    staging: StagingDir | None  # None when only the IR is built
+    staging: StagingDir | None  # set by compile_model; None when only the IR is built
     dumper: IRDumper
     source: ModelSource | None = None
     compute_dtype: str = "float32"
@@ -264,7 +264,7 @@ class CompileResult:
     timings: dict[str, float]
 
 
-def _prepare(options: CompileOptions) -> tuple[Target, QuantPlan, set[str]]:
+def _new_state(options: CompileOptions) -> CompileState:
     """Check the options and resolve target, plan and disabled passes (before any work)."""
     if options.shard_bytes <= 0:
         raise UsageError("--shard-size must be positive")
@@ -277,7 +277,8 @@ def _prepare(options: CompileOptions) -> tuple[Target, QuantPlan, set[str]]:
         load_pass_plugin(plugin)
     plan = QuantPlan.parse(options.quant, options.quant_overrides)
     disabled = resolve_disabled(options.disable_passes)
-    return target, plan, disabled
+    dumper = IRDumper(Path(options.dump_ir) if options.dump_ir else None)
+    return CompileState(options, target, plan, disabled, None, dumper)
 
 
 def _run(state: CompileState, phases: list[Phase], progress: Progress) -> None:
@@ -295,9 +296,7 @@ IR_PHASES = ("import", "quantize", "fuse", "lower")
 def build_ir(options: CompileOptions, progress: Progress | None = None) -> CompileState:
     """Run only the IR phases (import → lower) in memory, writing nothing but IR dumps; the
     state's `mod` is the scheduled, VM-lowered module codegen would build."""
-    target, plan, disabled = _prepare(options)
-    state = CompileState(options, target, plan, disabled, None,
-                         IRDumper(Path(options.dump_ir) if options.dump_ir else None))
+    state = _new_state(options)
     _run(state, [p for p in PHASES if p.name in IR_PHASES], progress or (lambda *a, **k: None))
     return state
 
@@ -308,11 +307,10 @@ def compile_model(options: CompileOptions, progress: Progress | None = None) -> 
     if options.output is None:
         raise UsageError("an output directory is required (-o/--output)")
     output = Path(options.output)
-    target, plan, disabled = _prepare(options)
-    target.check_toolchain()
+    state = _new_state(options)
+    state.target.check_toolchain()
     with StagingDir(output, options.force) as staging:
-        state = CompileState(options, target, plan, disabled, staging,
-                             IRDumper(Path(options.dump_ir) if options.dump_ir else None))
+        state.staging = staging
         _run(state, PHASES, progress)
         staging.commit()
     return CompileResult(output, state.manifest, state.timings)

@@ -120,11 +120,15 @@ class Engine:
         array = self._check_ids(ids)
         self._check_room(seq, len(array))
         logits = None
-        for start in range(0, len(array), self.prefill_chunk):
-            chunk = array[start:start + self.prefill_chunk]
-            embedded = self._embed(chunk, [1, len(chunk)])
+        for _, chunk, embedded in self._embedded_chunks(array):
             logits = self._forward("prefill", [seq], [len(chunk)], embedded)
         return logits[0, -1]
+
+    def _embedded_chunks(self, array: np.ndarray):
+        """(start, ids, embeddings [1, n, H]) per prefill chunk: longer prompts are split."""
+        for start in range(0, len(array), self.prefill_chunk):
+            chunk = array[start:start + self.prefill_chunk]
+            yield start, chunk, self._embed(chunk, [1, len(chunk)])
 
     def decode(self, seq: int, token: int) -> np.ndarray:
         """Append one token to `seq`; returns the logits after it."""
@@ -144,15 +148,11 @@ class Engine:
         try:
             self._check_room(seq, len(array))
             parts = []
-            for start in range(0, len(array), self.prefill_chunk):
-                chunk = array[start:start + self.prefill_chunk]
+            for start, chunk, embedded in self._embedded_chunks(array):
                 local = wanted[(wanted >= start) & (wanted < start + len(chunk))] - start
-                if local.size == 0:  # still run the chunk: later chunks attend to it
+                keep = local.size > 0
+                if not keep:  # still run the chunk (later chunks attend to it), discard logits
                     local = np.array([len(chunk) - 1])
-                    keep = False
-                else:
-                    keep = True
-                embedded = self._embed(chunk, [1, len(chunk)])
                 index = self._tvm.runtime.tensor(local.astype(np.int32), self._device)
                 out = self._forward("batch_prefill", [seq], [len(chunk)], embedded, index)[0]
                 if keep:

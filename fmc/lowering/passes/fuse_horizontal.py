@@ -140,15 +140,14 @@ def _fusable(groups: dict[tuple, list[Member]]) -> list[list[Member]]:
 
 @mutator
 class _Rewriter(PyExprMutator):
-    def __init__(self, mod, packed_old, packed_new, remap, groups, new_dequant):
+    def __init__(self, mod, packed_old, packed_new, remap, groups, layouts):
         super().__init__(mod)
         self.packed_old, self.packed_new = packed_old, packed_new
         self.remap = remap  # old param index → new index (absent: fused away)
-        self.first = {g[0].matmul: g for g in groups}
         self.skip = {v for g in groups for m in g for v in m.skipped}
         self.member_of = {m.matmul: (g, i) for g in groups for i, m in enumerate(g)}
-        self.fused_index = {}  # first member var → new param indices of its fused parts
-        self.new_dequant = new_dequant
+        # first member's var → new param indices of the fused parts, bias, dequantize kernel
+        self.layouts = {g[0].matmul: layout for g, layout in zip(groups, layouts, strict=True)}
         self.split_items = {}
 
     def visit_var_binding_(self, binding):
@@ -164,14 +163,14 @@ class _Rewriter(PyExprMutator):
         if var in self.member_of:
             group, position = self.member_of[var]
             if group[0].matmul not in self.split_items:
-                self.split_items[group[0].matmul] = self._emit_fused(group, binding)
+                self.split_items[group[0].matmul] = self._emit_fused(group)
             self.set_var_remap(var, self.split_items[group[0].matmul][position])
             return
         super().visit_var_binding_(binding)
 
-    def _emit_fused(self, group: list[Member], binding) -> list[relax.Var]:
+    def _emit_fused(self, group: list[Member]) -> list[relax.Var]:
         first = group[0]
-        parts_new = self.fused_index[first.matmul]
+        parts_new = self.layouts[first.matmul]
         weights = [self.builder_.emit(relax.TupleGetItem(self.packed_new, i), "fused_weight")
                    for i in parts_new["weight"]]
         x = self.visit_expr(first.x)
@@ -264,10 +263,8 @@ class FuseHorizontal:
                       if tuple((m.weight_parts, m.bias) for m in g) in layout]
             old = _packed_param(func)
             new = relax.Var(PACKED, relax.TupleType(new_sinfo))
-            rewriter = _Rewriter(mod, old, new, remap, groups, None)
-            for group in groups:
-                rewriter.fused_index[group[0].matmul] = layout[
-                    tuple((m.weight_parts, m.bias) for m in group)]
+            layouts = [layout[tuple((m.weight_parts, m.bias) for m in g)] for g in groups]
+            rewriter = _Rewriter(mod, old, new, remap, groups, layouts)
             body = rewriter.visit_expr(func.body)
             params_new = [new if p.same_as(old) else p for p in func.params]
             mod[gv] = relax.Function(params_new, body, func.ret_ty, func.is_pure,
