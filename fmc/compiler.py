@@ -17,7 +17,7 @@ from fmc.artifacts.shards import DEFAULT_SHARD_BYTES, ShardWriter, sha256_file
 from fmc.artifacts.staging import StagingDir
 from fmc.errors import UsageError
 from fmc.frontend import ModelSource, open_model
-from fmc.frontend.llama_model import ENTRY_FUNCTIONS, LlamaForCausalLM
+from fmc.frontend.llama_model import DEBUG_ENTRY, ENTRY_FUNCTIONS, LlamaForCausalLM
 from fmc.lowering.pipeline import IRDumper, load_pass_plugin, resolve_disabled, run_phase
 from fmc.quant.convert import StoredParam, check_source, convert, plan_params
 from fmc.quant.modules import quantize_layers
@@ -54,6 +54,8 @@ class CompileOptions:
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
     dump_ir: Path | str | None = None
     disable_passes: list[str] = field(default_factory=list)
+    enable_passes: list[str] = field(default_factory=list)  # opt-in passes to run
+    debug_layers: bool = False  # add the layer_outputs entry for `fmc compare`
     allow_nonfinite: bool = False
 
 
@@ -98,7 +100,10 @@ def _import(state: CompileState, progress: Progress) -> None:
 
 
 def _quantize(state: CompileState, progress: Progress) -> None:
-    model = LlamaForCausalLM(state.config, state.compute_dtype, state.target.tvm_target())
+    model = LlamaForCausalLM(state.config, state.compute_dtype, state.target.tvm_target(),
+                             debug_layers=state.options.debug_layers)
+    if state.options.debug_layers:
+        state.entry_functions = (*ENTRY_FUNCTIONS, DEBUG_ENTRY)
     expected = {name: tuple(int(d) for d in p.shape) for name, p in model.named_parameters()}
     if state.source.weights is not None:
         extra = check_source(state.source.weights, expected)
@@ -276,7 +281,7 @@ def _new_state(options: CompileOptions) -> CompileState:
     for plugin in options.pass_plugins:
         load_pass_plugin(plugin)
     plan = QuantPlan.parse(options.quant, options.quant_overrides)
-    disabled = resolve_disabled(options.disable_passes)
+    disabled = resolve_disabled(options.disable_passes, options.enable_passes)
     dumper = IRDumper(Path(options.dump_ir) if options.dump_ir else None)
     return CompileState(options, target, plan, disabled, None, dumper)
 

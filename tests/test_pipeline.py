@@ -36,7 +36,8 @@ def test_dump_ir_writes_tvmscript_after_every_pass(tiny_checkpoint, tmp_path):
     build_ir(CompileOptions(model=str(tiny_checkpoint("llama-mha")), dump_ir=dumps,
                             disable_passes=["fold-constants"]))
     files = sorted(p.name for p in dumps.glob("*.py"))
-    expected = ["export"] + [p.name for p in pipeline.PIPELINE if p.name != "fold-constants"]
+    expected = ["export"] + [p.name for p in pipeline.PIPELINE
+                             if p.default and p.name != "fold-constants"]
     assert [f.split("-", 2)[2][:-3] for f in files] == expected
     assert [int(f[:2]) for f in files] == list(range(len(files)))
     for name in files:
@@ -46,8 +47,10 @@ def test_dump_ir_writes_tvmscript_after_every_pass(tiny_checkpoint, tmp_path):
 
 def test_disable_pass_changes_the_ir(tiny_checkpoint):
     model = str(tiny_checkpoint("llama-mha"))
-    fused = build_ir(CompileOptions(model=model)).mod
-    unfused = build_ir(CompileOptions(model=model, disable_passes=["fuse-ops"])).mod
+    # fuse-add-norm would merge the add kernels further; leave it out of both builds.
+    fused = build_ir(CompileOptions(model=model, disable_passes=["fuse-add-norm"])).mod
+    unfused = build_ir(CompileOptions(model=model,
+                                      disable_passes=["fuse-ops", "fuse-add-norm"])).mod
     def epilogue_fused(mod) -> list[str]:  # a matmul kernel that also does the residual add
         return [gv.name_hint for gv, _ in mod.functions_items()
                 if "matmul" in gv.name_hint and gv.name_hint.endswith(("_add", "_add1"))]
@@ -153,3 +156,32 @@ def test_override_kernel_signature_mismatch_names_both(tiny_checkpoint, tmp_path
         build_ir(CompileOptions(model=model, override_kernels=[f"no_such_kernel={user}"]))
     with pytest.raises(UsageError, match="does not call"):
         build_ir(CompileOptions(model=model, override_kernels=[f"embed/{name}={user}"]))
+
+
+# TVM's own paged-KV-cache kernels (nn.llm) that the 0.27 printer cannot round-trip: the first
+# is printed with a buffer declared twice (parse error), the other two re-parse to a different
+# IR. Whole-module dumps inherit these defects, so round trips are checked per kernel.
+TVM_PRINTER_DEFECTS = {"batch_decode_paged_kv_cpu", "tir_kv_cache_transpose_append",
+                       "tir_kv_cache_transpose_append_mla"}
+
+
+def test_every_fmc_kernel_round_trips_through_tvmscript(tiny_checkpoint):
+    import tvm
+    import tvm_ffi
+    from tvm import tirx
+
+    mod = build_ir(CompileOptions(model=str(tiny_checkpoint("llama-quant")), quant="q4f16")).mod
+    failed = set()
+    kernels = [(gv.name_hint, f) for gv, f in mod.functions_items()
+               if isinstance(f, tirx.PrimFunc)]
+    assert len(kernels) > 30
+    for name, func in kernels:
+        try:
+            parsed = tvm.script.from_source(func.script(show_meta=False))
+        except Exception:  # noqa: BLE001 - any parser failure counts as a failed round trip
+            failed.add(name)
+            continue
+        if not tvm_ffi.structural_equal(parsed, func, map_free_vars=True):
+            failed.add(name)
+    # Exactly the known TVM defects: a new failure is fmc's, a fixed one updates the list.
+    assert failed == TVM_PRINTER_DEFECTS

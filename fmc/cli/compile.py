@@ -30,10 +30,15 @@ def compile_command(
                                       help="Tokens per prefill call (longer prompts are split)."),
     dump_ir: Path = typer.Option(None, "--dump-ir", help="Write TVMScript after each pass."),
     disable_pass: list[str] = typer.Option([], "--disable-pass", help="Skip a pass (repeatable)."),
+    enable_pass: list[str] = typer.Option([], "--enable-pass",
+                                          help="Run an opt-in pass (repeatable)."),
     pass_plugin: list[str] = typer.Option(
         [], "--pass-plugin", help="Python file that adds or replaces passes (repeatable)."),
     override_kernel: list[str] = typer.Option(
         [], "--override-kernel", help="[ENTRY/]KERNEL=FILE: use FILE's PrimFunc (repeatable)."),
+    debug_layers: bool = typer.Option(False, "--debug-layers",
+                                      help="Add an entry returning every layer's output "
+                                           "(for fmc compare)."),
     allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite",
                                          help="Compile even if weights hold NaN/Inf."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON result on stdout."),
@@ -50,8 +55,9 @@ def compile_command(
         tokenizer=tokenizer, force=force,
         shard_bytes=parse_size(shard_size), context_window=context_window,
         prefill_chunk=prefill_chunk, dump_ir=dump_ir, disable_passes=list(disable_pass),
+        enable_passes=list(enable_pass),
         pass_plugins=list(pass_plugin), override_kernels=list(override_kernel),
-        allow_nonfinite=allow_nonfinite)
+        allow_nonfinite=allow_nonfinite, debug_layers=debug_layers)
     with CompileProgress(quiet or json_out) as progress:
         result = compile_model(options, progress)
     manifest = result.manifest

@@ -22,8 +22,8 @@ def passes_command(
     for phase in PHASES:
         passes = [p for p in PIPELINE if p.phase == phase.name]
         rows.append({"phase": phase.name, "doc": phase.doc,
-                     "passes": [{"name": p.name, "doc": p.doc, "required": p.required}
-                                for p in passes]})
+                     "passes": [{"name": p.name, "doc": p.doc, "required": p.required,
+                                 "default": p.default} for p in passes]})
     if json_out:
         emit_json(rows)
         return
@@ -35,6 +35,7 @@ def passes_command(
         table.add_row("", f"[bold]{row['phase']}[/]", row["doc"])
         for spec in row["passes"]:
             number += 1
-            mark = "" if spec["required"] else " [dim](optional)[/]"
+            mark = "" if spec["required"] else \
+                " [dim](optional)[/]" if spec["default"] else " [dim](opt-in: --enable-pass)[/]"
             table.add_row(str(number), f"  {spec['name']}{mark}", spec["doc"])
     stdout.print(table)

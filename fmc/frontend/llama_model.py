@@ -19,6 +19,8 @@ from fmc.nn_ops import take
 # Entry functions every artifact exports; the runtime calls exactly these.
 ENTRY_FUNCTIONS = ("embed", "prefill", "decode", "batch_prefill", "batch_decode",
                    "create_kv_cache")
+# Added by a debug build (--debug-layers): every layer's output, for `fmc compare`.
+DEBUG_ENTRY = "layer_outputs"
 
 
 class Embedding(nn.Embedding):
@@ -92,10 +94,11 @@ class LlamaModel(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """Entry functions over a paged KV cache; logits are always float32."""
 
-    def __init__(self, config: ModelConfig, dtype: str, target):
+    def __init__(self, config: ModelConfig, dtype: str, target, debug_layers: bool = False):
         self.config = config
         self.dtype = dtype
         self.target = target
+        self.debug_layers = debug_layers
         self.model = LlamaModel(config, dtype)
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False,
@@ -137,6 +140,17 @@ class LlamaForCausalLM(nn.Module):
         h = self.model(input_embeds, paged_kv_cache)
         h = take(h, logit_positions, axis=1)
         return self._logits(h), paged_kv_cache
+
+    def layer_outputs(self, input_embed: nn.Tensor, paged_kv_cache: PagedKVCache):
+        """One sequence's prompt → [layers + 2, seq, hidden]: the embeddings, each decoder
+        layer's output, and the final norm's (the rows of `fmc compare`)."""
+        h = input_embed
+        rows = [h]
+        for layer_id, layer in enumerate(self.model.layers):
+            h = layer(h, paged_kv_cache, layer_id)
+            rows.append(h)
+        rows.append(self.model.norm(h))
+        return op.concat(rows, dim=0), paged_kv_cache
 
     def batch_decode(self, input_embeds: nn.Tensor, paged_kv_cache: PagedKVCache):
         return self._logits(self.model(input_embeds, paged_kv_cache)), paged_kv_cache
@@ -190,4 +204,7 @@ class LlamaForCausalLM(nn.Module):
                 "max_batch_size": int, "max_total_seq_len": int, "prefill_chunk_size": int,
                 "page_size": int, "$": {"param_mode": "none", "effect_mode": "none"}},
         }
+        if self.debug_layers:
+            spec[DEBUG_ENTRY] = {"input_embed": nn.spec.Tensor([1, "seq_len", hidden], dtype),
+                                 "paged_kv_cache": cache, "$": packed}
         return nn.spec.ModuleSpec.from_raw(spec, self)

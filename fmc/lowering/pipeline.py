@@ -16,6 +16,7 @@ from tvm import relax
 from fmc.errors import UsageError, take_pass_error
 from fmc.lowering.passes.fuse_dequantize_matmul import FuseDequantizeMatmul
 from fmc.lowering.passes.fuse_horizontal import FuseHorizontal
+from fmc.lowering.passes.fuse_norm import FuseAddNorm, FuseNormMatmul
 from fmc.lowering.passes.inline_dequantize import InlineDequantize
 from fmc.lowering.passes.override_kernels import OverrideKernels
 from fmc.lowering.passes.simplify_copies import SimplifyCopies
@@ -29,6 +30,8 @@ class PassSpec:
     make: Callable[[Any], tvm.transform.Pass]
     # Passes whose removal would produce an unbuildable module cannot be disabled.
     required: bool = False
+    # Opt-in passes (--enable-pass) are legal but do not pay on every target yet.
+    default: bool = True
 
 
 def _relax(factory: Callable[[], tvm.transform.Pass]) -> Callable[[Any], tvm.transform.Pass]:
@@ -72,6 +75,12 @@ PIPELINE: list[PassSpec] = [
     PassSpec("inline-dequantize", "fuse",
              "decode quantized weights inside the consuming loop (no float copy in memory)",
              lambda ctx: InlineDequantize()),
+    PassSpec("fuse-norm-matmul", "fuse",
+             "GEMM→norm→GEMM: each RMSNorm becomes the first stage of the matmul reading it",
+             lambda ctx: FuseNormMatmul(), default=False),
+    PassSpec("fuse-add-norm", "fuse",
+             "residual add (a matmul's epilogue) + the next RMSNorm in one kernel",
+             lambda ctx: FuseAddNorm()),
     PassSpec("dead-code", "fuse", "drop functions and bindings the entry functions never use",
              _entry_dce),
     PassSpec("schedule", "lower", "apply the target's kernel schedules (loops, threads, SIMD)",
@@ -153,18 +162,21 @@ def load_pass_plugin(path: str | Path) -> list[str]:
     return changed
 
 
-def resolve_disabled(disabled: list[str]) -> set[str]:
-    names = set(pass_names())
-    for name in disabled:
-        if name not in names:
-            from fmc.errors import unknown_choice
+def resolve_disabled(disabled: list[str], enabled: list[str] = ()) -> set[str]:
+    """The passes to skip: those disabled, and the opt-in ones not enabled."""
+    from fmc.errors import unknown_choice
 
-            raise unknown_choice("pass", name, sorted(names))
-        spec = next(p for p in PIPELINE if p.name == name)
-        if spec.required:
+    specs = {p.name: p for p in PIPELINE}
+    for name in [*disabled, *enabled]:
+        if name not in specs:
+            raise unknown_choice("pass", name, sorted(specs))
+    for name in disabled:
+        if specs[name].required:
             raise UsageError(f"pass {name!r} is required to produce a library and cannot be "
                              "disabled")
-    return set(disabled)
+        if name in enabled:
+            raise UsageError(f"pass {name!r} is both enabled and disabled")
+    return set(disabled) | {p.name for p in PIPELINE if not p.default and p.name not in enabled}
 
 
 class IRDumper:

@@ -162,6 +162,26 @@ class Engine:
         vocab = self.config.vocab_size
         return np.concatenate(parts, axis=0) if parts else np.zeros((0, vocab), np.float32)
 
+    def layer_outputs(self, token_ids: list[int]) -> np.ndarray:
+        """[layers + 2, n, hidden]: the embeddings, every decoder layer's output and the
+        final norm's for `token_ids` in a fresh sequence (artifacts built --debug-layers)."""
+        from fmc.frontend.llama_model import DEBUG_ENTRY
+
+        if DEBUG_ENTRY not in self.manifest.get("entry_functions", []):
+            raise UsageError(f"{self.path}: built without --debug-layers (no {DEBUG_ENTRY} "
+                             "entry); recompile with it to compare layers")
+        array = self._check_ids(token_ids)
+        if len(array) > self.prefill_chunk:
+            raise UsageError(f"layer comparison takes at most {self.prefill_chunk} tokens "
+                             "(the prefill chunk)")
+        seq = self.new_sequence()
+        try:
+            self._check_room(seq, len(array))
+            embedded = self._embed(array, [1, len(array)])
+            return self._forward(DEBUG_ENTRY, [seq], [len(array)], embedded)
+        finally:
+            self.remove(seq)
+
     # -- generation --------------------------------------------------------------------------
     def generate_ids(self, prompt_ids: list[int], max_tokens: int = 128,
                      sampling: SamplingParams | None = None,

@@ -15,23 +15,18 @@ def _const_extent(schedule: s_tir.Schedule, loop) -> int | None:
     return int(extent) if isinstance(extent, tirx.IntImm) else None
 
 
-def schedule_matmul(func: tirx.PrimFunc, lanes: int = LANES) -> tirx.PrimFunc | None:
-    """Schedule the kernel's matmul block (and its fused epilogue) or return None.
+def _is_reduction(schedule: s_tir.Schedule, block) -> bool:
+    return any(iv.iter_type == tirx.IterVar.CommReduce for iv in schedule.get(block).iter_vars)
 
-    Each output element is a dot product: the reduction is split into `lanes`-wide chunks
-    accumulated in a vector (rfactor), summed once at the end; output elements are spread
-    over threads. Dequantize expressions are already inlined, so weights are decoded in
-    registers."""
-    names = block_names(func)
-    matmuls = [n for n in names if "matmul" in n]
-    if len(matmuls) != 1:
-        return None
-    schedule = s_tir.Schedule(func)
-    block = schedule.get_sblock(matmuls[0])
+
+def _schedule_one_matmul(schedule: s_tir.Schedule, name: str, following: list[str],
+                         lanes: int) -> None:
+    """Parallel outputs and a SIMD reduction for the matmul block `name`; the elementwise
+    blocks right after it (its epilogue: bias, residual add, casts) join its output loop."""
+    block = schedule.get_sblock(name)
     *spatial, reduction = schedule.get_loops(block)
     if not spatial:
-        return None
-    epilogue = names[names.index(matmuls[0]) + 1:]
+        return
     outer = schedule.fuse(*spatial) if len(spatial) > 1 else spatial[0]
     k_extent = _const_extent(schedule, reduction)
     partial = chunk = None
@@ -45,17 +40,40 @@ def schedule_matmul(func: tirx.PrimFunc, lanes: int = LANES) -> tirx.PrimFunc | 
         _, lane, chunk = schedule.get_loops(partial)
         schedule.reorder(chunk, lane)
         schedule.vectorize(lane)
-    for name in epilogue:
-        schedule.reverse_compute_at(schedule.get_sblock(name), outer)
+    for epilogue in following:
+        consumer = schedule.get_sblock(epilogue)
+        if "matmul" in epilogue or _is_reduction(schedule, consumer):
+            break
+        try:
+            schedule.reverse_compute_at(consumer, outer)
+        except s_tir.ScheduleError:
+            break  # not over the matmul's output space: it stays a loop nest of its own
     schedule.parallel(outer)
     if partial is not None:  # after `parallel`, which needs the reduction block whole
         schedule.decompose_reduction(partial, chunk)
+
+
+def schedule_matmul(func: tirx.PrimFunc, lanes: int = LANES) -> tirx.PrimFunc | None:
+    """Schedule every matmul block of the kernel (merged kernels hold several: GEMM→norm→
+    GEMM) or return None when it has none.
+
+    Each output element is a dot product: the reduction is split into `lanes`-wide chunks
+    accumulated in a vector (rfactor), summed once at the end; output elements are spread
+    over threads. Dequantize expressions are already inlined, so weights are decoded in
+    registers. Blocks between matmuls (a norm's reduction) run as they are."""
+    names = block_names(func)
+    matmuls = [n for n in names if "matmul" in n]
+    if not matmuls:
+        return None
+    schedule = s_tir.Schedule(func)
+    for name in matmuls:
+        _schedule_one_matmul(schedule, name, names[names.index(name) + 1:], lanes)
     return schedule.mod["main"]
 
 
 @tvm.transform.module_pass(opt_level=0, name="ScheduleCPUMatmul")
 class ScheduleCPUMatmul:
-    """Apply `schedule_matmul` to every kernel with one matmul block; leave the rest."""
+    """Apply `schedule_matmul` to every kernel with a matmul block; leave the rest."""
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         for gv, func in list(mod.functions_items()):
