@@ -94,7 +94,8 @@ def test_add_norm_merges_the_residual_add_into_the_norm(inputs):
     # The add is the o_proj matmul's epilogue, so the kernel is GEMM→add→norm.
     assert merged[0].index("NT_matmul") < merged[0].index("T_add") < \
         merged[0].index("T_rms_norm")
-    for got, want in zip(run(fused_kernels(FuseAddNorm()), inputs), reference(*inputs), strict=True):
+    merged_outputs = run(fused_kernels(FuseAddNorm()), inputs)
+    for got, want in zip(merged_outputs, reference(*inputs), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
