@@ -82,3 +82,16 @@ def test_console_script_exit_code(tmp_path):
     assert done.returncode == 5
     assert done.stderr.strip().startswith("fmc: error:") and "Traceback" not in done.stderr
     assert subprocess.run([fmc, "--help"], capture_output=True).returncode == 0
+
+
+def test_targets_lists_toolchains_and_what_is_missing(capsys, monkeypatch, tmp_path):
+    from fmc.cli import main
+
+    assert main(["targets", "--json"]) == 0
+    (cpu,) = [t for t in json.loads(capsys.readouterr().out) if t["name"] == "cpu"]
+    assert cpu["ready"] and cpu["tools"][0]["version"]
+    monkeypatch.setenv("PATH", str(tmp_path))  # nothing on PATH: the linker is reported missing
+    assert main(["targets", "--json"]) == 0
+    (cpu,) = [t for t in json.loads(capsys.readouterr().out) if t["name"] == "cpu"]
+    assert not cpu["ready"] and cpu["tools"][0]["path"] is None
+    assert "apt-get install g++" in cpu["tools"][0]["install"]

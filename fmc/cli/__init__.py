@@ -27,7 +27,7 @@ def _global(debug: bool = typer.Option(False, "--debug", help="Show tracebacks o
 
 
 def _register() -> None:
-    from fmc.cli import bench, compare, compile, inspect, passes, ppl, quant, run
+    from fmc.cli import bench, compare, compile, inspect, passes, ppl, quant, run, targets
 
     app.command("compile")(compile.compile_command)
     app.command("run")(run.run_command)
@@ -36,6 +36,7 @@ def _register() -> None:
     app.command("ppl")(ppl.ppl_command)
     app.command("passes")(passes.passes_command)
     app.command("compare")(compare.compare_command)
+    app.command("targets")(targets.targets_command)
     app.add_typer(quant.app, name="quant")
 
 
