@@ -78,6 +78,7 @@ class CompileState:
     shards: list[dict] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     manifest: dict[str, Any] = field(default_factory=dict)
+    validation: dict[str, Any] = field(default_factory=dict)  # what Target.validate checked
     entry_functions: tuple[str, ...] = ENTRY_FUNCTIONS
 
     @property
@@ -146,11 +147,14 @@ def _lower(state: CompileState, progress: Progress) -> None:
 def _codegen(state: CompileState, progress: Progress) -> None:
     from tvm import relax
 
+    state.target.prepare()
     target = state.target.tvm_target()
     with target:
         executable = relax.build(state.mod, target=target, relax_pipeline=None)
     state.library = LIBRARY_STEM + state.target.library_suffix
-    state.target.export(executable, state.staging.path / state.library)
+    library = state.staging.path / state.library
+    state.target.export(executable, library)
+    state.validation = state.target.validate(library)
 
 
 def _weights(state: CompileState, progress: Progress) -> None:
@@ -225,7 +229,7 @@ def build_manifest(state: CompileState) -> dict[str, Any]:
         "fmc_version": fmc.__version__,
         "tvm_version": tvm.__version__,
         "source": state.source.describe(),
-        "target": state.target.describe(),
+        "target": {**state.target.describe(), "validation": state.validation},
         "library": {"file": state.library, "sha256": sha256_file(library_path),
                     "bytes": library_path.stat().st_size},
         "quantization": {**state.plan.describe(), "layers": state.layer_schemes},
@@ -281,7 +285,8 @@ def _new_state(options: CompileOptions) -> CompileState:
     for plugin in options.pass_plugins:
         load_pass_plugin(plugin)
     plan = QuantPlan.parse(options.quant, options.quant_overrides)
-    disabled = resolve_disabled(options.disable_passes, options.enable_passes)
+    disabled = resolve_disabled(options.disable_passes, options.enable_passes,
+                                target.default_disabled_passes())
     dumper = IRDumper(Path(options.dump_ir) if options.dump_ir else None)
     return CompileState(options, target, plan, disabled, None, dumper)
 

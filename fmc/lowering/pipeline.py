@@ -162,8 +162,10 @@ def load_pass_plugin(path: str | Path) -> list[str]:
     return changed
 
 
-def resolve_disabled(disabled: list[str], enabled: list[str] = ()) -> set[str]:
-    """The passes to skip: those disabled, and the opt-in ones not enabled."""
+def resolve_disabled(disabled: list[str], enabled: list[str] = (),
+                     target_defaults: dict[str, str] | None = None) -> set[str]:
+    """The passes to skip: those disabled, the opt-in ones not enabled, and those the target
+    skips by default (`Target.default_disabled_passes`) unless enabled."""
     from fmc.errors import unknown_choice
 
     specs = {p.name: p for p in PIPELINE}
@@ -176,7 +178,8 @@ def resolve_disabled(disabled: list[str], enabled: list[str] = ()) -> set[str]:
                              "disabled")
         if name in enabled:
             raise UsageError(f"pass {name!r} is both enabled and disabled")
-    return set(disabled) | {p.name for p in PIPELINE if not p.default and p.name not in enabled}
+    off_by_default = {p.name for p in PIPELINE if not p.default} | set(target_defaults or {})
+    return set(disabled) | (off_by_default - set(enabled))
 
 
 class IRDumper:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ class Tool:
     purpose: str
     install_hint: str  # e.g. "apt-get install lld"
     version_args: tuple[str, ...] = ("--version",)
+    # The line of the version output that identifies the release (default: the first).
+    version_pattern: str | None = None
 
     def path(self) -> str | None:
         return shutil.which(self.name)
@@ -32,7 +35,9 @@ class Tool:
         except (OSError, subprocess.TimeoutExpired):
             return None
         lines = (out.stdout or out.stderr).strip().splitlines()
-        return lines[0] if lines else ""
+        if self.version_pattern:
+            lines = [line for line in lines if re.search(self.version_pattern, line)]
+        return lines[0].strip() if lines else ""
 
     def require(self) -> str:
         path = self.path()
@@ -63,6 +68,24 @@ class Target:
         """(name, doc, tvm Pass) kernel-scheduling passes for the lower phase."""
         return []
 
+    def default_disabled_passes(self) -> dict[str, str]:
+        """Pipeline passes this target skips unless `--enable-pass` names them: name → why
+        (e.g. a fusion whose kernels the target's schedules cannot handle yet)."""
+        return {}
+
+    def prepare(self) -> None:
+        """Set up process-wide state the build needs (runtime libraries, compiler hooks);
+        called once before the IR phases."""
+
+    def validate(self, library: Path) -> dict:
+        """Check the built library as far as this machine allows; raise ArtifactError on a
+        defect, return what was checked (recorded in the manifest)."""
+        return {}
+
+    def describe_build(self) -> dict:
+        """Target-specific facts for the manifest (e.g. the GPU architectures compiled)."""
+        return {}
+
     def export(self, executable, path: Path) -> None:
         """Write the compiled library to `path`."""
         executable.export_library(str(path))
@@ -74,7 +97,8 @@ class Target:
     def describe(self) -> dict:
         target = self.tvm_target()
         return {"name": self.name, "tvm_target": _target_json(target),
-                "tools": {tool.name: tool.version() for tool in self.tools}}
+                "tools": {tool.name: tool.version() for tool in self.tools},
+                **self.describe_build()}
 
     def check_toolchain(self) -> None:
         for tool in self.tools:

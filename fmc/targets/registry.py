@@ -26,9 +26,13 @@ def _load_builtins() -> None:
 def get(spec: str) -> Target:
     """Resolve `cpu`, `cuda:sm_80,sm_90`, … to a Target."""
     _load_builtins()
-    family, _, variant = spec.partition(":")
+    family, separator, variant = spec.partition(":")
     if family not in FAMILIES:
         raise unknown_choice("target", spec, list(FAMILIES))
+    if separator and not variant:
+        from fmc.errors import UsageError
+
+        raise UsageError(f"target {spec!r}: nothing after ':' (e.g. cuda:sm_80,sm_90)")
     return FAMILIES[family](variant or None)
 
 

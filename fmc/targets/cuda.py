@@ -1,0 +1,190 @@
+"""`cuda`: NVIDIA GPUs. Kernels are scheduled with TVM's dlight GPU rules and compiled ahead of
+time by nvcc into one fatbin holding SASS for every requested architecture plus PTX for the
+newest (forward compatibility), embedded in the shared library: nothing is compiled when the
+artifact loads. Builds on machines without a GPU or driver (fmc/targets/cuda_driver.py).
+
+    cuda                      sm_75, sm_80, sm_86, sm_89, sm_90 + compute_90 PTX
+    cuda:sm_80,sm_90          the listed architectures + PTX of the newest
+"""
+
+from __future__ import annotations
+
+import glob
+import re
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+from fmc.errors import ArtifactError, UsageError
+from fmc.targets.base import Target, Tool
+from fmc.targets.registry import register
+
+DEFAULT_ARCHS = ("sm_75", "sm_80", "sm_86", "sm_89", "sm_90")
+ARCH = re.compile(r"sm_(\d{2,3})[a-z]?")
+# Limits shared by every architecture above (TVM warns and guesses without them).
+DEVICE_LIMITS = {"max_shared_memory_per_block": 49152, "max_threads_per_block": 1024,
+                 "thread_warp_size": 32}
+
+
+def gencode_flags(archs: tuple[str, ...]) -> list[str]:
+    """nvcc flags: SASS per architecture, and PTX of the newest for later GPUs."""
+    flags = []
+    for arch in archs:
+        number = arch[3:]
+        flags += ["-gencode", f"arch=compute_{number},code={arch}"]
+    newest = max(archs, key=lambda a: int(ARCH.fullmatch(a).group(1)))[3:]
+    return flags + ["-gencode", f"arch=compute_{newest},code=compute_{newest}"]
+
+
+FATBIN_MAGIC = struct.pack("<I", 0xBA55ED50)
+
+
+def extract_fatbins(library: bytes) -> list[bytes]:
+    """The fatbin containers embedded in a library (TVM stores them inside its module blob):
+    u32 magic, u16 version, u16 header size, u64 payload size, then the payload."""
+    found, start = [], library.find(FATBIN_MAGIC)
+    while start != -1:
+        header_size, payload_size = struct.unpack_from("<HQ", library, start + 6)
+        end = start + header_size + payload_size
+        if header_size < 16 or end > len(library):
+            raise ArtifactError("a fatbin header in the library claims more bytes than exist")
+        found.append(library[start:end])
+        start = library.find(FATBIN_MAGIC, end)
+    return found
+
+
+def find_cuobjdump() -> str | None:
+    """cuobjdump from PATH, else from the PyPI package `nvidia-cuda-cuobjdump`."""
+    on_path = shutil.which("cuobjdump")
+    if on_path:
+        return on_path
+    for entry in sys.path:
+        matches = sorted(glob.glob(str(Path(entry) / "nvidia" / "cu*" / "bin" / "cuobjdump")))
+        if matches:
+            return matches[-1]
+    return None
+
+
+def fatbin_contents(fatbin: Path, cuobjdump: str) -> dict[str, list[str]]:
+    """{"elf": ["sm_75", …], "ptx": ["sm_90"]} as cuobjdump lists them."""
+    contents = {}
+    for kind in ("elf", "ptx"):
+        out = subprocess.run([cuobjdump, f"--list-{kind}", str(fatbin)], capture_output=True,
+                             text=True, check=True).stdout
+        contents[kind] = sorted(set(re.findall(r"\.(sm_\d+[a-z]?)\.", out)))
+    return contents
+
+
+class CUDA(Target):
+    name = "cuda"
+    description = ("NVIDIA GPU: dlight schedules, multi-arch fatbin (SASS + PTX) compiled by "
+                   "nvcc at build time")
+    tools = (Tool("nvcc", "compiling CUDA kernels into a fatbin",
+                  "install the CUDA toolkit (https://developer.nvidia.com/cuda-downloads)",
+                  version_pattern=r"release \d"),
+             Tool("g++", "linking the shared library", "apt-get install g++"))
+
+    def __init__(self, archs: tuple[str, ...] = DEFAULT_ARCHS):
+        self.archs = archs
+
+    def tvm_target(self):
+        import tvm
+
+        # Code generation follows the oldest architecture so that every SASS build is legal;
+        # the host code is generic x86-64, not the build machine's CPU.
+        oldest = min(self.archs, key=lambda a: int(ARCH.fullmatch(a).group(1)))
+        return tvm.target.Target({"kind": "cuda", "arch": oldest, **DEVICE_LIMITS},
+                                 host={"kind": "llvm", "mtriple": "x86_64-unknown-linux-gnu"})
+
+    def schedule_passes(self) -> list:
+        import tvm
+        from tvm.s_tir import dlight
+
+        from fmc.lowering.passes.mark_no_tensorize import MarkNoTensorize
+
+        gpu = dlight.gpu
+        rules = [gpu.Matmul(), gpu.GEMV(), gpu.Reduction(), gpu.GeneralReduction(),
+                 gpu.Fallback()]
+        return [("no-tensorize", "keep dlight off tensor-core intrinsics (crash in 0.27)",
+                 MarkNoTensorize()),
+                ("dlight", "dlight GPU rules: matmul, GEMV, reductions, fallback",
+                 tvm.transform.Sequential([dlight.ApplyDefaultSchedule(*rules)]))]
+
+    def default_disabled_passes(self) -> dict[str, str]:
+        return {
+            "inline-dequantize": "dlight's matmul rule does not match packed-code reads; it "
+                                 "inlines the dequantize itself",
+            "fuse-add-norm": "dlight has no rule for a kernel with two reductions (it would "
+                             "run as one serial thread)",
+        }
+
+    def prepare(self) -> None:
+        import tvm_ffi
+        from tvm.support import nvcc
+
+        from fmc.targets.cuda_driver import ensure_cuda_runtime
+
+        ensure_cuda_runtime()
+        flags = gencode_flags(self.archs)
+
+        def compile_fatbin(code: str) -> bytes:
+            return nvcc.compile_cuda(code, target_format="fatbin", arch=list(flags),
+                                     compiler="nvcc")
+
+        # TVM's CUDA codegen calls this global once per module with all kernels' source.
+        tvm_ffi.register_global_func("tvm_callback_cuda_compile", compile_fatbin,
+                                     override=True)
+
+    def validate(self, library: Path) -> dict:
+        """The library must hold a fatbin (else TVM embedded CUDA source, which would be
+        compiled at load time); with cuobjdump, it must list every requested SASS arch and
+        the PTX."""
+        fatbins = extract_fatbins(library.read_bytes())
+        if not fatbins:
+            raise ArtifactError(f"{library}: holds no CUDA fatbin (TVM's CUDA runtime was not "
+                                "loaded at build time, so kernels were kept as source)")
+        cuobjdump = find_cuobjdump()
+        if cuobjdump is None:
+            return {"fatbins": len(fatbins), "checked_with": None}
+        wanted_ptx = "sm_" + self.describe_build()["ptx"].split("_")[1]
+        path = library.with_name(library.name + ".fatbin")
+        try:
+            path.write_bytes(fatbins[0])
+            contents = fatbin_contents(path, cuobjdump)
+        finally:
+            path.unlink(missing_ok=True)
+        missing = sorted(set(self.archs) - set(contents["elf"]))
+        if missing or wanted_ptx not in contents["ptx"]:
+            raise ArtifactError(f"{library}: fatbin lacks {missing or ['PTX ' + wanted_ptx]} "
+                                f"(cuobjdump lists SASS {contents['elf']}, PTX "
+                                f"{contents['ptx']})")
+        return {"fatbins": len(fatbins), "checked_with": "cuobjdump", **contents}
+
+    def describe_build(self) -> dict:
+        newest = gencode_flags(self.archs)[-1].rsplit("=", 1)[1]
+        return {"cuda_archs": list(self.archs), "ptx": newest}
+
+    def device(self):
+        import tvm
+
+        from fmc.targets.cuda_driver import driver_is_stub, ensure_cuda_runtime
+
+        ensure_cuda_runtime()
+        if driver_is_stub():
+            raise ArtifactError("no NVIDIA driver on this machine (libcuda.so.1 not found): "
+                                "CUDA artifacts build here but run only on a GPU machine")
+        return tvm.cuda(0)
+
+
+@register("cuda")
+def make_cuda(variant: str | None) -> Target:
+    if variant is None:
+        return CUDA()
+    archs = tuple(a.strip() for a in variant.split(",") if a.strip())
+    bad = [a for a in archs if not ARCH.fullmatch(a) or int(ARCH.fullmatch(a).group(1)) < 50]
+    if not archs or bad:
+        raise UsageError(f"target cuda:{variant}: architectures are sm_NN (sm_50 or newer), "
+                         f"comma-separated, e.g. cuda:sm_80,sm_90")
+    return CUDA(tuple(dict.fromkeys(archs)))
