@@ -150,11 +150,12 @@ def _codegen(state: CompileState, progress: Progress) -> None:
     state.target.prepare()
     target = state.target.tvm_target()
     with target:
-        executable = relax.build(state.mod, target=target, relax_pipeline=None)
+        executable = relax.build(state.mod, target=target, relax_pipeline=None,
+                                 **state.target.build_options())
     state.library = LIBRARY_STEM + state.target.library_suffix
     library = state.staging.path / state.library
     state.target.export(executable, library)
-    state.validation = state.target.validate(library)
+    state.validation = state.target.validate(library, executable)
 
 
 def _weights(state: CompileState, progress: Progress) -> None:

@@ -21,9 +21,16 @@ class Tool:
     version_args: tuple[str, ...] = ("--version",)
     # The line of the version output that identifies the release (default: the first).
     version_pattern: str | None = None
+    # Other executable names for the same tool (Debian installs versioned names, e.g.
+    # ld64.lld-14), tried in order after `name`.
+    alternatives: tuple[str, ...] = ()
 
     def path(self) -> str | None:
-        return shutil.which(self.name)
+        for name in (self.name, *self.alternatives):
+            found = shutil.which(name)
+            if found:
+                return found
+        return None
 
     def version(self) -> str | None:
         path = self.path()
@@ -77,13 +84,18 @@ class Target:
         """Set up process-wide state the build needs (runtime libraries, compiler hooks);
         called once before the IR phases."""
 
-    def validate(self, library: Path) -> dict:
-        """Check the built library as far as this machine allows; raise ArtifactError on a
-        defect, return what was checked (recorded in the manifest)."""
+    def validate(self, library: Path, executable) -> dict:
+        """Check the built library (and the executable it came from) as far as this machine
+        allows; raise ArtifactError on a defect, return what was checked (recorded in the
+        manifest)."""
         return {}
 
     def describe_build(self) -> dict:
         """Target-specific facts for the manifest (e.g. the GPU architectures compiled)."""
+        return {}
+
+    def build_options(self) -> dict:
+        """Extra keyword arguments for `relax.build` (e.g. `system_lib` for static libraries)."""
         return {}
 
     def export(self, executable, path: Path) -> None:

@@ -99,26 +99,14 @@ class CUDA(Target):
                                  host={"kind": "llvm", "mtriple": "x86_64-unknown-linux-gnu"})
 
     def schedule_passes(self) -> list:
-        import tvm
-        from tvm.s_tir import dlight
+        from fmc.lowering.passes.schedule_gpu import gpu_schedule_passes
 
-        from fmc.lowering.passes.mark_no_tensorize import MarkNoTensorize
-
-        gpu = dlight.gpu
-        rules = [gpu.Matmul(), gpu.GEMV(), gpu.Reduction(), gpu.GeneralReduction(),
-                 gpu.Fallback()]
-        return [("no-tensorize", "keep dlight off tensor-core intrinsics (crash in 0.27)",
-                 MarkNoTensorize()),
-                ("dlight", "dlight GPU rules: matmul, GEMV, reductions, fallback",
-                 tvm.transform.Sequential([dlight.ApplyDefaultSchedule(*rules)]))]
+        return gpu_schedule_passes()
 
     def default_disabled_passes(self) -> dict[str, str]:
-        return {
-            "inline-dequantize": "dlight's matmul rule does not match packed-code reads; it "
-                                 "inlines the dequantize itself",
-            "fuse-add-norm": "dlight has no rule for a kernel with two reductions (it would "
-                             "run as one serial thread)",
-        }
+        from fmc.lowering.passes.schedule_gpu import DLIGHT_UNSUPPORTED_PASSES
+
+        return dict(DLIGHT_UNSUPPORTED_PASSES)
 
     def prepare(self) -> None:
         import tvm_ffi
@@ -137,7 +125,7 @@ class CUDA(Target):
         tvm_ffi.register_global_func("tvm_callback_cuda_compile", compile_fatbin,
                                      override=True)
 
-    def validate(self, library: Path) -> dict:
+    def validate(self, library: Path, executable=None) -> dict:
         """The library must hold a fatbin (else TVM embedded CUDA source, which would be
         compiled at load time); with cuobjdump, it must list every requested SASS arch and
         the PTX."""
