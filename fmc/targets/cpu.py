@@ -1,10 +1,25 @@
-"""`cpu`: the host CPU through LLVM (x86-64 or AArch64), with a shared library as output."""
+"""`cpu`: a CPU through LLVM, with a shared library as output.
+
+    cpu                   this machine's CPU (vectorised for it)
+    cpu:<llvm-cpu>        another CPU model of this architecture, e.g. cpu:znver4
+    cpu:aarch64-linux     cross-compiled for 64-bit Arm Linux (NEON), linked with ld.lld
+"""
 
 from __future__ import annotations
 
-from fmc.errors import UsageError
+import subprocess
+from pathlib import Path
+
+from fmc.errors import ArtifactError, UsageError
 from fmc.targets.base import Target, Tool
 from fmc.targets.registry import register
+
+LD_LLD = Tool("ld.lld", "linking the cross-compiled shared library", "apt-get install lld",
+              alternatives=("ld.lld-16", "ld.lld-14"))
+READELF = Tool("llvm-readelf", "checking the cross-compiled library", "apt-get install llvm",
+               alternatives=("llvm-readelf-16", "llvm-readelf-14"))
+# Cross targets: variant → (LLVM triple, LLVM CPU, readelf machine name, float32 SIMD lanes)
+CROSS = {"aarch64-linux": ("aarch64-linux-gnu", "generic", "AArch64", 4)}
 
 
 def host_cpu() -> str:
@@ -44,12 +59,67 @@ class HostCPU(Target):
         return tvm.cpu()
 
 
+class CrossCPU(HostCPU):
+    """Another OS/architecture: the library is linked with ld.lld (no cross C toolchain:
+    the objects need nothing from libc; TVM's runtime resolves at load time) and checked
+    with llvm-readelf. It cannot run on this machine."""
+
+    tools = (LD_LLD, READELF)
+
+    def __init__(self, variant: str):
+        self.variant = variant
+        self.triple, self.mcpu, self.machine, self.lanes = CROSS[variant]
+        self.description = f"cross-compiled for {variant} ({self.triple}), shared library"
+
+    def tvm_target(self):
+        import tvm
+
+        return tvm.target.Target({"kind": "llvm", "mtriple": self.triple, "mcpu": self.mcpu})
+
+    def schedule_passes(self) -> list:
+        from fmc.lowering.passes.schedule_cpu_matmul import ScheduleCPUMatmul
+
+        return [("matmul", "parallel outputs, SIMD reduction", ScheduleCPUMatmul(self.lanes))]
+
+    def export(self, executable, path: Path) -> None:
+        linker = LD_LLD.require()
+
+        def link(output: str, objects: list[str], options=None) -> None:
+            result = subprocess.run([linker, "-shared", "-o", output, *objects],
+                                    capture_output=True, text=True)
+            if result.returncode != 0:
+                raise ArtifactError(f"{output}: ld.lld failed: {result.stderr.strip()}")
+
+        executable.export_library(str(path), fcompile=link)
+
+    def validate(self, library: Path, executable) -> dict:
+        readelf = READELF.require()
+        header = subprocess.run([readelf, "--file-header", str(library)], capture_output=True,
+                                text=True).stdout
+        if self.machine not in header or "DYN" not in header:
+            raise ArtifactError(f"{library}: not a {self.machine} shared library")
+        symbols = subprocess.run([readelf, "--dyn-syms", "--wide", str(library)],
+                                 capture_output=True, text=True).stdout
+        if "__tvm_ffi__library_bin" not in symbols:
+            raise ArtifactError(f"{library}: does not export __tvm_ffi__library_bin")
+        return {"machine": self.machine, "checked_with": "llvm-readelf"}
+
+    def describe_build(self) -> dict:
+        return {"cross": self.variant}
+
+    def device(self):
+        return None
+
+
 @register("cpu")
 def make_cpu(variant: str | None) -> Target:
     if variant is None:
         return HostCPU()
+    if variant in CROSS:
+        return CrossCPU(variant)
     from tvm.target import codegen
 
     if not codegen.llvm_is_valid_cpu(variant, ""):
-        raise UsageError(f"target cpu:{variant}: LLVM does not know CPU {variant!r}")
+        raise UsageError(f"target cpu:{variant}: LLVM does not know CPU {variant!r} (cross "
+                         f"targets: {', '.join(f'cpu:{c}' for c in CROSS)})")
     return HostCPU(variant)

@@ -33,9 +33,44 @@ def get(spec: str) -> Target:
         from fmc.errors import UsageError
 
         raise UsageError(f"target {spec!r}: nothing after ':' (e.g. cuda:sm_80,sm_90)")
-    return FAMILIES[family](variant or None)
+    target = FAMILIES[family](variant or None)
+    target.spec = spec  # what the user asked for; the manifest records it for the runtime
+    return target
 
 
 def families() -> list[str]:
     _load_builtins()
     return sorted(FAMILIES)
+
+
+# TVM target kinds → the fmc target family that builds and packages them.
+KIND_FAMILIES = {"llvm": "cpu", "cuda": "cuda", "metal": "metal"}
+
+
+def from_json(text: str) -> Target:
+    """A raw TVM target (`--target-json`): the family of its kind packages the library, but
+    kernels are compiled for exactly this target (keys TVM does not know are rejected)."""
+    import json
+
+    from fmc.errors import UsageError
+
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--target-json: not JSON ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(raw, dict) or "kind" not in raw:
+        raise UsageError('--target-json: expected an object with a "kind", e.g. '
+                         '{"kind": "llvm", "mcpu": "skylake-avx512"}')
+    family = KIND_FAMILIES.get(raw["kind"])
+    if family is None:
+        raise unknown_choice("target kind", str(raw["kind"]), list(KIND_FAMILIES))
+    import tvm
+
+    try:
+        tvm_target = tvm.target.Target(raw)
+    except Exception as exc:  # TVM reports unknown keys and bad values in its own types
+        raise UsageError(f"--target-json: TVM rejects it: {str(exc).splitlines()[-1]}") from None
+    target = get(family)
+    target.tvm_target = lambda: tvm_target  # the expert's target, verbatim
+    target.spec = family
+    return target

@@ -75,11 +75,14 @@ def schedule_matmul(func: tirx.PrimFunc, lanes: int = LANES) -> tirx.PrimFunc | 
 class ScheduleCPUMatmul:
     """Apply `schedule_matmul` to every kernel with a matmul block; leave the rest."""
 
+    def __init__(self, lanes: int = LANES):
+        self.lanes = lanes  # float32 lanes of the target's widest vector
+
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         for gv, func in list(mod.functions_items()):
             if not isinstance(func, tirx.PrimFunc):
                 continue
-            scheduled = schedule_matmul(func)
+            scheduled = schedule_matmul(func, self.lanes)
             if scheduled is not None:
                 mod[gv] = scheduled.with_attr("global_symbol", gv.name_hint) \
                     if "global_symbol" in (func.attrs or {}) else scheduled
