@@ -1,0 +1,183 @@
+"""Run one kernel of fmc's Vulkan module on a Vulkan device (Mesa's lavapipe on machines
+without a GPU), with the calling convention of TVM's Vulkan runtime: storage buffers at
+set 0 in argument order, scalars in 8-byte push-constant slots, `vkCmdDispatch` over the
+blockIdx extents. fmc uses it to check generated kernels against numpy; it is not a model
+runtime (the pinned TVM wheel has none for Vulkan, docs/targets.md).
+
+Needs the `vulkan` Python package (cffi bindings) and a Vulkan driver."""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from fmc.errors import MissingToolchainError
+
+LAVAPIPE_ICD = Path("/usr/share/vulkan/icd.d/lvp_icd.x86_64.json")
+SCALAR_FORMATS = {"int64": "<q", "uint64": "<Q", "int32": "<i4x", "uint32": "<I4x",
+                  "float32": "<f4x", "float64": "<d"}
+
+
+def _import_vulkan():
+    if "VK_ICD_FILENAMES" not in os.environ and LAVAPIPE_ICD.exists():
+        os.environ["VK_ICD_FILENAMES"] = str(LAVAPIPE_ICD)  # before the loader starts
+    try:
+        import vulkan
+    except (ImportError, OSError) as exc:
+        raise MissingToolchainError(f"running Vulkan kernels needs the `vulkan` package and "
+                                    f"libvulkan ({exc}); pip install vulkan==1.3.275.1, "
+                                    "apt-get install libvulkan1 mesa-vulkan-drivers") from None
+    return vulkan
+
+
+class VulkanDevice:
+    """One logical device with a compute queue and the 8/16-bit, fp16 and int64 features the
+    generated shaders use."""
+
+    def __init__(self):
+        vk = self.vk = _import_vulkan()
+        app = vk.VkApplicationInfo(sType=vk.VK_STRUCTURE_TYPE_APPLICATION_INFO,
+                                   pApplicationName="fmc", applicationVersion=1,
+                                   pEngineName="fmc", engineVersion=1,
+                                   apiVersion=vk.VK_MAKE_VERSION(1, 2, 0))
+        try:
+            self.instance = vk.vkCreateInstance(vk.VkInstanceCreateInfo(
+                sType=vk.VK_STRUCTURE_TYPE_INSTANCE_CREATE_INFO, pApplicationInfo=app), None)
+            physical = vk.vkEnumeratePhysicalDevices(self.instance)[0]
+        except (vk.VkError, IndexError) as exc:
+            raise MissingToolchainError(f"no Vulkan device ({type(exc).__name__}); install "
+                                        "mesa-vulkan-drivers for lavapipe") from None
+        self.physical = physical
+        self.name = vk.vkGetPhysicalDeviceProperties(physical).deviceName
+        families = vk.vkGetPhysicalDeviceQueueFamilyProperties(physical)
+        self.family = next(i for i, f in enumerate(families)
+                           if f.queueFlags & vk.VK_QUEUE_COMPUTE_BIT)
+        v12 = vk.VkPhysicalDeviceVulkan12Features(
+            sType=vk.VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_VULKAN_1_2_FEATURES,
+            shaderFloat16=vk.VK_TRUE, shaderInt8=vk.VK_TRUE,
+            storageBuffer8BitAccess=vk.VK_TRUE)
+        v11 = vk.VkPhysicalDeviceVulkan11Features(
+            sType=vk.VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_VULKAN_1_1_FEATURES, pNext=v12,
+            storageBuffer16BitAccess=vk.VK_TRUE)
+        features = vk.VkPhysicalDeviceFeatures2(
+            sType=vk.VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_FEATURES_2, pNext=v11,
+            features=vk.VkPhysicalDeviceFeatures(shaderInt64=vk.VK_TRUE, shaderInt16=vk.VK_TRUE))
+        queue_info = vk.VkDeviceQueueCreateInfo(
+            sType=vk.VK_STRUCTURE_TYPE_DEVICE_QUEUE_CREATE_INFO, queueFamilyIndex=self.family,
+            queueCount=1, pQueuePriorities=[1.0])
+        self.device = vk.vkCreateDevice(physical, vk.VkDeviceCreateInfo(
+            sType=vk.VK_STRUCTURE_TYPE_DEVICE_CREATE_INFO, pNext=features,
+            queueCreateInfoCount=1, pQueueCreateInfos=[queue_info]), None)
+        self.queue = vk.vkGetDeviceQueue(self.device, self.family, 0)
+        memory = vk.vkGetPhysicalDeviceMemoryProperties(physical)
+        wanted = vk.VK_MEMORY_PROPERTY_HOST_VISIBLE_BIT | vk.VK_MEMORY_PROPERTY_HOST_COHERENT_BIT
+        self.memory_type = next(i for i in range(memory.memoryTypeCount)
+                                if memory.memoryTypes[i].propertyFlags & wanted == wanted)
+
+    def close(self) -> None:
+        vk = self.vk
+        vk.vkDestroyDevice(self.device, None)
+        vk.vkDestroyInstance(self.instance, None)
+
+    def _buffer(self, array: np.ndarray):
+        vk = self.vk
+        size = max(4, (array.nbytes + 3) // 4 * 4)
+        buffer = vk.vkCreateBuffer(self.device, vk.VkBufferCreateInfo(
+            sType=vk.VK_STRUCTURE_TYPE_BUFFER_CREATE_INFO, size=size,
+            usage=vk.VK_BUFFER_USAGE_STORAGE_BUFFER_BIT,
+            sharingMode=vk.VK_SHARING_MODE_EXCLUSIVE), None)
+        needed = vk.vkGetBufferMemoryRequirements(self.device, buffer)
+        memory = vk.vkAllocateMemory(self.device, vk.VkMemoryAllocateInfo(
+            sType=vk.VK_STRUCTURE_TYPE_MEMORY_ALLOCATE_INFO, allocationSize=needed.size,
+            memoryTypeIndex=self.memory_type), None)
+        vk.vkBindBufferMemory(self.device, buffer, memory, 0)
+        mapped = vk.vkMapMemory(self.device, memory, 0, size, 0)
+        mapped[:array.nbytes] = np.ascontiguousarray(array).tobytes()
+        vk.vkUnmapMemory(self.device, memory)
+        return buffer, memory, size
+
+    def run(self, spirv: bytes, buffers: list[np.ndarray], scalars: list[tuple[str, object]],
+            grid: tuple[int, int, int]) -> list[np.ndarray]:
+        """Dispatch the kernel; returns every buffer's contents afterwards (same dtypes and
+        shapes as given)."""
+        vk, device = self.vk, self.device
+        resources = [self._buffer(a) for a in buffers]
+        bindings = [vk.VkDescriptorSetLayoutBinding(
+            binding=i, descriptorType=vk.VK_DESCRIPTOR_TYPE_STORAGE_BUFFER, descriptorCount=1,
+            stageFlags=vk.VK_SHADER_STAGE_COMPUTE_BIT) for i in range(len(buffers))]
+        set_layout = vk.vkCreateDescriptorSetLayout(device, vk.VkDescriptorSetLayoutCreateInfo(
+            sType=vk.VK_STRUCTURE_TYPE_DESCRIPTOR_SET_LAYOUT_CREATE_INFO,
+            bindingCount=len(bindings), pBindings=bindings), None)
+        push = b"".join(struct.pack(SCALAR_FORMATS[dtype], value) for dtype, value in scalars)
+        ranges = [vk.VkPushConstantRange(stageFlags=vk.VK_SHADER_STAGE_COMPUTE_BIT, offset=0,
+                                         size=len(push))] if push else []
+        layout = vk.vkCreatePipelineLayout(device, vk.VkPipelineLayoutCreateInfo(
+            sType=vk.VK_STRUCTURE_TYPE_PIPELINE_LAYOUT_CREATE_INFO, setLayoutCount=1,
+            pSetLayouts=[set_layout], pushConstantRangeCount=len(ranges),
+            pPushConstantRanges=ranges or None), None)
+        shader = vk.vkCreateShaderModule(device, vk.VkShaderModuleCreateInfo(
+            sType=vk.VK_STRUCTURE_TYPE_SHADER_MODULE_CREATE_INFO, codeSize=len(spirv),
+            pCode=spirv), None)
+        # Held in its own variable: built inline, its entry-point string is freed too early.
+        stage = vk.VkPipelineShaderStageCreateInfo(
+            sType=vk.VK_STRUCTURE_TYPE_PIPELINE_SHADER_STAGE_CREATE_INFO,
+            stage=vk.VK_SHADER_STAGE_COMPUTE_BIT, module=shader, pName="main")
+        pipeline = vk.vkCreateComputePipelines(device, None, 1, [vk.VkComputePipelineCreateInfo(
+            sType=vk.VK_STRUCTURE_TYPE_COMPUTE_PIPELINE_CREATE_INFO, stage=stage, layout=layout,
+            basePipelineIndex=-1)], None)[0]
+        pool = vk.vkCreateDescriptorPool(device, vk.VkDescriptorPoolCreateInfo(
+            sType=vk.VK_STRUCTURE_TYPE_DESCRIPTOR_POOL_CREATE_INFO, maxSets=1,
+            poolSizeCount=1, pPoolSizes=[vk.VkDescriptorPoolSize(
+                type=vk.VK_DESCRIPTOR_TYPE_STORAGE_BUFFER, descriptorCount=max(1, len(buffers)))]),
+            None)
+        descriptor_set = vk.vkAllocateDescriptorSets(device, vk.VkDescriptorSetAllocateInfo(
+            sType=vk.VK_STRUCTURE_TYPE_DESCRIPTOR_SET_ALLOCATE_INFO, descriptorPool=pool,
+            descriptorSetCount=1, pSetLayouts=[set_layout]))[0]
+        writes = [vk.VkWriteDescriptorSet(
+            sType=vk.VK_STRUCTURE_TYPE_WRITE_DESCRIPTOR_SET, dstSet=descriptor_set,
+            dstBinding=i, descriptorCount=1, descriptorType=vk.VK_DESCRIPTOR_TYPE_STORAGE_BUFFER,
+            pBufferInfo=[vk.VkDescriptorBufferInfo(buffer=buffer, offset=0, range=size)])
+            for i, (buffer, _, size) in enumerate(resources)]
+        vk.vkUpdateDescriptorSets(device, len(writes), writes, 0, None)
+        command_pool = vk.vkCreateCommandPool(device, vk.VkCommandPoolCreateInfo(
+            sType=vk.VK_STRUCTURE_TYPE_COMMAND_POOL_CREATE_INFO,
+            queueFamilyIndex=self.family), None)
+        command = vk.vkAllocateCommandBuffers(device, vk.VkCommandBufferAllocateInfo(
+            sType=vk.VK_STRUCTURE_TYPE_COMMAND_BUFFER_ALLOCATE_INFO, commandPool=command_pool,
+            level=vk.VK_COMMAND_BUFFER_LEVEL_PRIMARY, commandBufferCount=1))[0]
+        vk.vkBeginCommandBuffer(command, vk.VkCommandBufferBeginInfo(
+            sType=vk.VK_STRUCTURE_TYPE_COMMAND_BUFFER_BEGIN_INFO))
+        vk.vkCmdBindPipeline(command, vk.VK_PIPELINE_BIND_POINT_COMPUTE, pipeline)
+        vk.vkCmdBindDescriptorSets(command, vk.VK_PIPELINE_BIND_POINT_COMPUTE, layout, 0, 1,
+                                   [descriptor_set], 0, None)
+        if push:
+            vk.vkCmdPushConstants(command, layout, vk.VK_SHADER_STAGE_COMPUTE_BIT, 0, len(push),
+                                  vk.ffi.from_buffer(push))
+        vk.vkCmdDispatch(command, *grid)
+        vk.vkEndCommandBuffer(command)
+        fence = vk.vkCreateFence(device, vk.VkFenceCreateInfo(
+            sType=vk.VK_STRUCTURE_TYPE_FENCE_CREATE_INFO), None)
+        vk.vkQueueSubmit(self.queue, 1, [vk.VkSubmitInfo(
+            sType=vk.VK_STRUCTURE_TYPE_SUBMIT_INFO, commandBufferCount=1,
+            pCommandBuffers=[command])], fence)
+        vk.vkWaitForFences(device, 1, [fence], vk.VK_TRUE, 60 * 10**9)
+        results = []
+        for array, (_, memory, size) in zip(buffers, resources, strict=True):
+            mapped = vk.vkMapMemory(device, memory, 0, size, 0)
+            data = bytes(mapped[:array.nbytes])
+            vk.vkUnmapMemory(device, memory)
+            results.append(np.frombuffer(data, dtype=array.dtype).reshape(array.shape).copy())
+        vk.vkDestroyFence(device, fence, None)
+        vk.vkDestroyCommandPool(device, command_pool, None)
+        vk.vkDestroyDescriptorPool(device, pool, None)
+        vk.vkDestroyPipeline(device, pipeline, None)
+        vk.vkDestroyShaderModule(device, shader, None)
+        vk.vkDestroyPipelineLayout(device, layout, None)
+        vk.vkDestroyDescriptorSetLayout(device, set_layout, None)
+        for buffer, memory, _ in resources:
+            vk.vkDestroyBuffer(device, buffer, None)
+            vk.vkFreeMemory(device, memory, None)
+        return results
