@@ -496,7 +496,7 @@ def emit_shader(name: str, func) -> Shader:
             scalars.append(f"layout(offset = {8 * slot}) {t} {member};")
             emitter.names[key(param)] = f"pc.{member}"
             params.append(ShaderParam(param.name, dtype, False))
-    if any(not a.is_buffer and b.is_buffer for a, b in zip(params, params[1:])):
+    if any(not a.is_buffer and b.is_buffer for a, b in zip(params, params[1:], strict=False)):
         emitter.fail("a scalar parameter before a buffer")
     if len(scalars) > 16:
         emitter.fail("more than 16 scalar parameters (128 bytes of push constants)")
