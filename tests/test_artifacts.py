@@ -165,3 +165,13 @@ def test_context_window_is_enforced(tiny_artifact):
     with pytest.raises(UsageError, match="outside the vocabulary"):
         engine.logits([1, 2, 10_000])
     assert os.path.isdir(engine.path)
+
+
+def test_artifact_files_are_readable_by_others(tiny_artifact):
+    """Shards get the same permissions as the manifest (safetensors alone writes 0600)."""
+    import stat
+
+    artifact = tiny_artifact("llama-mha")
+    manifest_mode = stat.S_IMODE((artifact / "manifest.json").stat().st_mode)
+    for shard in (artifact / "params").iterdir():
+        assert stat.S_IMODE(shard.stat().st_mode) == manifest_mode

@@ -95,3 +95,13 @@ def test_targets_lists_toolchains_and_what_is_missing(capsys, monkeypatch, tmp_p
     (cpu,) = [t for t in json.loads(capsys.readouterr().out) if t["name"] == "cpu"]
     assert not cpu["ready"] and cpu["tools"][0]["path"] is None
     assert "apt-get install g++" in cpu["tools"][0]["install"]
+
+
+def test_command_line_mistakes_are_usage_errors_not_internal_errors(capsys):
+    from fmc.cli import main
+
+    assert main(["compile", "llama-7b", "--bogus"]) == 2
+    assert main(["compile", "llama-7b"]) == 2  # no -o
+    err = capsys.readouterr().err
+    assert "No such option: --bogus" in err and "Missing option" in err
+    assert "internal error" not in err

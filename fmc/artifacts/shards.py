@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,12 @@ from safetensors.numpy import save_file
 
 SHARD_DIR = "params"
 DEFAULT_SHARD_BYTES = 512 * 1024 * 1024
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -57,6 +64,9 @@ class ShardWriter:
         relative = self._shard_name()
         path = self.artifact_dir / relative
         save_file(self._pending, str(path), metadata={"format": "fmc"})
+        # safetensors writes 0600; shards are read by whoever runs the artifact, like the
+        # library and the manifest beside them.
+        path.chmod(0o666 & ~_umask())
         self.shards.append({"file": relative, "bytes": path.stat().st_size,
                             "sha256": sha256_file(path)})
         self._pending = {}

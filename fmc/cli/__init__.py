@@ -53,12 +53,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         sys.stderr.write(f"fmc: error: {exc}\n")
         return exc.exit_code
-    except click.exceptions.Exit as exc:
+    except (click.exceptions.Exit, typer.Exit) as exc:
         return exc.exit_code
-    except click.ClickException as exc:
+    # typer 0.29 raises its vendored click's exceptions (typer._click), not click's own.
+    except (click.ClickException, typer.TyperException) as exc:
         exc.show()
         return 2
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except (KeyboardInterrupt, click.exceptions.Abort, typer.Abort):
         sys.stderr.write("fmc: interrupted\n")
         return INTERRUPTED_EXIT_CODE
     except BrokenPipeError:

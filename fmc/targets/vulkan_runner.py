@@ -181,3 +181,40 @@ class VulkanDevice:
             vk.vkDestroyBuffer(device, buffer, None)
             vk.vkFreeMemory(device, memory, None)
         return results
+
+
+def evaluate(expr, env: dict[str, int]) -> int:
+    """An integer TIR expression (launch extents, shapes) given its variables' values."""
+    if isinstance(expr, int):
+        return expr
+    kind = type(expr).__name__
+    if kind == "IntImm":
+        return int(expr.value)
+    if kind in ("Var", "SizeVar"):
+        return env[expr.name]
+    if kind == "Cast":
+        return evaluate(expr.value, env)
+    a, b = evaluate(expr.a, env), evaluate(expr.b, env)
+    operations = {"Add": a + b, "Sub": a - b, "Mul": a * b, "FloorDiv": a // b if b else 0,
+                  "FloorMod": a % b if b else 0, "Min": min(a, b), "Max": max(a, b),
+                  "RShift": a >> b, "LShift": a << b, "BitwiseAnd": a & b}
+    if kind == "Div":  # truncating
+        return int(a / b)
+    if kind == "Mod":
+        return a - int(a / b) * b
+    return operations[kind]
+
+
+def launch_arguments(shader, arrays: dict[str, np.ndarray], known: dict[str, int]):
+    """(buffers in argument order, scalars, grid) to run `shader` alone: scalar parameters
+    come from `known` (the host's shape variables) or from a buffer whose declared flat
+    shape is that one variable (what the host passes as e.g. `cse_v1`)."""
+    env = dict(known)
+    for param in shader.params:
+        shape = shader.buffer_shapes.get(param.name, [])
+        if param.is_buffer and len(shape) == 1 and type(shape[0]).__name__ == "Var":
+            env.setdefault(shape[0].name, int(arrays[param.name.removesuffix("_ptr")].size))
+    buffers = [arrays[p.name.removesuffix("_ptr")] for p in shader.params if p.is_buffer]
+    scalars = [(p.dtype, env[p.name]) for p in shader.params if not p.is_buffer]
+    grid = tuple(evaluate(e, env) for e in shader.grid_exprs)
+    return buffers, scalars, grid
