@@ -105,3 +105,19 @@ def test_command_line_mistakes_are_usage_errors_not_internal_errors(capsys):
     err = capsys.readouterr().err
     assert "No such option: --bogus" in err and "Missing option" in err
     assert "internal error" not in err
+
+
+@pytest.mark.parametrize("target, tool, hint", [
+    ("vulkan", "glslc", "apt-get install glslc"),
+    ("metal", "ld64.lld", "apt-get install lld"),
+    ("cuda", "nvcc", "install the CUDA toolkit"),
+])
+def test_missing_toolchain_names_the_tool_and_exits_3(target, tool, hint, monkeypatch, tmp_path,
+                                                      capsys):
+    from fmc.cli import main
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no compilers, linkers or shader tools
+    assert main(["compile", "llama-7b", "--target", target, "-o", str(tmp_path / "out")]) == 3
+    err = capsys.readouterr().err
+    assert f"{tool} not found on PATH" in err and hint in err
+    assert not (tmp_path / "out").exists()

@@ -118,8 +118,9 @@ class CUDA(Target):
         flags = gencode_flags(self.archs)
 
         def compile_fatbin(code: str) -> bytes:
+            # --threads 0: one nvcc worker per architecture, as many as there are cores
             return nvcc.compile_cuda(code, target_format="fatbin", arch=list(flags),
-                                     compiler="nvcc")
+                                     options=["--threads", "0"], compiler="nvcc")
 
         # TVM's CUDA codegen calls this global once per module with all kernels' source.
         tvm_ffi.register_global_func("tvm_callback_cuda_compile", compile_fatbin,
