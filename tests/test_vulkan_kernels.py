@@ -1,9 +1,9 @@
 """Every fmc kernel of the tiny model's Vulkan build, run on Mesa's lavapipe, against the CPU
 build of the same (unscheduled) kernel on random inputs — fp16 kernels included.
 
-TVM's paged-KV-cache kernels (attention, append, page copies) read page tables that random
-data would send out of bounds; they are compiled and validated (test_target_vulkan.py) but
-not executed here (docs/targets.md)."""
+TVM's pre-scheduled paged-KV-cache kernels read page tables that random data would send out
+of bounds; they are compiled and validated (test_target_vulkan.py, which also runs the decode
+attention kernel with consistent page tables), not executed here (docs/targets.md)."""
 
 from __future__ import annotations
 
