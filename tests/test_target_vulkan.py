@@ -207,3 +207,153 @@ def test_paged_decode_attention_runs_on_lavapipe(vulkan_build, device):
         expected_lse = np.log2(np.exp(scores).sum(-1))
         np.testing.assert_allclose(results["lse"][b * heads:(b + 1) * heads], expected_lse,
                                    atol=1e-3)
+
+
+def run_kernel(vulkan_build, device, name, arrays, known):
+    from fmc.targets.vulkan_runner import launch_arguments
+
+    artifact, target = vulkan_build
+    kernel, shader = kernels_in(artifact)[name], target.shaders[name]
+    known = {**known, **{p.name: 0 for p in shader.params if p.name.endswith("_elem_offset")}}
+    buffers, scalars, grid = launch_arguments(shader, arrays, known)
+    outputs = device.run(kernel.spirv, buffers, scalars, grid)
+    names = [p.name.removesuffix("_ptr") for p in shader.params if p.is_buffer]
+    return dict(zip(names, outputs, strict=True))
+
+
+def test_copy_single_page_runs_on_lavapipe(vulkan_build, device):
+    """Forking a sequence copies the first slots of its last page into a fresh page."""
+    config = json.loads((vulkan_build[0] / "manifest.json").read_text())["model"]
+    kv_heads = config["num_key_value_heads"]
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    pages = np.random.default_rng(4).standard_normal((4, 2, kv_heads, 16, head_dim)) \
+        .astype(np.float16)
+    result = run_kernel(vulkan_build, device, "copy_single_page_kernel", {"pages": pages},
+                        {"copy_length": 5, "page_size": 16, "src_page_id": 1,
+                         "tgt_page_id": 3, "num_pages": 4})["pages"]
+    expected = pages.copy()
+    expected[3, :, :, :5] = pages[1, :, :, :5]
+    np.testing.assert_array_equal(result, expected)
+
+
+def test_attention_state_merge_runs_on_lavapipe(vulkan_build, device):
+    """Merging two partial attention results (values + base-2 log-sum-exp), in place."""
+    rng = np.random.default_rng(5)
+    n, heads, dim = 3, 4, 16
+    v, v_other = (rng.standard_normal((n, heads, dim)).astype(np.float16) for _ in range(2))
+    s, s_other = (rng.standard_normal((n, heads)).astype(np.float32) for _ in range(2))
+    result = run_kernel(vulkan_build, device, "tir_attention_merge_state_kernel",
+                        {"V": v, "S": s, "V_other": v_other, "S_other": s_other},
+                        {"N": n, "H": heads, "D": dim})
+    top = np.maximum(s, s_other)
+    w, w_other = np.exp2(s - top), np.exp2(s_other - top)
+    expected_v = (v.astype(np.float32) * w[..., None] + v_other.astype(np.float32)
+                  * w_other[..., None]) / (w + w_other)[..., None]
+    np.testing.assert_allclose(result["V"].astype(np.float32), expected_v, atol=2e-3,
+                               rtol=2e-3)
+    np.testing.assert_allclose(result["S"], np.log2(w + w_other) + top, atol=1e-5)
+
+
+def test_rope_split_runs_on_lavapipe(vulkan_build, device):
+    """The fused q/k/v split with rotary embedding at arbitrary positions (HF rotate_half)."""
+    config = json.loads((vulkan_build[0] / "manifest.json").read_text())["model"]
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    dim = config["hidden_size"] // heads
+    rng = np.random.default_rng(6)
+    seq = 3
+    qkv = rng.standard_normal((seq, heads + 2 * kv_heads, dim)).astype(np.float16)
+    positions = np.array([3, 17, 1], np.int32)
+    arrays = {"qkv": qkv, "position_map": positions,
+              "q": np.zeros((seq, heads, dim), np.float16),
+              "k": np.zeros((seq, kv_heads, dim), np.float16),
+              "v": np.zeros((seq, kv_heads, dim), np.float16)}
+    result = run_kernel(vulkan_build, device, "fused_rope_kernel", arrays,
+                        {"seq_len": seq, "apply_rope": 1})
+    half = dim // 2
+    inv_freq = config["rope_theta"] ** (-(2 * (np.arange(dim) % half)) / dim)
+    angle = positions[:, None, None] * inv_freq[None, None, :]
+    x = qkv.astype(np.float32)
+    rotated = np.concatenate([-x[..., half:], x[..., :half]], -1)
+    roped = x * np.cos(angle) + rotated * np.sin(angle)
+    np.testing.assert_allclose(result["q"].astype(np.float32), roped[:, :heads], atol=4e-3,
+                               rtol=4e-3)
+    np.testing.assert_allclose(result["k"].astype(np.float32),
+                               roped[:, heads:heads + kv_heads], atol=4e-3, rtol=4e-3)
+    np.testing.assert_array_equal(result["v"], qkv[:, heads + kv_heads:])
+
+
+def test_paged_prefill_attention_runs_on_lavapipe(vulkan_build, device):
+    """TVM's persistent prefill attention kernel (tile scheduler, causal mask with a cached
+    prefix): a 5-token chunk after 15 cached tokens, and a fresh 7-token prompt."""
+    import math
+
+    config = json.loads((vulkan_build[0] / "manifest.json").read_text())["model"]
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    dim, page_size = config["hidden_size"] // heads, 16
+    rng = np.random.default_rng(7)
+    q_lengths, kv_lengths, pages_of = [5, 7], [20, 7], [[0, 1], [2]]
+    pages = rng.standard_normal((3, 2, kv_heads, page_size, dim)).astype(np.float16)
+    q = rng.standard_normal((sum(q_lengths), heads, dim)).astype(np.float16)
+    arrays = {
+        "q": q, "pages": pages, "q_indptr": np.array([0, 5, 12], np.int32),
+        "page_indptr": np.array([0, 2, 3], np.int32),
+        "page_values": np.array([0, 1, 2], np.int32),
+        "length_info": np.array([kv_lengths[0] - 16, kv_lengths[1]], np.int32),
+        "k_rope_pos_offset": np.zeros(2, np.int32),
+        "q_rope_position": np.zeros(sum(q_lengths), np.int32),
+        "output": np.zeros_like(q), "lse": np.zeros(sum(q_lengths) * heads, np.float32)}
+    sm_scale = 1 / math.sqrt(dim)
+    result = run_kernel(vulkan_build, device, "batch_prefill_paged_kv_kernel", arrays,
+                        {"batch_size": 2, "causal": 1, "rope_scale": 1.0,
+                         "rope_theta": 10000.0, "rotary_mode": 0, "sm_scale": sm_scale})
+    group, start = heads // kv_heads, 0
+    for b, (q_len, kv_len) in enumerate(zip(q_lengths, kv_lengths, strict=True)):
+        slots = [(pages_of[b][i // page_size], i % page_size) for i in range(kv_len)]
+        keys = np.repeat(np.stack([pages[p, 0, :, s] for p, s in slots], 1), group, 0)
+        values = np.repeat(np.stack([pages[p, 1, :, s] for p, s in slots], 1), group, 0)
+        queries = q[start:start + q_len].astype(np.float32)
+        scores = np.einsum("qhd,htd->qht", queries, keys.astype(np.float32)) * sm_scale
+        visible = np.arange(kv_len)[None, :] <= np.arange(q_len)[:, None] + kv_len - q_len
+        scores = np.where(visible[:, None, :], scores, -np.inf)
+        weights = np.exp(scores - scores.max(-1, keepdims=True))
+        weights /= weights.sum(-1, keepdims=True)
+        expected = np.einsum("qht,htd->qhd", weights, values.astype(np.float32))
+        np.testing.assert_allclose(result["output"][start:start + q_len].astype(np.float32),
+                                   expected, atol=5e-3, rtol=5e-3)
+        start += q_len
+
+
+def test_ragged_prefill_attention_runs_on_lavapipe(vulkan_build, device):
+    """The prompt chunk attending to itself (K/V not yet in pages), causal."""
+    import math
+
+    config = json.loads((vulkan_build[0] / "manifest.json").read_text())["model"]
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    dim = config["hidden_size"] // heads
+    rng = np.random.default_rng(8)
+    lengths = [6, 11]
+    total = sum(lengths)
+    q = rng.standard_normal((total, heads, dim)).astype(np.float16)
+    k, v = (rng.standard_normal((total, kv_heads, dim)).astype(np.float16) for _ in range(2))
+    indptr = np.array([0, 6, 17], np.int32)
+    arrays = {"q": q, "k": k, "v": v, "q_indptr": indptr, "kv_indptr": indptr,
+              "k_rope_pos_offset": np.zeros(2, np.int32),
+              "q_rope_position": np.zeros(total, np.int32),
+              "output": np.zeros_like(q), "lse": np.zeros(total * heads, np.float32)}
+    sm_scale = 1 / math.sqrt(dim)
+    result = run_kernel(vulkan_build, device, "batch_prefill_ragged_kv_kernel", arrays,
+                        {"batch_size": 2, "causal": 1, "rope_scale": 1.0,
+                         "rope_theta": 10000.0, "rotary_mode": 0, "sm_scale": sm_scale})
+    group = heads // kv_heads
+    for start, end in zip(indptr[:-1], indptr[1:], strict=True):
+        n = end - start
+        keys = np.repeat(k[start:end].astype(np.float32), group, 1)
+        values = np.repeat(v[start:end].astype(np.float32), group, 1)
+        scores = np.einsum("qhd,thd->qht", q[start:end].astype(np.float32), keys) * sm_scale
+        visible = np.arange(n)[None, :] <= np.arange(n)[:, None]
+        scores = np.where(visible[:, None, :], scores, -np.inf)
+        weights = np.exp(scores - scores.max(-1, keepdims=True))
+        weights /= weights.sum(-1, keepdims=True)
+        expected = np.einsum("qht,thd->qhd", weights, values)
+        np.testing.assert_allclose(result["output"][start:end].astype(np.float32), expected,
+                                   atol=5e-3, rtol=5e-3)
