@@ -158,10 +158,13 @@ def test_a_wrong_kernel_is_caught(vulkan_build, device):
     np.testing.assert_allclose(with_residual - without, 1.0, atol=2e-2)
 
 
-def test_paged_decode_attention_runs_on_lavapipe(vulkan_build, device):
+@pytest.mark.parametrize("name", ["batch_decode_paged_kv_kernel",
+                                  "batch_decode_paged_kv_sliding_window_kernel"])
+def test_paged_decode_attention_runs_on_lavapipe(vulkan_build, device, name):
     """TVM's paged-KV decode attention kernel (shared memory, vector loads, online softmax,
     barriers inside loops, grouped-query heads) through fmc's GLSL route, against numpy
-    attention over the same pages: two sequences of 20 and 7 tokens in 16-token pages."""
+    attention over the same pages: two sequences of 20 and 7 tokens in 16-token pages. The
+    sliding-window variant gets a window that starts at 0 with no sink (full attention)."""
     import math
 
     from fmc.targets.vulkan_runner import launch_arguments
@@ -170,7 +173,6 @@ def test_paged_decode_attention_runs_on_lavapipe(vulkan_build, device):
     config = json.loads((artifact / "manifest.json").read_text())["model"]
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
     head_dim, page_size = config["hidden_size"] // heads, 16
-    name = "batch_decode_paged_kv_kernel"
     kernel, shader = kernels_in(artifact)[name], target.shaders[name]
     rng = np.random.default_rng(3)
     lengths, pages_of = [20, 7], [[0, 1], [2]]
@@ -184,6 +186,9 @@ def test_paged_decode_attention_runs_on_lavapipe(vulkan_build, device):
         "k_rope_pos_offset": np.zeros(2, np.int32), "q_rope_position": np.zeros(2, np.int32),
         "output": np.zeros((2, heads, head_dim), np.float16),
         "lse": np.zeros(2 * heads, np.float32)}
+    if "sliding_window" in name:  # rows: last page fill, window start, attention-sink size
+        arrays["length_info"] = np.array([[lengths[0] - 16, lengths[1]], [0, 0], [0, 0]],
+                                         np.int32)
     sm_scale = 1 / math.sqrt(head_dim)
     known = {"B": 2, "rope_scale": 1.0, "rope_theta": 10000.0, "rotary_mode": 0,
              "sm_scale": sm_scale}
@@ -285,6 +290,7 @@ def test_rope_split_runs_on_lavapipe(vulkan_build, device):
 def test_paged_prefill_attention_runs_on_lavapipe(vulkan_build, device):
     """TVM's persistent prefill attention kernel (tile scheduler, causal mask with a cached
     prefix): a 5-token chunk after 15 cached tokens, and a fresh 7-token prompt."""
+    name = "batch_prefill_paged_kv_kernel"
     import math
 
     config = json.loads((vulkan_build[0] / "manifest.json").read_text())["model"]
@@ -303,7 +309,7 @@ def test_paged_prefill_attention_runs_on_lavapipe(vulkan_build, device):
         "q_rope_position": np.zeros(sum(q_lengths), np.int32),
         "output": np.zeros_like(q), "lse": np.zeros(sum(q_lengths) * heads, np.float32)}
     sm_scale = 1 / math.sqrt(dim)
-    result = run_kernel(vulkan_build, device, "batch_prefill_paged_kv_kernel", arrays,
+    result = run_kernel(vulkan_build, device, name, arrays,
                         {"batch_size": 2, "causal": 1, "rope_scale": 1.0,
                          "rope_theta": 10000.0, "rotary_mode": 0, "sm_scale": sm_scale})
     group, start = heads // kv_heads, 0
@@ -357,3 +363,24 @@ def test_ragged_prefill_attention_runs_on_lavapipe(vulkan_build, device):
         expected = np.einsum("qht,thd->qhd", weights, values)
         np.testing.assert_allclose(result["output"][start:end].astype(np.float32), expected,
                                    atol=5e-3, rtol=5e-3)
+
+
+def test_debug_kv_reader_runs_on_lavapipe(vulkan_build, device):
+    """Gathering a sequence's K/V back out of the pages by position."""
+    config = json.loads((vulkan_build[0] / "manifest.json").read_text())["model"]
+    kv_heads = config["num_key_value_heads"]
+    dim = config["hidden_size"] // config["num_attention_heads"]
+    pages = np.random.default_rng(9).standard_normal((3, 2, kv_heads, 16, dim)) \
+        .astype(np.float16)
+    positions = np.array([17, 3, 40], np.int32)  # page * 16 + slot
+    shape = (1, len(positions), kv_heads, dim)
+    result = run_kernel(vulkan_build, device, "tir_kv_cache_debug_get_kv_kernel",
+                        {"pages": pages, "position_map": positions,
+                         "k_data": np.zeros(shape, np.float16),
+                         "v_data": np.zeros(shape, np.float16)},
+                        {"layer_id": 0, "page_size": 16, "seqlen": len(positions),
+                         "num_pages": 3})
+    for i, position in enumerate(positions):
+        page, slot = divmod(int(position), 16)
+        np.testing.assert_array_equal(result["k_data"][0, i], pages[page, 0, :, slot])
+        np.testing.assert_array_equal(result["v_data"][0, i], pages[page, 1, :, slot])
