@@ -287,10 +287,13 @@ def test_rope_split_runs_on_lavapipe(vulkan_build, device):
     np.testing.assert_array_equal(result["v"], qkv[:, heads + kv_heads:])
 
 
-def test_paged_prefill_attention_runs_on_lavapipe(vulkan_build, device):
+@pytest.mark.parametrize("name", ["batch_prefill_paged_kv_kernel",
+                                  "batch_prefill_paged_kv_sliding_window_kernel"])
+def test_paged_prefill_attention_runs_on_lavapipe(vulkan_build, device, name):
     """TVM's persistent prefill attention kernel (tile scheduler, causal mask with a cached
-    prefix): a 5-token chunk after 15 cached tokens, and a fresh 7-token prompt."""
-    name = "batch_prefill_paged_kv_kernel"
+    prefix): a 5-token chunk after 15 cached tokens, and a fresh 7-token prompt. The
+    sliding-window variant masks only keys older than its window (1024 positions, compiled
+    in), so with a window from 0 and no sink every key is visible."""
     import math
 
     config = json.loads((vulkan_build[0] / "manifest.json").read_text())["model"]
@@ -308,6 +311,10 @@ def test_paged_prefill_attention_runs_on_lavapipe(vulkan_build, device):
         "k_rope_pos_offset": np.zeros(2, np.int32),
         "q_rope_position": np.zeros(sum(q_lengths), np.int32),
         "output": np.zeros_like(q), "lse": np.zeros(sum(q_lengths) * heads, np.float32)}
+    sliding = "sliding_window" in name
+    if sliding:  # rows: last page fill, window start, attention-sink size
+        arrays["length_info"] = np.array([[kv_lengths[0] - 16, kv_lengths[1]], [0, 0],
+                                          [0, 0]], np.int32)
     sm_scale = 1 / math.sqrt(dim)
     result = run_kernel(vulkan_build, device, name, arrays,
                         {"batch_size": 2, "causal": 1, "rope_scale": 1.0,
@@ -319,7 +326,9 @@ def test_paged_prefill_attention_runs_on_lavapipe(vulkan_build, device):
         values = np.repeat(np.stack([pages[p, 1, :, s] for p, s in slots], 1), group, 0)
         queries = q[start:start + q_len].astype(np.float32)
         scores = np.einsum("qhd,htd->qht", queries, keys.astype(np.float32)) * sm_scale
-        visible = np.arange(kv_len)[None, :] <= np.arange(q_len)[:, None] + kv_len - q_len
+        rows, columns = np.arange(q_len)[:, None], np.arange(kv_len)[None, :]
+        visible = columns >= kv_len - np.maximum(1023 - rows, 0) if sliding else \
+            columns <= rows + kv_len - q_len
         scores = np.where(visible[:, None, :], scores, -np.inf)
         weights = np.exp(scores - scores.max(-1, keepdims=True))
         weights /= weights.sum(-1, keepdims=True)
@@ -384,3 +393,22 @@ def test_debug_kv_reader_runs_on_lavapipe(vulkan_build, device):
         page, slot = divmod(int(position), 16)
         np.testing.assert_array_equal(result["k_data"][0, i], pages[page, 0, :, slot])
         np.testing.assert_array_equal(result["v_data"][0, i], pages[page, 1, :, slot])
+
+
+def test_compaction_copy_runs_on_lavapipe(vulkan_build, device):
+    """Moving tokens between page slots (src/dst positions are page * 16 + slot)."""
+    config = json.loads((vulkan_build[0] / "manifest.json").read_text())["model"]
+    kv_heads = config["num_key_value_heads"]
+    dim = config["hidden_size"] // config["num_attention_heads"]
+    pages = np.random.default_rng(10).standard_normal((3, 2, kv_heads, 16, dim)) \
+        .astype(np.float16)
+    moves = [(3, 20), (5, 21), (40, 7)]
+    positions = np.array([[s for s, _ in moves], [d for _, d in moves]], np.int32)
+    result = run_kernel(vulkan_build, device, "compact_kv_copy_kernel",
+                        {"pages": pages, "copy_src_dst_pos": positions,
+                         "copy_length_indptr": np.array([0, 2, 3], np.int32)},
+                        {"batch_size": 2, "total_copy_length": len(moves), "num_pages": 3})
+    expected = pages.copy()
+    for source, target in moves:
+        expected[target // 16, :, :, target % 16] = pages[source // 16, :, :, source % 16]
+    np.testing.assert_array_equal(result["pages"], expected)
