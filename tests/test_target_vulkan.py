@@ -170,9 +170,8 @@ def test_paged_decode_attention_runs_on_lavapipe(vulkan_build, device, name):
     from fmc.targets.vulkan_runner import launch_arguments
 
     artifact, target = vulkan_build
-    config = json.loads((artifact / "manifest.json").read_text())["model"]
-    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
-    head_dim, page_size = config["hidden_size"] // heads, 16
+    heads, kv_heads, head_dim = model_dims(vulkan_build)
+    page_size = 16
     kernel, shader = kernels_in(artifact)[name], target.shaders[name]
     rng = np.random.default_rng(3)
     lengths, pages_of = [20, 7], [[0, 1], [2]]
@@ -214,6 +213,13 @@ def test_paged_decode_attention_runs_on_lavapipe(vulkan_build, device, name):
                                    atol=1e-3)
 
 
+def model_dims(vulkan_build) -> tuple[int, int, int]:
+    """(attention heads, KV heads, head dim) of the tiny model the artifact was built from."""
+    config = json.loads((vulkan_build[0] / "manifest.json").read_text())["model"]
+    heads = config["num_attention_heads"]
+    return heads, config["num_key_value_heads"], config["hidden_size"] // heads
+
+
 def run_kernel(vulkan_build, device, name, arrays, known):
     from fmc.targets.vulkan_runner import launch_arguments
 
@@ -228,9 +234,7 @@ def run_kernel(vulkan_build, device, name, arrays, known):
 
 def test_copy_single_page_runs_on_lavapipe(vulkan_build, device):
     """Forking a sequence copies the first slots of its last page into a fresh page."""
-    config = json.loads((vulkan_build[0] / "manifest.json").read_text())["model"]
-    kv_heads = config["num_key_value_heads"]
-    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    _, kv_heads, head_dim = model_dims(vulkan_build)
     pages = np.random.default_rng(4).standard_normal((4, 2, kv_heads, 16, head_dim)) \
         .astype(np.float16)
     result = run_kernel(vulkan_build, device, "copy_single_page_kernel", {"pages": pages},
@@ -261,9 +265,7 @@ def test_attention_state_merge_runs_on_lavapipe(vulkan_build, device):
 
 def test_rope_split_runs_on_lavapipe(vulkan_build, device):
     """The fused q/k/v split with rotary embedding at arbitrary positions (HF rotate_half)."""
-    config = json.loads((vulkan_build[0] / "manifest.json").read_text())["model"]
-    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
-    dim = config["hidden_size"] // heads
+    heads, kv_heads, dim = model_dims(vulkan_build)
     rng = np.random.default_rng(6)
     seq = 3
     qkv = rng.standard_normal((seq, heads + 2 * kv_heads, dim)).astype(np.float16)
@@ -275,7 +277,8 @@ def test_rope_split_runs_on_lavapipe(vulkan_build, device):
     result = run_kernel(vulkan_build, device, "fused_rope_kernel", arrays,
                         {"seq_len": seq, "apply_rope": 1})
     half = dim // 2
-    inv_freq = config["rope_theta"] ** (-(2 * (np.arange(dim) % half)) / dim)
+    theta = json.loads((vulkan_build[0] / "manifest.json").read_text())["model"]["rope_theta"]
+    inv_freq = theta ** (-(2 * (np.arange(dim) % half)) / dim)
     angle = positions[:, None, None] * inv_freq[None, None, :]
     x = qkv.astype(np.float32)
     rotated = np.concatenate([-x[..., half:], x[..., :half]], -1)
@@ -296,9 +299,8 @@ def test_paged_prefill_attention_runs_on_lavapipe(vulkan_build, device, name):
     in), so with a window from 0 and no sink every key is visible."""
     import math
 
-    config = json.loads((vulkan_build[0] / "manifest.json").read_text())["model"]
-    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
-    dim, page_size = config["hidden_size"] // heads, 16
+    heads, kv_heads, dim = model_dims(vulkan_build)
+    page_size = 16
     rng = np.random.default_rng(7)
     q_lengths, kv_lengths, pages_of = [5, 7], [20, 7], [[0, 1], [2]]
     pages = rng.standard_normal((3, 2, kv_heads, page_size, dim)).astype(np.float16)
@@ -342,9 +344,7 @@ def test_ragged_prefill_attention_runs_on_lavapipe(vulkan_build, device):
     """The prompt chunk attending to itself (K/V not yet in pages), causal."""
     import math
 
-    config = json.loads((vulkan_build[0] / "manifest.json").read_text())["model"]
-    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
-    dim = config["hidden_size"] // heads
+    heads, kv_heads, dim = model_dims(vulkan_build)
     rng = np.random.default_rng(8)
     lengths = [6, 11]
     total = sum(lengths)
@@ -376,9 +376,7 @@ def test_ragged_prefill_attention_runs_on_lavapipe(vulkan_build, device):
 
 def test_debug_kv_reader_runs_on_lavapipe(vulkan_build, device):
     """Gathering a sequence's K/V back out of the pages by position."""
-    config = json.loads((vulkan_build[0] / "manifest.json").read_text())["model"]
-    kv_heads = config["num_key_value_heads"]
-    dim = config["hidden_size"] // config["num_attention_heads"]
+    _, kv_heads, dim = model_dims(vulkan_build)
     pages = np.random.default_rng(9).standard_normal((3, 2, kv_heads, 16, dim)) \
         .astype(np.float16)
     positions = np.array([17, 3, 40], np.int32)  # page * 16 + slot
@@ -397,9 +395,7 @@ def test_debug_kv_reader_runs_on_lavapipe(vulkan_build, device):
 
 def test_compaction_copy_runs_on_lavapipe(vulkan_build, device):
     """Moving tokens between page slots (src/dst positions are page * 16 + slot)."""
-    config = json.loads((vulkan_build[0] / "manifest.json").read_text())["model"]
-    kv_heads = config["num_key_value_heads"]
-    dim = config["hidden_size"] // config["num_attention_heads"]
+    _, kv_heads, dim = model_dims(vulkan_build)
     pages = np.random.default_rng(10).standard_normal((3, 2, kv_heads, 16, dim)) \
         .astype(np.float16)
     moves = [(3, 20), (5, 21), (40, 7)]

@@ -119,6 +119,21 @@ class Target:
             tool.require()
 
 
+class DlightGPUTarget(Target):
+    """Shared by the GPU targets: dlight's GPU schedules, and the fusions dlight cannot
+    schedule left off by default."""
+
+    def schedule_passes(self) -> list:
+        from fmc.lowering.passes.schedule_gpu import gpu_schedule_passes
+
+        return gpu_schedule_passes()
+
+    def default_disabled_passes(self) -> dict[str, str]:
+        from fmc.lowering.passes.schedule_gpu import DLIGHT_UNSUPPORTED_PASSES
+
+        return dict(DLIGHT_UNSUPPORTED_PASSES)
+
+
 def _target_json(target) -> dict:
     """A TVM target as a JSON-safe dict (stable key order for reproducible manifests)."""
     def plain(value):

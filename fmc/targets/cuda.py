@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from fmc.errors import ArtifactError, UsageError
-from fmc.targets.base import Target, Tool
+from fmc.targets.base import DlightGPUTarget, Target, Tool
 from fmc.targets.registry import register
 
 DEFAULT_ARCHS = ("sm_75", "sm_80", "sm_86", "sm_89", "sm_90")
@@ -77,7 +77,7 @@ def fatbin_contents(fatbin: Path, cuobjdump: str) -> dict[str, list[str]]:
     return contents
 
 
-class CUDA(Target):
+class CUDA(DlightGPUTarget):
     name = "cuda"
     description = ("NVIDIA GPU: dlight schedules, multi-arch fatbin (SASS + PTX) compiled by "
                    "nvcc at build time")
@@ -97,16 +97,6 @@ class CUDA(Target):
         oldest = min(self.archs, key=lambda a: int(ARCH.fullmatch(a).group(1)))
         return tvm.target.Target({"kind": "cuda", "arch": oldest, **DEVICE_LIMITS},
                                  host={"kind": "llvm", "mtriple": "x86_64-unknown-linux-gnu"})
-
-    def schedule_passes(self) -> list:
-        from fmc.lowering.passes.schedule_gpu import gpu_schedule_passes
-
-        return gpu_schedule_passes()
-
-    def default_disabled_passes(self) -> dict[str, str]:
-        from fmc.lowering.passes.schedule_gpu import DLIGHT_UNSUPPORTED_PASSES
-
-        return dict(DLIGHT_UNSUPPORTED_PASSES)
 
     def prepare(self) -> None:
         import tvm_ffi

@@ -18,7 +18,7 @@ from functools import partial
 from pathlib import Path
 
 from fmc.errors import ArtifactError, UsageError
-from fmc.targets.base import Target, Tool
+from fmc.targets.base import DlightGPUTarget, Target, Tool
 from fmc.targets.registry import register
 
 SHIM_DIR = Path(__file__).with_name("metal_shim")
@@ -81,7 +81,7 @@ def link_dylib(output: str, objects: list[str], options=None, *, linker: str) ->
         raise ArtifactError(f"{output}: ld64.lld failed: {result.stderr.strip()}")
 
 
-class Metal(Target):
+class Metal(DlightGPUTarget):
     name = "metal"
 
     def __init__(self, platform: str = "macos"):
@@ -96,16 +96,6 @@ class Metal(Target):
 
         return tvm.target.Target({"kind": "metal"},
                                  host={"kind": "llvm", "mtriple": f"arm64-apple-{self.platform}"})
-
-    def schedule_passes(self) -> list:
-        from fmc.lowering.passes.schedule_gpu import gpu_schedule_passes
-
-        return gpu_schedule_passes()
-
-    def default_disabled_passes(self) -> dict[str, str]:
-        from fmc.lowering.passes.schedule_gpu import DLIGHT_UNSUPPORTED_PASSES
-
-        return dict(DLIGHT_UNSUPPORTED_PASSES)
 
     def build_options(self) -> dict:
         # A static library has no loader to look kernels up by symbol: the system library

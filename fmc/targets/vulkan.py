@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 from fmc.errors import ArtifactError, UsageError
-from fmc.targets.base import Target, Tool
+from fmc.targets.base import DlightGPUTarget, Target, Tool
 from fmc.targets.registry import register
 
 GLSLC = Tool("glslc", "compiling the generated GLSL kernels to SPIR-V", "apt-get install glslc")
@@ -49,7 +49,7 @@ def validate_spirv(name: str, spirv: bytes, spirv_val: str) -> None:
         raise ArtifactError(f"kernel {name}: invalid SPIR-V: {result.stderr.strip()}")
 
 
-class Vulkan(Target):
+class Vulkan(DlightGPUTarget):
     name = "vulkan"
     description = ("Vulkan 1.2 GPU via fmc's GLSL→SPIR-V route (TVM's Vulkan module in the "
                    "shared library)")
@@ -64,16 +64,6 @@ class Vulkan(Target):
 
         return tvm.target.Target({"kind": "vulkan", **TARGET_FEATURES},
                                  host={"kind": "llvm", "mtriple": "x86_64-unknown-linux-gnu"})
-
-    def schedule_passes(self) -> list:
-        from fmc.lowering.passes.schedule_gpu import gpu_schedule_passes
-
-        return gpu_schedule_passes()
-
-    def default_disabled_passes(self) -> dict[str, str]:
-        from fmc.lowering.passes.schedule_gpu import DLIGHT_UNSUPPORTED_PASSES
-
-        return dict(DLIGHT_UNSUPPORTED_PASSES)
 
     def prepare(self) -> None:
         import tvm
