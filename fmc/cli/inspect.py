@@ -25,8 +25,9 @@ def inspect_command(
         "fmc_version": manifest["fmc_version"],
         "tvm_version": manifest["tvm_version"],
         "abi_version": manifest["abi_version"],
-        "target": manifest["target"]["name"],
+        "target": manifest["target"].get("spec", manifest["target"]["name"]),
         "tvm_target": manifest["target"]["tvm_target"],
+        "validation": manifest["target"].get("validation", {}),
         "library": manifest["library"]["file"],
         "quantization": manifest["quantization"]["default"],
         "quant_overrides": manifest["quantization"]["overrides"],
@@ -54,6 +55,10 @@ def inspect_command(
     rows = [
         ("target", f"{summary['target']} ({manifest['target']['tvm_target'].get('kind')}, "
                    f"library {summary['library']})"),
+        ("validated", ", ".join(f"{k} {v}" for k, v in summary["validation"].items()
+                                if k != "checked_with") + (
+            f" ({summary['validation']['checked_with']})"
+            if summary["validation"].get("checked_with") else "") or "—"),
         ("quantization", summary["quantization"] + (
             f" + {', '.join(summary['quant_overrides'])}" if summary["quant_overrides"] else "")),
         ("compute dtype", summary["compute_dtype"]),
