@@ -1,0 +1,159 @@
+"""fmc vs llama.cpp on the same model, same bits, same threads, side by side (SmolLM2-135M).
+
+    python benchmarks/vs_llamacpp.py [--rounds 3] [--threads 1 2] [--pairs q4f16:Q4_0 ...]
+
+Builds llama.cpp's `llama-bench`/`llama-quantize` from the llama-cpp-python sdist (cached,
+benchmarks/llamacpp.py), makes the GGUF variants from the shipped model, compiles the fmc
+artifacts, then runs the two engines alternately (`rounds` times per thread count):
+`llama-bench -p 128 -n 64` and `fmc bench --prompt-len 128 --gen-len 64`. It measures this
+machine's read bandwidth (numpy, one reader per thread) and reports decode as a fraction of
+the roofline bandwidth / bytes of weights read per token. Writes
+benchmarks/results/vs_llamacpp.json and prints a markdown table (median, min–max)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent
+CACHE = ROOT / ".cache" / "vs_llamacpp"
+# fmc scheme → llama.cpp type with the same bits per weight (the issue's pairs)
+PAIRS = {"q4f16": "Q4_0", "q8f16": "Q8_0", "q0f16": "F16"}
+PROMPT, GEN = 128, 64
+
+
+def read_bandwidth(threads: int, megabytes: int = 512, repeats: int = 5) -> float:
+    """Bytes/s for `threads` concurrent readers summing their share of a large array (numpy
+    releases the GIL in `sum`); best of `repeats`."""
+    data = np.ones(megabytes * 2**20 // 8, dtype=np.float64)
+    parts = np.array_split(data, threads)
+    best = 0.0
+    for _ in range(repeats):
+        workers = [threading.Thread(target=part.sum) for part in parts]
+        start = time.perf_counter()
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        best = max(best, data.nbytes / (time.perf_counter() - start))
+    return best
+
+
+def gguf_variant(bin_dir: Path, source: Path, kind: str) -> Path:
+    target = CACHE / f"smollm2-{kind}.gguf"
+    if not target.exists():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        subprocess.run([str(bin_dir / "llama-quantize"), "--allow-requantize", str(source),
+                        str(target), kind], check=True, capture_output=True)
+    return target
+
+
+def compile_fmc(scheme: str) -> Path:
+    out = CACHE / f"fmc-{scheme}"
+    subprocess.run([sys.executable, "-m", "fmc.cli", "compile", "--quant", scheme, "-o",
+                    str(out), "--force", "--quiet"], check=True)
+    return out
+
+
+def llama_bench(bin_dir: Path, gguf: Path, threads: int) -> dict:
+    out = subprocess.run([str(bin_dir / "llama-bench"), "-m", str(gguf), "-p", str(PROMPT),
+                          "-n", str(GEN), "-t", str(threads), "-r", "3", "-o", "json"],
+                         check=True, capture_output=True, text=True).stdout
+    rows = json.loads(out)
+    prefill = next(r for r in rows if r["n_prompt"] == PROMPT and r["n_gen"] == 0)
+    decode = next(r for r in rows if r["n_gen"] == GEN and r["n_prompt"] == 0)
+    return {"prefill": prefill["avg_ts"], "decode": decode["avg_ts"]}
+
+
+def fmc_bench(artifact: Path, threads: int) -> dict:
+    out = subprocess.run([sys.executable, "-m", "fmc.cli", "bench", str(artifact), "--json",
+                          "--runs", "3", "--threads", str(threads), "--prompt-len",
+                          str(PROMPT), "--gen-len", str(GEN)],
+                         check=True, capture_output=True, text=True).stdout
+    result = json.loads(out)
+    return {"prefill": result["prefill_tokens_per_s"]["median"],
+            "decode": result["decode_tokens_per_s"]["median"]}
+
+
+def weight_bytes_per_token(artifact: Path) -> int:
+    """Bytes a decode step reads: every parameter except the embedding table, which is
+    gathered one row per token — unless it doubles as the output head (tied)."""
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    tied = manifest["model"].get("tie_word_embeddings", False)
+    return sum(p["bytes"] for p in manifest["params"]
+               if tied or "embed_tokens" not in p["name"])
+
+
+def summary(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values),
+            "runs": values}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--pairs", nargs="+", default=[f"{k}:{v}" for k, v in PAIRS.items()])
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT))
+    from llamacpp import build
+
+    from fmc.frontend.source import default_model_path
+
+    bin_dir = build()
+    source = default_model_path()
+    pairs = [tuple(p.split(":")) for p in args.pairs]
+    ggufs = {kind: gguf_variant(bin_dir, source, kind) for _, kind in pairs}
+    artifacts = {scheme: compile_fmc(scheme) for scheme, _ in pairs}
+    results = {"machine": {"bandwidth_bytes_per_s": {}}, "rows": []}
+    for threads in args.threads:
+        bandwidth = read_bandwidth(threads)
+        results["machine"]["bandwidth_bytes_per_s"][threads] = bandwidth
+        for scheme, kind in pairs:
+            runs = {"fmc": {"prefill": [], "decode": []}, "llama.cpp": {"prefill": [],
+                                                                      "decode": []}}
+            for _ in range(args.rounds):  # alternate the engines: noise hits both
+                for engine, measure in (("fmc", lambda: fmc_bench(artifacts[scheme],
+                                                                   threads)),
+                                        ("llama.cpp", lambda: llama_bench(bin_dir,
+                                                                          ggufs[kind],
+                                                                          threads))):
+                    measured = measure()
+                    for key in ("prefill", "decode"):
+                        runs[engine][key].append(measured[key])
+            per_token = weight_bytes_per_token(artifacts[scheme])
+            fmc_decode = statistics.median(runs["fmc"]["decode"])
+            results["rows"].append({
+                "threads": threads, "fmc": scheme, "llama.cpp": kind,
+                "fmc_prefill": summary(runs["fmc"]["prefill"]),
+                "fmc_decode": summary(runs["fmc"]["decode"]),
+                "llamacpp_prefill": summary(runs["llama.cpp"]["prefill"]),
+                "llamacpp_decode": summary(runs["llama.cpp"]["decode"]),
+                "weight_bytes_per_token": per_token,
+                "fmc_roofline_fraction": fmc_decode * per_token / bandwidth})
+    (ROOT / "results").mkdir(exist_ok=True)
+    (ROOT / "results" / "vs_llamacpp.json").write_text(json.dumps(results, indent=1) + "\n")
+    print("| threads | fmc | llama.cpp | decode fmc | decode llama.cpp | prefill fmc "
+          "| prefill llama.cpp | fmc decode / roofline |")
+    print("|---|---|---|---|---|---|---|---|")
+    for row in results["rows"]:
+        def cell(stats):
+            return f"{stats['median']:.1f} ({stats['min']:.1f}–{stats['max']:.1f})"
+        print(f"| {row['threads']} | {row['fmc']} | {row['llama.cpp']} | "
+              f"{cell(row['fmc_decode'])} | {cell(row['llamacpp_decode'])} | "
+              f"{cell(row['fmc_prefill'])} | {cell(row['llamacpp_prefill'])} | "
+              f"{row['fmc_roofline_fraction']:.0%} |")
+    for threads, bandwidth in results["machine"]["bandwidth_bytes_per_s"].items():
+        print(f"read bandwidth, {threads} thread(s): {bandwidth / 1e9:.1f} GB/s")
+
+
+if __name__ == "__main__":
+    main()
