@@ -121,14 +121,11 @@ def main() -> None:
             runs = {"fmc": {"prefill": [], "decode": []}, "llama.cpp": {"prefill": [],
                                                                       "decode": []}}
             for _ in range(args.rounds):  # alternate the engines: noise hits both
-                for engine, measure in (("fmc", lambda: fmc_bench(artifacts[scheme],
-                                                                   threads)),
-                                        ("llama.cpp", lambda: llama_bench(bin_dir,
-                                                                          ggufs[kind],
-                                                                          threads))):
-                    measured = measure()
+                measured = {"fmc": fmc_bench(artifacts[scheme], threads),
+                            "llama.cpp": llama_bench(bin_dir, ggufs[kind], threads)}
+                for engine, values in measured.items():
                     for key in ("prefill", "decode"):
-                        runs[engine][key].append(measured[key])
+                        runs[engine][key].append(values[key])
             per_token = weight_bytes_per_token(artifacts[scheme])
             fmc_decode = statistics.median(runs["fmc"]["decode"])
             results["rows"].append({
