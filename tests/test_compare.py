@@ -91,3 +91,13 @@ def test_layer_outputs_match_the_logits_path(debug_artifact):
     (entry,) = [p for p in manifest["params"] if p["name"] == "lm_head.weight"]
     lm_head = load_file(str(artifact / entry["shard"]))["lm_head.weight"]
     np.testing.assert_allclose(rows[-1] @ lm_head.T, engine.logits(ids), rtol=1e-4, atol=1e-4)
+
+
+def test_compare_without_transformers_is_a_missing_toolchain(debug_artifact, monkeypatch,
+                                                             capsys):
+    import sys
+
+    checkpoint, artifact = debug_artifact
+    monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` fails
+    assert main(["compare", str(artifact), str(checkpoint)]) == 3
+    assert "pip install 'fmc[compare]'" in capsys.readouterr().err
