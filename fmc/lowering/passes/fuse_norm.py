@@ -7,10 +7,8 @@ boundary. When that pays is in docs/design.md ("Fusion")."""
 from __future__ import annotations
 
 import tvm
-from tvm import tirx
 
-from fmc.lowering.passes.merge_kernels import merge_kernels
-from fmc.lowering.tir_util import block_names
+from fmc.lowering.passes.merge_kernels import has_matmul, merge_kernels
 
 NORM_BLOCK = "T_rms_norm"  # the block LegalizeOps emits for R.nn.rms_norm
 
@@ -19,25 +17,18 @@ def _first(names: list[str], marker: str) -> int | None:
     return next((i for i, name in enumerate(names) if marker in name), None)
 
 
-def ends_in_norm(_name: str, func: tirx.PrimFunc) -> bool:
+def ends_in_norm(_name: str, names: list[str]) -> bool:
     """A kernel whose result is a norm's output: a norm, or an add→norm, not yet a GEMM."""
-    names = block_names(func)
     return NORM_BLOCK in names and _first(names, "matmul") is None
 
 
-def has_matmul(_name: str, func: tirx.PrimFunc) -> bool:
-    return _first(block_names(func), "matmul") is not None
-
-
-def ends_in_add(_name: str, func: tirx.PrimFunc) -> bool:
+def ends_in_add(_name: str, names: list[str]) -> bool:
     """A residual add: an add kernel, or a matmul whose epilogue is the add."""
-    names = block_names(func)
     return bool(names) and names[-1].startswith("T_add")
 
 
-def starts_with_norm(_name: str, func: tirx.PrimFunc) -> bool:
+def starts_with_norm(_name: str, names: list[str]) -> bool:
     """A norm kernel, or a norm→GEMM kernel (the norm comes before any matmul)."""
-    names = block_names(func)
     norm, matmul = _first(names, NORM_BLOCK), _first(names, "matmul")
     return norm is not None and (matmul is None or norm < matmul)
 
