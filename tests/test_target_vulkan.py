@@ -167,7 +167,7 @@ def test_paged_decode_attention_runs_on_lavapipe(vulkan_build, device, name):
     sliding-window variant gets a window that starts at 0 with no sink (full attention)."""
     import math
 
-    from fmc.targets.vulkan_runner import launch_arguments
+    from fmc.targets.vulkan_runner import run_shader
 
     artifact, target = vulkan_build
     heads, kv_heads, head_dim = model_dims(vulkan_build)
@@ -191,10 +191,7 @@ def test_paged_decode_attention_runs_on_lavapipe(vulkan_build, device, name):
     sm_scale = 1 / math.sqrt(head_dim)
     known = {"B": 2, "rope_scale": 1.0, "rope_theta": 10000.0, "rotary_mode": 0,
              "sm_scale": sm_scale}
-    known.update({p.name: 0 for p in shader.params if p.name.endswith("_elem_offset")})
-    buffers, scalars, grid = launch_arguments(shader, arrays, known)
-    results = dict(zip([p.name.removesuffix("_ptr") for p in shader.params if p.is_buffer],
-                       device.run(kernel.spirv, buffers, scalars, grid), strict=True))
+    results = run_shader(device, shader, kernel.spirv, arrays, known)
     group = heads // kv_heads
     for b, length in enumerate(lengths):
         slots = [(pages_of[b][i // page_size], i % page_size) for i in range(length)]
@@ -221,15 +218,11 @@ def model_dims(vulkan_build) -> tuple[int, int, int]:
 
 
 def run_kernel(vulkan_build, device, name, arrays, known):
-    from fmc.targets.vulkan_runner import launch_arguments
+    from fmc.targets.vulkan_runner import run_shader
 
     artifact, target = vulkan_build
-    kernel, shader = kernels_in(artifact)[name], target.shaders[name]
-    known = {**known, **{p.name: 0 for p in shader.params if p.name.endswith("_elem_offset")}}
-    buffers, scalars, grid = launch_arguments(shader, arrays, known)
-    outputs = device.run(kernel.spirv, buffers, scalars, grid)
-    names = [p.name.removesuffix("_ptr") for p in shader.params if p.is_buffer]
-    return dict(zip(names, outputs, strict=True))
+    return run_shader(device, target.shaders[name], kernels_in(artifact)[name].spirv, arrays,
+                      known)
 
 
 def test_copy_single_page_runs_on_lavapipe(vulkan_build, device):

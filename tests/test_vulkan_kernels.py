@@ -127,7 +127,7 @@ def device():
 def relative_errors(name, func, device, rng, perturb: str | None = None) -> dict[str, float]:
     """Max |vulkan - cpu| / max(1, max |cpu|) per buffer of one kernel (optionally with one
     input changed for the Vulkan run only: a negative control)."""
-    from fmc.targets.vulkan_runner import launch_arguments
+    from fmc.targets.vulkan_runner import run_shader
 
     env = symbolic_dims(func)
     arrays = random_arrays(func, env, rng)
@@ -137,13 +137,9 @@ def relative_errors(name, func, device, rng, perturb: str | None = None) -> dict
     shaders = vulkan_shaders(name, func)
     assert len(shaders) == 1, (name, list(shaders))
     (shader, spirv), = shaders.values()
-    # Buffers' symbolic element offsets: the CPU run passes tensors without byte offsets.
-    env.update({p.name: 0 for p in shader.params if p.name.endswith("_elem_offset")})
-    buffers, scalars, grid = launch_arguments(shader, arrays, env)
-    results = device.run(spirv, buffers, scalars, grid)
-    names = [p.name.removesuffix("_ptr") for p in shader.params if p.is_buffer]
+    results = run_shader(device, shader, spirv, arrays, env)
     errors = {}
-    for buffer_name, got in zip(names, results, strict=True):
+    for buffer_name, got in results.items():
         want = expected[buffer_name].astype(np.float64)
         errors[buffer_name] = float(np.abs(got.astype(np.float64) - want).max()) / \
             max(1.0, float(np.abs(want).max()))

@@ -194,22 +194,22 @@ def evaluate(expr, env: dict[str, int]) -> int:
         return env[expr.name]
     if kind == "Cast":
         return evaluate(expr.value, env)
-    a, b = evaluate(expr.a, env), evaluate(expr.b, env)
-    operations = {"Add": a + b, "Sub": a - b, "Mul": a * b, "FloorDiv": a // b if b else 0,
-                  "FloorMod": a % b if b else 0, "Min": min(a, b), "Max": max(a, b),
-                  "RShift": a >> b, "LShift": a << b, "BitwiseAnd": a & b}
-    if kind == "Div":  # truncating
-        return int(a / b)
-    if kind == "Mod":
-        return a - int(a / b) * b
-    return operations[kind]
+    return _BINARY[kind](evaluate(expr.a, env), evaluate(expr.b, env))
+
+
+_BINARY = {"Add": lambda a, b: a + b, "Sub": lambda a, b: a - b, "Mul": lambda a, b: a * b,
+           "FloorDiv": lambda a, b: a // b, "FloorMod": lambda a, b: a % b,
+           "Div": lambda a, b: int(a / b), "Mod": lambda a, b: a - int(a / b) * b,  # truncating
+           "Min": min, "Max": max, "RShift": lambda a, b: a >> b,
+           "LShift": lambda a, b: a << b, "BitwiseAnd": lambda a, b: a & b}
 
 
 def launch_arguments(shader, arrays: dict[str, np.ndarray], known: dict[str, int]):
     """(buffers in argument order, scalars, grid) to run `shader` alone: scalar parameters
     come from `known` (the host's shape variables) or from a buffer whose declared flat
-    shape is that one variable (what the host passes as e.g. `cse_v1`)."""
-    env = dict(known)
+    shape is that one variable (what the host passes as e.g. `cse_v1`). Buffers are passed
+    whole, so their element offsets (`*_elem_offset`) are 0 unless given."""
+    env = {p.name: 0 for p in shader.params if p.name.endswith("_elem_offset")} | known
     for param in shader.params:
         shape = shader.buffer_shapes.get(param.name, [])
         if param.is_buffer and len(shape) == 1 and type(shape[0]).__name__ == "Var":
@@ -218,3 +218,12 @@ def launch_arguments(shader, arrays: dict[str, np.ndarray], known: dict[str, int
     scalars = [(p.dtype, env[p.name]) for p in shader.params if not p.is_buffer]
     grid = tuple(evaluate(e, env) for e in shader.grid_exprs)
     return buffers, scalars, grid
+
+
+def run_shader(device: VulkanDevice, shader, spirv: bytes, arrays: dict[str, np.ndarray],
+               known: dict[str, int]) -> dict[str, np.ndarray]:
+    """Run one kernel with `arrays` keyed by buffer name; returns the buffers afterwards,
+    keyed the same way."""
+    buffers, scalars, grid = launch_arguments(shader, arrays, known)
+    names = [p.name.removesuffix("_ptr") for p in shader.params if p.is_buffer]
+    return dict(zip(names, device.run(spirv, buffers, scalars, grid), strict=True))
