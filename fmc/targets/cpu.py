@@ -48,10 +48,15 @@ class HostCPU(Target):
         # registers, so activations and the KV cache stay float32 on the CPU.
         return "float32"
 
+    lanes = 16  # float32 lanes of the widest vector (AVX-512)
+
     def schedule_passes(self) -> list:
+        from fmc.lowering.passes.cpu_attention import ReplaceCPUAttention
         from fmc.lowering.passes.schedule_cpu_matmul import ScheduleCPUMatmul
 
-        return [("matmul", "parallel outputs, SIMD reduction", ScheduleCPUMatmul())]
+        return [("matmul", "parallel outputs, SIMD reduction", ScheduleCPUMatmul(self.lanes)),
+                ("attention", "paged decode attention parallel over heads, SIMD over the "
+                 "head dimension", ReplaceCPUAttention(self.lanes))]
 
     def device(self):
         import tvm
@@ -75,11 +80,6 @@ class CrossCPU(HostCPU):
         import tvm
 
         return tvm.target.Target({"kind": "llvm", "mtriple": self.triple, "mcpu": self.mcpu})
-
-    def schedule_passes(self) -> list:
-        from fmc.lowering.passes.schedule_cpu_matmul import ScheduleCPUMatmul
-
-        return [("matmul", "parallel outputs, SIMD reduction", ScheduleCPUMatmul(self.lanes))]
 
     def export(self, executable, path: Path) -> None:
         linker = LD_LLD.require()

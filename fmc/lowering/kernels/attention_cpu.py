@@ -1,0 +1,119 @@
+"""Paged-KV-cache decode attention for the CPU: parallel over (sequence, head), SIMD over
+the head dimension, one online-softmax update per page.
+
+TVM's `_attention_decode_cpu` is one serial scalar loop over sequences, heads and positions
+(≈160 µs per layer for SmolLM2 at 128 positions). This kernel has the same signature and
+semantics (log2-domain scores, lse = m + log2(d), the same -5e4/1.0 initial state, so an
+empty sequence gives the same output), so the cache's C++ side calls it unchanged.
+
+fmc builds its caches with RoPE applied before the append (`RopeMode.NORMAL`), so the cache
+never asks for inline RoPE here (`rotary_mode` 1); the kernel asserts that instead of
+carrying a second, scalar code path."""
+
+from __future__ import annotations
+
+import math
+
+from tvm.script import tirx as T
+
+DECODE_SYMBOL = "batch_decode_paged_kv_cpu"  # TVM's kernel this one replaces
+
+
+def decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: str,
+                     page_size: int = 16, lanes: int = 16):
+    H_qo, H_kv, D = num_qo_heads, num_kv_heads, head_dim
+    group = H_qo // H_kv
+    lanes = math.gcd(lanes, D)
+    chunks = D // lanes
+    log2e = math.log2(math.e)
+
+    # fmt: off
+    @T.prim_func(s_tir=True)
+    def batch_decode_paged_kv(
+        Q_handle: T.handle, pages_handle: T.handle, page_table_indptr_handle: T.handle,
+        page_table_values_handle: T.handle, var_length_info: T.handle,
+        k_rope_pos_offset_handle: T.handle, q_rope_position_handle: T.handle,
+        output_handle: T.handle, lse_handle: T.handle, rotary_mode: T.int32,
+        rope_scale: T.float32, rope_theta: T.float32, sm_scale: T.float32,
+    ):
+        T.func_attr({"tirx.is_scheduled": True, "global_symbol": DECODE_SYMBOL})
+        B = T.int32()
+        nnz_pages = T.int32()
+        max_num_pages = T.int32()
+        indptr_offset = T.int32()
+        values_offset = T.int32()
+        k_rope_offset = T.int32()
+        q_rope_offset = T.int32()
+        length_offset = T.int32()
+        Q = T.match_buffer(Q_handle, (B, H_qo, D), dtype)
+        pages = T.match_buffer(pages_handle, (max_num_pages, 2, H_kv, page_size, D), dtype)
+        page_table_indptr = T.match_buffer(page_table_indptr_handle, (B + 1,), "int32",
+                                           elem_offset=indptr_offset)
+        page_table_values = T.match_buffer(page_table_values_handle, (nnz_pages,), "int32",
+                                           elem_offset=values_offset)
+        last_page_len = T.match_buffer(var_length_info, (B,), "int32", elem_offset=length_offset)
+        # RoPE positions: part of the cache's calling convention, unused without inline RoPE.
+        T.match_buffer(k_rope_pos_offset_handle, (B,), "int32", elem_offset=k_rope_offset)
+        T.match_buffer(q_rope_position_handle, (B,), "int32", elem_offset=q_rope_offset)
+        output = T.match_buffer(output_handle, (B, H_qo, D), dtype)
+        lse = T.match_buffer(lse_handle, (B, H_qo), "float32")
+
+        assert rotary_mode == 0, "fmc's CPU decode attention expects RoPE applied at append"
+        for bh in T.parallel(B * H_qo):
+            with T.sblock("attn"):
+                # Regions would be inferred over the let-bound page range; the kernel is
+                # scheduled by hand, so none are needed.
+                T.reads()
+                T.writes()
+                q_local = T.sblock_alloc_buffer((D,), "float32")
+                o_local = T.sblock_alloc_buffer((D,), "float32")
+                acc = T.sblock_alloc_buffer((lanes,), "float32")
+                scores = T.sblock_alloc_buffer((page_size,), "float32")
+                state = T.sblock_alloc_buffer((4,), "float32")  # m, d, new m, rescale
+                b: T.let[T.int32] = bh // H_qo
+                h: T.let[T.int32] = bh % H_qo
+                kv: T.let[T.int32] = h // group
+                first: T.let[T.int32] = page_table_indptr[b]
+                num_pages: T.let[T.int32] = page_table_indptr[b + 1] - first
+                state[0] = T.float32(-5e4)
+                state[1] = T.float32(1.0)
+                for d in T.vectorized(D):
+                    o_local[d] = T.float32(0)
+                # Scores in the log2 domain: fold sm_scale·log2(e) into q once.
+                for d in T.vectorized(D):
+                    q_local[d] = T.Cast("float32", Q[b, h, d]) * (sm_scale * log2e)
+                for p in T.serial(num_pages):
+                    page: T.let[T.int32] = page_table_values[first + p]
+                    rows: T.let[T.int32] = T.if_then_else(p == num_pages - 1,
+                                                          last_page_len[b], page_size)
+                    for r in T.serial(rows):
+                        for lane in T.vectorized(lanes):
+                            acc[lane] = q_local[lane] \
+                                * T.Cast("float32", pages[page, 0, kv, r, lane])
+                        for c in T.serial(chunks - 1):
+                            for lane in T.vectorized(lanes):
+                                d: T.let[T.int32] = (c + 1) * lanes + lane
+                                acc[lane] = acc[lane] \
+                                    + q_local[d] * T.Cast("float32", pages[page, 0, kv, r, d])
+                        scores[r] = T.float32(0)
+                        for lane in T.serial(lanes):
+                            scores[r] = scores[r] + acc[lane]
+                    state[2] = state[0]
+                    for r in T.serial(rows):
+                        state[2] = T.max(state[2], scores[r])
+                    state[3] = T.exp2(state[0] - state[2])
+                    state[1] = state[1] * state[3]
+                    for d in T.vectorized(D):
+                        o_local[d] = o_local[d] * state[3]
+                    for r in T.serial(rows):
+                        scores[r] = T.exp2(scores[r] - state[2])
+                        state[1] = state[1] + scores[r]
+                        for d in T.vectorized(D):
+                            o_local[d] = o_local[d] + scores[r] \
+                                * T.Cast("float32", pages[page, 1, kv, r, d])
+                    state[0] = state[2]
+                for d in T.vectorized(D):
+                    output[b, h, d] = T.Cast(dtype, o_local[d] / state[1])
+                lse[b, h] = state[0] + T.log2(state[1])
+    # fmt: on
+    return batch_decode_paged_kv
