@@ -113,7 +113,8 @@ def _quantize(state: CompileState, progress: Progress) -> None:
             log.warning("ignoring %d checkpoint tensor(s) the model does not use: %s",
                         len(extra), ", ".join(extra[:5]) + (" …" if len(extra) > 5 else ""))
     state.layer_schemes, quantized = quantize_layers(model, state.plan, state.compute_dtype,
-                                                     model.output_layers())
+                                                     model.output_layers(),
+                                                     state.target.row_block)
     mod, named = model.export_tvm(spec=model.get_default_spec())
     params = [(n, tuple(int(d) for d in p.shape), str(p.dtype)) for n, p in named]
     state.params = plan_params(params, quantized)
@@ -234,7 +235,8 @@ def build_manifest(state: CompileState) -> dict[str, Any]:
         "target": {**state.target.describe(), "validation": state.validation},
         "library": {"file": state.library, "sha256": sha256_file(library_path),
                     "bytes": library_path.stat().st_size},
-        "quantization": {**state.plan.describe(), "layers": state.layer_schemes},
+        "quantization": {**state.plan.describe(), "layers": state.layer_schemes,
+                         "row_block": state.target.row_block},
         "compute_dtype": state.compute_dtype,
         "model": state.config.to_dict(),
         "runtime": {"context_window": state.context_window,

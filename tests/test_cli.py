@@ -45,6 +45,20 @@ def test_compile_inspect_run_bench(tiny_checkpoint, tmp_path, capsys):
     assert code == 0 and bench["decode_tokens_per_s"]["median"] > 0
     assert bench["peak_rss_bytes"] > 0
 
+    code, stdout, _ = run_cli(capsys, "bench", str(out), "--json", "--runs", "1",
+                              "--prompt-len", "8", "--gen-len", "3", "--profile")
+    profile = json.loads(stdout)["profile"]
+    assert code == 0 and profile["decode_steps"] == 3
+    decode = {row["kernel"]: row for row in profile["decode"]["kernels"]}
+    # Every decode step runs the output projection once and each layer's attention once.
+    lm_head = [row for name, row in decode.items() if "matmul" in name
+               and row["calls_per_step"] == 1]
+    assert lm_head and all(row["us_per_call"] > 0 for row in lm_head)
+    assert decode["vm.builtin.attention_kv_cache_attention_with_fused_qkv"][
+        "calls_per_step"] == 2  # llama-mha has two layers
+    assert 0 < profile["decode"]["kernels_ms"] <= profile["decode"]["step_ms"] * 1.05
+    assert profile["prefill"]["kernels"][0]["ms_per_step"] > 0
+
 
 def test_sampling_is_reproducible_with_a_seed(tiny_artifact, capsys):
     art = str(tiny_artifact("llama-mha"))

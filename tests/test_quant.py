@@ -66,6 +66,43 @@ def test_q4_matches_reference(name, scale_dtype):
     np.testing.assert_array_equal((codes.astype(np.float32) - 7) * g, expected)
 
 
+@pytest.mark.parametrize("name", ["q4f16", "q8f16", "q0f16", "nf4", "q4_0"])
+def test_row_interleaved_layout_is_the_scheme_in_blocks_of_rows(name):
+    """`NAME_rows16` stores NAME's arrays with 16 rows innermost; numpy and TE dequantize
+    (through the row views) give NAME's values bit for bit."""
+    import tvm
+    from tvm import te
+
+    base, wrapped = get(name), get(f"{name}_rows16")
+    w = weight(rows=48, k=256)
+    plain, blocked = base.quantize(w), wrapped.quantize(w)
+    for part, (p, b, spec) in enumerate(zip(plain, blocked, wrapped.storage(w.shape, "w"),
+                                            strict=True)):
+        assert b.shape == spec.shape == (3, *p.shape[1:], 16), part
+        for row in (0, 17, 47):
+            np.testing.assert_array_equal(b[row // 16, ..., row % 16], p[row])
+    np.testing.assert_array_equal(wrapped.dequantize(blocked), base.dequantize(plain))
+    placeholders = [te.placeholder(a.shape, str(a.dtype)) for a in blocked]
+    out = wrapped.dequantize_te(placeholders, "float32")
+    kernel = tvm.compile(te.create_prim_func([*placeholders, out]), "llvm")
+    result = tvm.runtime.tensor(np.zeros(w.shape, np.float32))
+    kernel(*[tvm.runtime.tensor(a) for a in blocked], result)
+    np.testing.assert_array_equal(result.numpy(), base.dequantize(plain))
+
+
+def test_rows_the_block_does_not_divide_keep_the_plain_layout(tiny_artifact):
+    """llama-tied has 24-row k/v projections: those stay row-major (and fuse with each
+    other), the 48-row ones are interleaved; both kinds compute the same model."""
+    artifact = tiny_artifact("llama-tied", "q0f16")
+    params = {p["name"]: p for p in json.loads((artifact / "manifest.json").read_text())[
+        "params"]}
+    assert params["model.layers.0.self_attn.q_proj.weight"]["shape"] == [3, 48, 16]
+    assert params["model.layers.0.self_attn.k_proj+v_proj.weight"]["shape"] == [48, 48]
+    ours = fmc.load(artifact).logits(IDS)
+    full = fmc.load(tiny_artifact("llama-tied")).logits(IDS)
+    assert np.abs(ours - full).max() <= 2e-3 * np.abs(full).max()
+
+
 def test_q8f16_equals_gguf_q8_0():
     w = weight()
     stored = get("q8f16").quantize(w)

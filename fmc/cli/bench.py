@@ -18,6 +18,9 @@ def bench_command(
     threads: int = typer.Option(
         None, "--threads", help="CPU threads (default: TVM_NUM_THREADS, else physical cores)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON result on stdout."),
+    profile: bool = typer.Option(
+        False, "--profile", help="Also time every kernel of one prefill and the decode steps."),
+    top: int = typer.Option(12, "--top", help="Kernels listed per table with --profile."),
 ) -> None:
     """Benchmark prefill and decode speed."""
     import fmc
@@ -30,6 +33,10 @@ def bench_command(
     result.update(threads=used_threads, artifact=str(artifact),
                   target=engine.manifest["target"]["name"],
                   quantization=engine.manifest["quantization"]["default"])
+    if profile:
+        from fmc.runtime.profile import profile_kernels
+
+        result["profile"] = profile_kernels(engine, prompt_len, gen_len)
     if json_out:
         emit_json(result)
         return
@@ -43,3 +50,21 @@ def bench_command(
                  f"[{d['min']:.1f}–{d['max']:.1f}]")
     stdout.print(f"  time to first token: {t['median'] * 1000:.1f} ms")
     stdout.print(f"  peak RSS: {human_bytes(result['peak_rss_bytes'])}")
+    if profile:
+        for phase in ("prefill", "decode"):
+            _print_profile(phase, result["profile"][phase], top)
+
+
+def _print_profile(phase: str, table: dict, top: int) -> None:
+    from rich.table import Table
+
+    title = (f"{phase}: {table['step_ms']:.2f} ms per step, kernels and VM builtins "
+             f"{table['kernels_ms']:.2f} ms (timing hook included)")
+    view = Table(title=title, title_justify="left", box=None)
+    for column in ("kernel", "calls", "ms/step", "µs/call", "share"):
+        view.add_column(column, justify="left" if column == "kernel" else "right",
+                        overflow="fold")
+    for row in table["kernels"][:top]:
+        view.add_row(row["kernel"], f"{row['calls_per_step']:g}", f"{row['ms_per_step']:.3f}",
+                     f"{row['us_per_call']:.1f}", f"{row['share']:.0%}")
+    stdout.print(view)

@@ -18,6 +18,7 @@ from fmc.lowering.passes.fuse_dequantize_matmul import FuseDequantizeMatmul
 from fmc.lowering.passes.fuse_horizontal import FuseHorizontal
 from fmc.lowering.passes.fuse_norm import FuseAddNorm, FuseNormMatmul
 from fmc.lowering.passes.inline_dequantize import InlineDequantize
+from fmc.lowering.passes.mark_noalias import MarkNoAlias
 from fmc.lowering.passes.override_kernels import OverrideKernels
 from fmc.lowering.passes.simplify_copies import SimplifyCopies
 
@@ -110,6 +111,9 @@ PIPELINE: list[PassSpec] = [
              _relax(relax.transform.VMShapeLower), required=True),
     PassSpec("attach-global-symbol", "lower", "name every function for the library",
              _relax(relax.transform.AttachGlobalSymbol), required=True),
+    PassSpec("mark-noalias", "lower",
+             "declare kernels' buffers distinct, so LLVM keeps accumulators in registers",
+             _relax(MarkNoAlias)),
 ]
 
 

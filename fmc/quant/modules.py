@@ -11,6 +11,7 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
 from fmc.nn_ops import take
+from fmc.quant.layout import RowInterleaved, interleave
 from fmc.quant.plan import QuantPlan
 from fmc.quant.scheme import QuantScheme
 
@@ -63,6 +64,12 @@ class QuantizedEmbedding(_QuantizedWeight):
         self._init_storage(scheme, (embedding.num, embedding.dim), layer, dtype)
 
     def forward(self, ids: nn.Tensor) -> nn.Tensor:
+        if isinstance(self.scheme, RowInterleaved):  # rows are not contiguous: gather in TE
+            scheme, dtype = self.scheme, self.compute_dtype
+            return op.tensor_expr_op(
+                lambda ids_te, *tensors: scheme.base.dequantize_te(
+                    scheme.views(list(tensors), ids_te), dtype),
+                name_hint=f"embed_{scheme.base.name}", args=[ids, *self.stored()])
         rows = [take(tensor, ids) for tensor in self.stored()]
         return _dequantize(self.scheme, rows, self.compute_dtype)
 
@@ -72,8 +79,10 @@ class QuantizedEmbedding(_QuantizedWeight):
 
 
 class _Quantizer(nn.Mutator):
-    def __init__(self, plan: QuantPlan, dtype: str, output_layers: set[str]):
+    def __init__(self, plan: QuantPlan, dtype: str, output_layers: set[str],
+                 row_block: int | None):
         self.plan = plan
+        self.row_block = row_block
         self.dtype = dtype
         self.output_layers = output_layers
         self.layers: dict[str, str] = {}
@@ -86,6 +95,8 @@ class _Quantizer(nn.Mutator):
             if scheme.is_identity(node.weight.dtype):
                 return node
             cls = QuantizedLinear if isinstance(node, nn.Linear) else QuantizedEmbedding
+            if self.row_block and node.weight.shape[0] % self.row_block == 0:
+                scheme = interleave(scheme, self.row_block)
             layer = cls(node, scheme, name, self.dtype)
             for part, tensor in enumerate(layer.storage):
                 self.stored[f"{name}.{tensor.name}"] = QuantizedParam(
@@ -103,11 +114,13 @@ class QuantizedParam:
     part: int
 
 
-def quantize_layers(model: nn.Module, plan: QuantPlan, dtype: str, output_layers: set[str]
+def quantize_layers(model: nn.Module, plan: QuantPlan, dtype: str, output_layers: set[str],
+                    row_block: int | None = None
                     ) -> tuple[dict[str, str], dict[str, QuantizedParam]]:
     """Swap every Linear/Embedding of `model` per `plan`, in place; `output_layers` are the
-    layers that produce logits. Returns the scheme of every layer and, for each new storage
-    parameter, what it is made from."""
-    quantizer = _Quantizer(plan, dtype, output_layers)
+    layers that produce logits; `row_block` (the target's choice) stores weights whose rows
+    it divides row-interleaved. Returns the scheme of every layer and, for each new storage
+    parameter, what it is made from (the layout-qualified scheme name)."""
+    quantizer = _Quantizer(plan, dtype, output_layers, row_block)
     quantizer.visit("", model)
     return quantizer.layers, quantizer.stored

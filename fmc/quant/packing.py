@@ -79,14 +79,23 @@ def dequantize_offset_int4(stored: list[np.ndarray], zero: int, group: int) -> n
 
 
 def dequantize_offset_int4_te(stored, zero: int, group: int, out_dtype: str):
-    """The same as a TE compute named `dequantize`."""
+    """The same as a TE compute named `dequantize`.
+
+    In float32 it is written code·scale − zero·scale: both products are exact (4-bit code,
+    float16 scale), so the one rounding of the difference gives (code − zero)·scale bit for
+    bit, and the CPU does it in one FMA with zero·scale hoisted per group. In float16 the
+    products would round: there it stays (code − zero)·scale."""
     words, scales = stored
     rows, k = words.shape[0], words.shape[1] * NIBBLES_PER_WORD
-    return te.compute(
-        (rows, k),
-        lambda i, j: (nibble(words, i, j).astype(out_dtype) - zero)
-        * scales[i, j // group].astype(out_dtype),
-        name="dequantize")
+
+    def value(i, j):
+        code = nibble(words, i, j).astype(out_dtype)
+        scale = scales[i, j // group].astype(out_dtype)
+        if out_dtype == "float32":
+            return code * scale - scale * float(zero)
+        return (code - zero) * scale
+
+    return te.compute((rows, k), value, name="dequantize")
 
 
 def split_ggml_blocks(blocks: np.ndarray, shape: tuple[int, int], group: int,

@@ -20,7 +20,8 @@ def register(scheme: QuantScheme) -> QuantScheme:
 
 
 def _load_builtins() -> None:
-    import_builtins("fmc.quant", {"registry", "scheme", "plan", "modules", "convert", "packing"})
+    import_builtins("fmc.quant", {"registry", "scheme", "plan", "modules", "convert", "packing",
+                                  "layout"})
 
 
 def load_plugin(path: str | Path) -> list[str]:
@@ -35,10 +36,14 @@ def load_plugin(path: str | Path) -> list[str]:
 
 
 def get(name: str) -> QuantScheme:
+    """A scheme by name; `NAME_rowsB` is NAME stored row-interleaved (fmc.quant.layout)."""
+    from fmc.quant.layout import interleave, split_name
+
     _load_builtins()
-    if name not in SCHEMES:
+    base, block = (name, None) if name in SCHEMES else split_name(name)
+    if base not in SCHEMES:
         raise unknown_choice("quantization scheme", name, list(SCHEMES))
-    return SCHEMES[name]
+    return SCHEMES[base] if block is None else interleave(SCHEMES[base], block)
 
 
 def all_schemes() -> dict[str, QuantScheme]:

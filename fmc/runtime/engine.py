@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Iterator
 from pathlib import Path
@@ -73,6 +74,16 @@ class Engine:
         if self._tokenizer is None:
             self._tokenizer = TextTokenizer(self.path)
         return self._tokenizer
+
+    @contextlib.contextmanager
+    def instrumented(self, callback):
+        """Run the VM with `callback(func, symbol, before_run, ret, *args)` around every call
+        (fmc.runtime.profile); removed on exit."""
+        self._vm.set_instrument(callback)
+        try:
+            yield self
+        finally:
+            self._vm.set_instrument(None)
 
     # -- low-level steps ---------------------------------------------------------------------
     def _check_ids(self, ids: list[int]) -> np.ndarray:

@@ -63,6 +63,9 @@ class Target:
     description: str = ""
     library_suffix: str = ".so"
     tools: tuple[Tool, ...] = ()
+    # Store quantized weights row-interleaved in blocks of this many rows (fmc.quant.layout)
+    # for kernels that give each SIMD lane a row; None keeps the schemes' row-major layout.
+    row_block: int | None = None
 
     def tvm_target(self):
         """The `tvm.target.Target` kernels are compiled for."""

@@ -49,12 +49,18 @@ class HostCPU(Target):
         return "float32"
 
     lanes = 16  # float32 lanes of the widest vector (AVX-512)
+    row_block = 16  # one weight row per float32 lane of an AVX-512 vector
 
     def schedule_passes(self) -> list:
         from fmc.lowering.passes.cpu_attention import ReplaceCPUAttention
+        from fmc.lowering.passes.schedule_cpu_elementwise import ScheduleCPUElementwise
         from fmc.lowering.passes.schedule_cpu_matmul import ScheduleCPUMatmul
 
-        return [("matmul", "parallel outputs, SIMD reduction", ScheduleCPUMatmul(self.lanes)),
+        return [("matmul", "a SIMD lane per weight row (row-interleaved weights), parallel "
+                 "row blocks; register tiles over tokens in prefill",
+                 ScheduleCPUMatmul(self.lanes, self.row_block)),
+                ("elementwise", "stages inlined, SIMD vectors, parallel chunks",
+                 ScheduleCPUElementwise(self.lanes)),
                 ("attention", "paged decode attention parallel over heads, SIMD over the "
                  "head dimension", ReplaceCPUAttention(self.lanes))]
 

@@ -1,4 +1,14 @@
-"""A first CPU schedule for matmul kernels: parallel over outputs, SIMD over the reduction."""
+"""CPU schedules for matmul kernels.
+
+Weights stored row-interleaved (fmc.quant.layout, the CPU target's choice): each SIMD lane
+owns one weight row. A task is a few row blocks; the reduction runs word by word with every
+code of a packed word unrolled (a uniform shift), the activation value is a broadcast scalar,
+the scales a vector load, and the accumulators stay in registers. Decode (one token) is a
+GEMV over those tasks; prefill adds a register tile of tokens, so each decoded weight vector
+feeds several tokens' FMAs.
+
+Other weights (row-major: f32 kept as is, rows not divisible by the block): parallel over
+outputs, each dot product split into SIMD-wide partial sums (rfactor)."""
 
 from __future__ import annotations
 
@@ -8,6 +18,13 @@ from tvm import s_tir, tirx
 from fmc.lowering.tir_util import block_names
 
 LANES = 16  # float32 lanes of a 512-bit vector
+# Row-interleaved weights (fmc.quant.layout): row blocks per task and activation rows per
+# register tile. Decode: 4 blocks = 4 independent FMA chains. Prefill: 4 tokens × 2 blocks
+# = 8 accumulators, each decoded weight vector used by 4 tokens.
+DECODE_BLOCKS = 4
+PREFILL_BLOCKS = 2
+PREFILL_TOKENS = 4
+UNROLLED_STEPS = 8  # reduction steps unrolled for unpacked weights (int8, float16)
 
 
 def _const_extent(schedule: s_tir.Schedule, loop) -> int | None:
@@ -40,20 +57,96 @@ def _schedule_one_matmul(schedule: s_tir.Schedule, name: str, following: list[st
         _, lane, chunk = schedule.get_loops(partial)
         schedule.reorder(chunk, lane)
         schedule.vectorize(lane)
-    for epilogue in following:
-        consumer = schedule.get_sblock(epilogue)
-        if "matmul" in epilogue or _is_reduction(schedule, consumer):
-            break
-        try:
-            schedule.reverse_compute_at(consumer, outer)
-        except s_tir.ScheduleError:
-            break  # not over the matmul's output space: it stays a loop nest of its own
+    _attach_epilogue(schedule, following, outer)
     schedule.parallel(outer)
     if partial is not None:  # after `parallel`, which needs the reduction block whole
         schedule.decompose_reduction(partial, chunk)
 
 
-def schedule_matmul(func: tirx.PrimFunc, lanes: int = LANES) -> tirx.PrimFunc | None:
+def _const_int(extent) -> int | None:
+    return int(extent) if isinstance(extent, tirx.IntImm) else None
+
+
+def _interleaved_weight(schedule: s_tir.Schedule, block, row_block: int | None,
+                        k_extent: int) -> int | None:
+    """Codes per stored word when the block reads a row-interleaved weight
+    [rows/B, K/P, B] (fmc.quant.layout; its scales are [rows/B, K/group, B], fewer
+    columns), else None."""
+    if not row_block:
+        return None
+    columns = [_const_int(region.source.shape[1]) for region in schedule.get(block).reads
+               if len(region.source.shape) == 3
+               and _const_int(region.source.shape[2]) == row_block]
+    widest = max((c for c in columns if c), default=None)
+    if widest is None or k_extent % widest:
+        return None
+    return k_extent // widest
+
+
+def _schedule_rows(schedule: s_tir.Schedule, name: str, following: list[str],
+                   row_block: int | None) -> bool:
+    """Matmuls over row-interleaved weights: each SIMD lane owns a weight row. The output
+    rows split into tasks of `blocks` row blocks (parallel); the reduction runs word by
+    word with every code of a word unrolled; the activation value is a broadcast scalar.
+    With several activation rows (prefill), `PREFILL_TOKENS` of them share each decoded
+    weight vector."""
+    block = schedule.get_sblock(name)
+    *spatial, reduction = schedule.get_loops(block)
+    k_extent = _const_extent(schedule, reduction)
+    if len(spatial) < 2 or k_extent is None:
+        return False
+    per_word = _interleaved_weight(schedule, block, row_block, k_extent)
+    n_extent = _const_extent(schedule, spatial[-1])
+    if per_word is None or n_extent is None or n_extent % row_block:
+        return False
+    tokens = [_const_extent(schedule, loop) for loop in spatial[:-1]]
+    decode = all(t == 1 for t in tokens)
+    blocks = DECODE_BLOCKS if decode else PREFILL_BLOCKS
+    blocks = next(b for b in (blocks, 2, 1) if n_extent % (b * row_block) == 0)
+    accumulator = schedule.cache_write(block, 0, "local")
+    tile, row_blocks, lane = schedule.split(spatial[-1], factors=[None, blocks, row_block])
+    # Unroll the codes of a word (or UNROLLED_STEPS unpacked values) so the scale load, the
+    # same for all of them, is shared.
+    step = per_word if per_word > 1 else \
+        next((u for u in (UNROLLED_STEPS, 2) if k_extent % u == 0), 1)
+    word, code = schedule.split(reduction, factors=[None, step]) if step > 1 \
+        else (reduction, None)
+    inner = [code] if code is not None else []
+    if decode:
+        schedule.reorder(tile, word, *inner, row_blocks, lane)
+        home = tile
+    else:
+        token_loop = schedule.fuse(*spatial[:-1]) if len(spatial) > 2 else spatial[0]
+        token_tile, token = schedule.split(token_loop, factors=[None, PREFILL_TOKENS])
+        schedule.reorder(tile, token_tile, word, *inner, token, row_blocks, lane)
+        schedule.unroll(token)
+        home = token_tile
+    schedule.vectorize(lane)
+    schedule.unroll(row_blocks)
+    if code is not None:
+        schedule.unroll(code)
+    schedule.reverse_compute_at(accumulator, home)
+    _attach_epilogue(schedule, following, home)
+    schedule.parallel(tile)
+    schedule.decompose_reduction(block, word)
+    return True
+
+
+def _attach_epilogue(schedule: s_tir.Schedule, following: list[str], loop) -> None:
+    """Move the elementwise blocks after a matmul (bias, residual add, casts) under its
+    output loop; stop at the next matmul or reduction (a norm's)."""
+    for epilogue in following:
+        consumer = schedule.get_sblock(epilogue)
+        if "matmul" in epilogue or _is_reduction(schedule, consumer):
+            break
+        try:
+            schedule.reverse_compute_at(consumer, loop)
+        except s_tir.ScheduleError:
+            break  # not over the matmul's output space: it stays a loop nest of its own
+
+
+def schedule_matmul(func: tirx.PrimFunc, lanes: int = LANES,
+                    row_block: int | None = None) -> tirx.PrimFunc | None:
     """Schedule every matmul block of the kernel (merged kernels hold several: GEMM→norm→
     GEMM) or return None when it has none.
 
@@ -67,7 +160,9 @@ def schedule_matmul(func: tirx.PrimFunc, lanes: int = LANES) -> tirx.PrimFunc | 
         return None
     schedule = s_tir.Schedule(func)
     for name in matmuls:
-        _schedule_one_matmul(schedule, name, names[names.index(name) + 1:], lanes)
+        following = names[names.index(name) + 1:]
+        if not _schedule_rows(schedule, name, following, row_block):
+            _schedule_one_matmul(schedule, name, following, lanes)
     return schedule.mod["main"]
 
 
@@ -75,14 +170,15 @@ def schedule_matmul(func: tirx.PrimFunc, lanes: int = LANES) -> tirx.PrimFunc | 
 class ScheduleCPUMatmul:
     """Apply `schedule_matmul` to every kernel with a matmul block; leave the rest."""
 
-    def __init__(self, lanes: int = LANES):
+    def __init__(self, lanes: int = LANES, row_block: int | None = None):
         self.lanes = lanes  # float32 lanes of the target's widest vector
+        self.row_block = row_block  # the target's weight row interleaving
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         for gv, func in list(mod.functions_items()):
             if not isinstance(func, tirx.PrimFunc):
                 continue
-            scheduled = schedule_matmul(func, self.lanes)
+            scheduled = schedule_matmul(func, self.lanes, self.row_block)
             if scheduled is not None:
                 mod[gv] = scheduled.with_attr("global_symbol", gv.name_hint) \
                     if "global_symbol" in (func.attrs or {}) else scheduled
