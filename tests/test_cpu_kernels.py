@@ -64,3 +64,46 @@ def test_decode_attention_refuses_inline_rope():
     lse = tvm.runtime.tensor(np.zeros((1, 1), "float32"), device)
     with pytest.raises(Exception, match="RoPE applied at append"):
         executable.mod[DECODE_SYMBOL](*args, out, lse, 1, 1.0, 10000.0, 0.25)
+
+
+def _ragged_batch(rng, q_lengths, kv_lengths, kv_heads, heads, head_dim):
+    q_indptr = np.concatenate([[0], np.cumsum(q_lengths)]).astype("int32")
+    kv_indptr = np.concatenate([[0], np.cumsum(kv_lengths)]).astype("int32")
+    q = rng.standard_normal((q_indptr[-1], heads, head_dim)).astype("float32")
+    k = rng.standard_normal((kv_indptr[-1], kv_heads, head_dim)).astype("float32")
+    v = rng.standard_normal((kv_indptr[-1], kv_heads, head_dim)).astype("float32")
+    positions = np.zeros(q_indptr[-1], "int32")
+    return q, q_indptr, k, v, kv_indptr, positions, np.zeros(len(q_lengths), "int32")
+
+
+@pytest.mark.parametrize("causal", [1, 0])
+@pytest.mark.parametrize("kv_heads,heads,head_dim", [(3, 9, 64), (2, 2, 32)])
+def test_ragged_prefill_attention_equals_tvm(kv_heads, heads, head_dim, causal):
+    from tvm.relax.frontend.nn.llm._prefill_kernels import _attention_prefill_ragged_cpu
+
+    from fmc.lowering.kernels.attention_cpu import (
+        RAGGED_PREFILL_SYMBOL,
+        ragged_prefill_attention,
+    )
+
+    # Sequences: a long prompt, one token, and one with more keys than queries (a chunk).
+    inputs = _ragged_batch(np.random.default_rng(heads), [37, 1, 5], [37, 1, 21],
+                           kv_heads, heads, head_dim)
+    target = tvm.target.Target({"kind": "llvm", "mcpu": host_cpu()})
+    results = []
+    for func in (ragged_prefill_attention(kv_heads, heads, head_dim, "float32"),
+                 _attention_prefill_ragged_cpu(kv_heads, heads, head_dim, head_dim,
+                                               "float32", {})):
+        executable = tvm.compile(func.with_attr("global_symbol", RAGGED_PREFILL_SYMBOL),
+                                 target)
+        device = tvm.cpu()
+        total = len(inputs[0])
+        out = tvm.runtime.tensor(np.zeros((total, heads, head_dim), "float32"), device)
+        lse = tvm.runtime.tensor(np.zeros((total, heads), "float32"), device)
+        executable.mod[RAGGED_PREFILL_SYMBOL](
+            *[tvm.runtime.tensor(a, device) for a in inputs], out, lse, causal, 0, 1.0,
+            10000.0, head_dim ** -0.5)
+        results.append((out.numpy(), lse.numpy()))
+    (out, lse), (want_out, want_lse) = results
+    np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(lse, want_lse, rtol=1e-5, atol=1e-5)

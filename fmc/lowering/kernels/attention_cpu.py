@@ -16,7 +16,9 @@ import math
 
 from tvm.script import tirx as T
 
-DECODE_SYMBOL = "batch_decode_paged_kv_cpu"  # TVM's kernel this one replaces
+DECODE_SYMBOL = "batch_decode_paged_kv_cpu"  # TVM's kernels these replace
+RAGGED_PREFILL_SYMBOL = "batch_prefill_ragged_kv"
+KEYS_PER_STEP = 16  # keys scored per online-softmax update in prefill
 
 
 def decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: str,
@@ -117,3 +119,110 @@ def decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype:
                 lse[b, h] = state[0] + T.log2(state[1])
     # fmt: on
     return batch_decode_paged_kv
+
+
+def ragged_prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int,
+                             dtype: str, lanes: int = 16):
+    """Self-attention of the new tokens of each sequence (q, k, v ragged by indptr), causal
+    or not: TVM's `_attention_prefill_ragged_cpu` semantics (masked scores are -5e4·scale,
+    so they add exactly 0), parallel over (query token, head) within a sequence, keys in
+    steps of KEYS_PER_STEP with one online-softmax update per step."""
+    H_qo, H_kv, D = num_qo_heads, num_kv_heads, head_dim
+    group = H_qo // H_kv
+    lanes = math.gcd(lanes, D)
+    chunks = D // lanes
+    step = KEYS_PER_STEP
+    log2e = math.log2(math.e)
+
+    # fmt: off
+    @T.prim_func(s_tir=True)
+    def batch_prefill_ragged_kv(
+        var_q: T.handle, var_q_indptr: T.handle, var_k: T.handle, var_v: T.handle,
+        var_kv_indptr: T.handle, var_q_rope_position: T.handle,
+        var_k_rope_pos_offset: T.handle, var_output: T.handle, var_lse: T.handle,
+        causal: T.int32, rotary_mode: T.int32, rope_scale: T.float32, rope_theta: T.float32,
+        sm_scale: T.float32,
+    ):
+        T.func_attr({"tirx.is_scheduled": True, "global_symbol": RAGGED_PREFILL_SYMBOL})
+        batch_size = T.int32()
+        qo_len = T.int32()
+        kv_len = T.int32()
+        q_indptr_offset = T.int32()
+        kv_indptr_offset = T.int32()
+        q_rope_offset = T.int32()
+        k_rope_offset = T.int32()
+        q = T.match_buffer(var_q, (qo_len, H_qo, D), dtype)
+        q_indptr = T.match_buffer(var_q_indptr, (batch_size + 1,), "int32",
+                                  elem_offset=q_indptr_offset)
+        k = T.match_buffer(var_k, (kv_len, H_kv, D), dtype)
+        v = T.match_buffer(var_v, (kv_len, H_kv, D), dtype)
+        kv_indptr = T.match_buffer(var_kv_indptr, (batch_size + 1,), "int32",
+                                   elem_offset=kv_indptr_offset)
+        # RoPE positions: part of the cache's calling convention, unused without inline RoPE.
+        T.match_buffer(var_q_rope_position, (qo_len,), "int32", elem_offset=q_rope_offset)
+        T.match_buffer(var_k_rope_pos_offset, (batch_size,), "int32",
+                       elem_offset=k_rope_offset)
+        output = T.match_buffer(var_output, (qo_len, H_qo, D), dtype)
+        lse = T.match_buffer(var_lse, (qo_len, H_qo), "float32")
+
+        assert rotary_mode == 0, "fmc's CPU prefill attention expects RoPE applied at append"
+        for b in T.serial(batch_size):
+            for qh in T.parallel((q_indptr[b + 1] - q_indptr[b]) * H_qo):
+                with T.sblock("attn"):
+                    T.reads()
+                    T.writes()
+                    q_local = T.sblock_alloc_buffer((D,), "float32")
+                    o_local = T.sblock_alloc_buffer((D,), "float32")
+                    acc = T.sblock_alloc_buffer((lanes,), "float32")
+                    scores = T.sblock_alloc_buffer((step,), "float32")
+                    state = T.sblock_alloc_buffer((4,), "float32")  # m, d, new m, rescale
+                    row: T.let[T.int32] = qh // H_qo
+                    h: T.let[T.int32] = qh % H_qo
+                    kv: T.let[T.int32] = h // group
+                    q_start: T.let[T.int32] = q_indptr[b]
+                    k_start: T.let[T.int32] = kv_indptr[b]
+                    q_count: T.let[T.int32] = q_indptr[b + 1] - q_start
+                    k_count: T.let[T.int32] = kv_indptr[b + 1] - k_start
+                    # Keys this query sees: all, or (causal) up to its own position.
+                    visible: T.let[T.int32] = T.if_then_else(
+                        causal > 0, T.min(k_count - q_count + row + 1, k_count), k_count)
+                    state[0] = T.float32(-5e4)
+                    state[1] = T.float32(1.0)
+                    for d in T.vectorized(D):
+                        o_local[d] = T.float32(0)
+                    for d in T.vectorized(D):
+                        q_local[d] = T.Cast("float32", q[q_start + row, h, d]) \
+                            * (sm_scale * log2e)
+                    for start in T.serial((visible + step - 1) // step):
+                        count: T.let[T.int32] = T.min(step, visible - start * step)
+                        for r in T.serial(count):
+                            key: T.let[T.int32] = k_start + start * step + r
+                            for lane in T.vectorized(lanes):
+                                acc[lane] = q_local[lane] * T.Cast("float32", k[key, kv, lane])
+                            for c in T.serial(chunks - 1):
+                                for lane in T.vectorized(lanes):
+                                    d: T.let[T.int32] = (c + 1) * lanes + lane
+                                    acc[lane] = acc[lane] \
+                                        + q_local[d] * T.Cast("float32", k[key, kv, d])
+                            scores[r] = T.float32(0)
+                            for lane in T.serial(lanes):
+                                scores[r] = scores[r] + acc[lane]
+                        state[2] = state[0]
+                        for r in T.serial(count):
+                            state[2] = T.max(state[2], scores[r])
+                        state[3] = T.exp2(state[0] - state[2])
+                        state[1] = state[1] * state[3]
+                        for d in T.vectorized(D):
+                            o_local[d] = o_local[d] * state[3]
+                        for r in T.serial(count):
+                            scores[r] = T.exp2(scores[r] - state[2])
+                            state[1] = state[1] + scores[r]
+                            for d in T.vectorized(D):
+                                o_local[d] = o_local[d] + scores[r] * T.Cast(
+                                    "float32", v[k_start + start * step + r, kv, d])
+                        state[0] = state[2]
+                    for d in T.vectorized(D):
+                        output[q_start + row, h, d] = T.Cast(dtype, o_local[d] / state[1])
+                    lse[q_start + row, h] = state[0] + T.log2(state[1])
+    # fmt: on
+    return batch_prefill_ragged_kv

@@ -5,7 +5,12 @@ from __future__ import annotations
 import tvm
 from tvm import tirx
 
-from fmc.lowering.kernels.attention_cpu import DECODE_SYMBOL, decode_attention
+from fmc.lowering.kernels.attention_cpu import (
+    DECODE_SYMBOL,
+    RAGGED_PREFILL_SYMBOL,
+    decode_attention,
+    ragged_prefill_attention,
+)
 
 
 def _buffer_shape(func: tirx.PrimFunc, index: int) -> list:
@@ -16,26 +21,48 @@ def _int(extent) -> int | None:
     return int(extent) if isinstance(extent, tirx.IntImm) else None
 
 
+def _decode(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc | None:
+    """Q [B, H_qo, D], pages [P, 2, H_kv, page, D]."""
+    q_shape, page_shape = _buffer_shape(func, 0), _buffer_shape(func, 1)
+    heads, head_dim = _int(q_shape[1]), _int(q_shape[2])
+    kv_heads, page_size = _int(page_shape[2]), _int(page_shape[3])
+    if None in (heads, head_dim, kv_heads, page_size):
+        return None
+    return decode_attention(kv_heads, heads, head_dim, str(func.params[0].ty.dtype),
+                            page_size, lanes)
+
+
+def _ragged_prefill(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc | None:
+    """q [n, H_qo, D], k [m, H_kv, D], v [m, H_kv, D_v]: only D_v = D is implemented."""
+    q_shape, k_shape, v_shape = (_buffer_shape(func, i) for i in (0, 2, 3))
+    heads, head_dim = _int(q_shape[1]), _int(q_shape[2])
+    kv_heads, v_dim = _int(k_shape[1]), _int(v_shape[2])
+    if None in (heads, head_dim, kv_heads) or v_dim != head_dim:
+        return None
+    return ragged_prefill_attention(kv_heads, heads, head_dim, str(func.params[0].ty.dtype),
+                                    lanes)
+
+
+REPLACEMENTS = {DECODE_SYMBOL: _decode, RAGGED_PREFILL_SYMBOL: _ragged_prefill}
+
+
 @tvm.transform.module_pass(opt_level=0, name="ReplaceCPUAttention")
 class ReplaceCPUAttention:
-    """Find the cache's decode attention by its symbol, read the head counts, head size, page
-    size and dtype off its buffers (Q [B, H_qo, D], pages [P, 2, H_kv, page, D]) and put
-    fmc's kernel in its place; the cache calls it through the same global."""
+    """Find the cache's decode and ragged-prefill attention kernels by their symbols, read
+    head counts, head size, page size and dtype off their buffers and put fmc's kernels in
+    their place; the cache calls them through the same globals. A shape these kernels do
+    not implement keeps TVM's."""
 
     def __init__(self, lanes: int = 16):
         self.lanes = lanes
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         for gv, func in list(mod.functions_items()):
-            if not isinstance(func, tirx.PrimFunc) or \
-                    (func.attrs or {}).get("global_symbol") != DECODE_SYMBOL:
+            if not isinstance(func, tirx.PrimFunc):
                 continue
-            q_shape, page_shape = _buffer_shape(func, 0), _buffer_shape(func, 1)
-            heads, head_dim = _int(q_shape[1]), _int(q_shape[2])
-            kv_heads, page_size = _int(page_shape[2]), _int(page_shape[3])
-            dtype = func.params[0].ty.dtype
-            if None in (heads, head_dim, kv_heads, page_size):
-                continue  # not the layout this kernel implements: keep TVM's
-            mod[gv] = decode_attention(kv_heads, heads, head_dim, str(dtype), page_size,
-                                       self.lanes).with_attr("global_symbol", DECODE_SYMBOL)
+            symbol = (func.attrs or {}).get("global_symbol")
+            make = REPLACEMENTS.get(str(symbol)) if symbol is not None else None
+            replacement = make(func, self.lanes) if make else None
+            if replacement is not None:
+                mod[gv] = replacement.with_attr("global_symbol", symbol)
         return mod
