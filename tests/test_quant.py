@@ -90,6 +90,18 @@ def test_row_interleaved_layout_is_the_scheme_in_blocks_of_rows(name):
     np.testing.assert_array_equal(result.numpy(), base.dequantize(plain))
 
 
+def test_row_blocks_of_a_big_tensor_are_quantized_whole(monkeypatch):
+    """Big tensors are quantized in row blocks to bound memory; an interleaved scheme's blocks
+    must stay whole (a 49152-row embedding once split at row 29127)."""
+    from fmc.quant import convert
+
+    monkeypatch.setattr(convert, "ROW_BLOCK_BYTES", 37 * 256 * 4)  # 37 rows per step
+    scheme = get("q0f16_rows16")
+    w = weight(rows=96, k=256)
+    parts = convert.quantize_rows(scheme, w)
+    np.testing.assert_array_equal(parts[0], scheme.quantize(w)[0])
+
+
 def test_rows_the_block_does_not_divide_keep_the_plain_layout(tiny_artifact):
     """llama-tied has 24-row k/v projections: those stay row-major (and fuse with each
     other), the 48-row ones are interleaved; both kinds compute the same model."""

@@ -81,7 +81,8 @@ def _check_finite(name: str, arrays: list[np.ndarray], allow_nonfinite: bool) ->
 def quantize_rows(scheme, tensor: np.ndarray) -> list[np.ndarray]:
     """`scheme.quantize` over blocks of rows (schemes are row-independent by contract)."""
     rows = tensor.shape[0]
-    step = max(1, ROW_BLOCK_BYTES // max(1, tensor[0].size * 4))
+    granularity = scheme.row_granularity
+    step = max(1, ROW_BLOCK_BYTES // max(1, tensor[0].size * 4) // granularity) * granularity
     if step >= rows:
         return scheme.quantize(np.asarray(tensor, dtype=np.float32))
     parts = [scheme.quantize(np.asarray(tensor[i:i + step], dtype=np.float32))

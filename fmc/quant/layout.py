@@ -37,6 +37,7 @@ class _RowView:
 class RowInterleaved(QuantScheme):
     def __init__(self, base: QuantScheme, block: int):
         self.base, self.block = base, block
+        self.row_granularity = block
         self.name = f"{base.name}{SEPARATOR}{block}"
         for attribute in ("compute_dtype", "bits_per_weight", "output_scheme", "gguf_types"):
             setattr(self, attribute, getattr(base, attribute))

@@ -32,6 +32,8 @@ class QuantScheme:
     output_scheme: str | None = None
     # GGUF tensor types `from_gguf` converts without loss (e.g. ("Q8_0",)).
     gguf_types: tuple[str, ...] = ()
+    # `quantize` takes whole multiples of this many rows (row-interleaved layouts: the block).
+    row_granularity: int = 1
 
     def storage(self, shape: tuple[int, ...], tensor: str) -> list[StorageTensor]:
         """The arrays a weight of `shape` [rows, reduction] is stored as; `tensor` names the
