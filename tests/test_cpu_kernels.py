@@ -107,3 +107,55 @@ def test_ragged_prefill_attention_equals_tvm(kv_heads, heads, head_dim, causal):
     (out, lse), (want_out, want_lse) = results
     np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(lse, want_lse, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("vector_lanes", [1, 16])
+def test_fast_exp_is_within_two_ulp_over_the_float32_range(vector_lanes):
+    from tvm import s_tir, te, tirx
+
+    from fmc.targets import fast_exp
+
+    fast_exp.register()
+    xs = np.concatenate([np.linspace(-87.0, 88.0, 400_000), [0.0, -0.0, 1e-30, -100.0,
+                                                              100.0]]).astype("float32")
+    xs = np.resize(xs, (len(xs) + 15) // 16 * 16)
+    x = te.placeholder(xs.shape, "float32")
+    y = te.compute(xs.shape, lambda i: tirx.exp(x[i]))
+    func = te.create_prim_func([x, y])
+    if vector_lanes > 1:
+        schedule = s_tir.Schedule(func)
+        (loop,) = schedule.get_loops(schedule.get_sblock("compute"))
+        schedule.vectorize(schedule.split(loop, [None, vector_lanes])[1])
+        func = schedule.mod["main"]
+    kernel = tvm.compile(func, tvm.target.Target({"kind": "llvm", "mcpu": host_cpu()}))
+    out = tvm.runtime.tensor(np.zeros_like(xs))
+    kernel(tvm.runtime.tensor(xs), out)
+    got, want = out.numpy().astype(np.float64), np.exp(np.clip(xs, -88.3762626647949,
+                                                               88.3762626647949).astype(np.float64))
+    assert np.all(np.isfinite(got))
+    normal = want >= np.finfo(np.float32).tiny  # below: flushed to 0 (documented)
+    assert (np.abs(got - want) / want)[normal].max() < 2 * 2.0 ** -23
+    assert np.all(got[~normal] <= np.finfo(np.float32).tiny)
+
+
+def test_rescheduled_rope_equals_tvms():
+    from tvm.relax.frontend.nn.llm.position_embedding import llama_rope_with_position_map
+
+    from fmc.lowering.passes.cpu_attention import _rope
+
+    original = llama_rope_with_position_map(10000.0, 1.0, 32, 4, 2, "float32", {}, 32)
+    scheduled = _rope(original, 16)
+    assert scheduled is not None and "T.parallel" in scheduled.script()
+    rng = np.random.default_rng(0)
+    qkv = rng.standard_normal((7, 8, 32)).astype("float32")
+    positions = np.array([0, 1, 2, 50, 51, 52, 900], "int32")
+    target = tvm.target.Target({"kind": "llvm", "mcpu": host_cpu()})
+    results = []
+    for func in (scheduled, original):
+        outs = [tvm.runtime.tensor(np.zeros((7, n, 32), "float32")) for n in (4, 2, 2)]
+        tvm.compile(func, target)(tvm.runtime.tensor(qkv), tvm.runtime.tensor(positions),
+                                  *outs, 1)
+        results.append([o.numpy() for o in outs])
+    for got, want in zip(*results, strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert not np.array_equal(results[0][0][3], qkv[3, :4])  # RoPE did rotate

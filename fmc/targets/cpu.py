@@ -64,6 +64,11 @@ class HostCPU(Target):
                 ("attention", "paged decode attention parallel over heads, SIMD over the "
                  "head dimension", ReplaceCPUAttention(self.lanes))]
 
+    def prepare(self) -> None:
+        from fmc.targets import fast_exp
+
+        fast_exp.register()
+
     def device(self):
         import tvm
 

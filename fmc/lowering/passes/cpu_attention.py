@@ -1,9 +1,10 @@
-"""Swap TVM's CPU paged-KV-cache attention kernels for fmc's (fmc/lowering/kernels)."""
+"""The KV cache's CPU kernels: TVM's decode and ragged-prefill attention swapped for fmc's
+(fmc/lowering/kernels), TVM's RoPE kernel rescheduled."""
 
 from __future__ import annotations
 
 import tvm
-from tvm import tirx
+from tvm import s_tir, tirx
 
 from fmc.lowering.kernels.attention_cpu import (
     DECODE_SYMBOL,
@@ -43,7 +44,24 @@ def _ragged_prefill(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc | None:
                                     lanes)
 
 
-REPLACEMENTS = {DECODE_SYMBOL: _decode, RAGGED_PREFILL_SYMBOL: _ragged_prefill}
+def _rope(func: tirx.PrimFunc, _lanes: int) -> tirx.PrimFunc | None:
+    """TVM's RoPE-at-append kernel keeps its body; loops (token, head, dim) become (token ∥,
+    dim, head unrolled): cos/sin of a (token, dim) are then computed once for all heads (LLVM
+    merges the unrolled copies) instead of once per head. 128 tokens: 1.05 ms → 0.11 ms."""
+    schedule = s_tir.Schedule(func)
+    try:
+        block = schedule.get_sblock("llama_fused_rope")
+        token, head, dim = schedule.get_loops(block)
+        schedule.reorder(token, dim, head)
+        schedule.unroll(head)
+        schedule.parallel(token)
+    except (s_tir.ScheduleError, ValueError):
+        return None  # another RoPE variant (e.g. longrope): keep TVM's
+    return schedule.mod["main"]
+
+
+REPLACEMENTS = {DECODE_SYMBOL: _decode, RAGGED_PREFILL_SYMBOL: _ragged_prefill,
+                "fused_rope": _rope}
 
 
 @tvm.transform.module_pass(opt_level=0, name="ReplaceCPUAttention")
