@@ -42,18 +42,22 @@ def fast_exp(x: tirx.PrimExpr) -> tirx.PrimExpr:
     return p * two_to_n
 
 
-def _lower_exp(call: tirx.Call) -> tirx.PrimExpr:
-    (x,) = call.args
-    dtype = x.ty.dtype
-    if dtype.type_code == 2 and dtype.bits == 32:  # float32, any lane count
-        return fast_exp(x)
-    return tirx.call_llvm_pure_intrin(str(dtype), "llvm.exp", tirx.const(1, "uint32"), x)
-
-
 def register() -> None:
     """Make every later LLVM build in this process lower float32 `exp` this way (TVM's
-    intrinsic lowering table is process-wide; later registrations at a higher level win)."""
+    intrinsic lowering table is process-wide; a registration at a higher level wins). Other
+    dtypes keep TVM's own lowering."""
     global _registered
-    if not _registered:
-        tirx.register_intrin_lowering("tirx.exp", target="llvm", f=_lower_exp, level=99)
-        _registered = True
+    if _registered:
+        return
+    import tvm
+
+    tvm_lowering = tvm.ir.Op.get("tirx.exp").get_attr("llvm.FLowerIntrinsic")
+
+    def lower_exp(call: tirx.Call) -> tirx.PrimExpr:
+        dtype = call.args[0].ty.dtype
+        if dtype.type_code == 2 and dtype.bits == 32:  # float32, any lane count
+            return fast_exp(call.args[0])
+        return tvm_lowering(call)
+
+    tirx.register_intrin_lowering("tirx.exp", target="llvm", f=lower_exp, level=99)
+    _registered = True
