@@ -159,3 +159,53 @@ def test_rescheduled_rope_equals_tvms():
     for got, want in zip(*results, strict=True):
         np.testing.assert_array_equal(got, want)
     assert not np.array_equal(results[0][0][3], qkv[3, :4])  # RoPE did rotate
+
+
+def _reference_paged_prefill(q, q_indptr, pool, page_indptr, values, last_page_len, causal,
+                             group, scale):
+    """Attention of each new token to its sequence's cached positions, in float64."""
+    out = np.zeros(q.shape)
+    lse = np.zeros(q.shape[:2])
+    for b in range(len(q_indptr) - 1):
+        pages = values[page_indptr[b]:page_indptr[b + 1]]
+        kv_len = (len(pages) - 1) * PAGE + last_page_len[b] if len(pages) else 0
+        k = np.concatenate([pool[p, 0] for p in pages], axis=1)[:, :kv_len] if kv_len else None
+        v = np.concatenate([pool[p, 1] for p in pages], axis=1)[:, :kv_len] if kv_len else None
+        count = q_indptr[b + 1] - q_indptr[b]
+        for row in range(count):
+            visible = min(kv_len - count + row + 1, kv_len) if causal else kv_len
+            for h in range(q.shape[1]):
+                if visible <= 0:
+                    continue
+                s = k[h // group, :visible] @ q[q_indptr[b] + row, h].astype(np.float64) * scale
+                w = np.exp(s - s.max())
+                out[q_indptr[b] + row, h] = w @ v[h // group, :visible] / w.sum()
+                lse[q_indptr[b] + row, h] = (s.max() + np.log(w.sum())) / np.log(2)
+    return out, lse
+
+
+@pytest.mark.parametrize("causal", [1, 0])
+def test_paged_prefill_attention_equals_a_reference(causal):
+    from fmc.lowering.kernels.attention_cpu import PAGED_PREFILL_SYMBOL, paged_prefill_attention
+
+    kv_heads, heads, head_dim = 3, 9, 64
+    rng = np.random.default_rng(causal)
+    # Cached lengths 40 (3 pages, last partial), 16 (one full page), 1; new tokens 5, 16, 1.
+    cached, new = [40, 16, 1], [5, 16, 1]
+    _, pool, page_indptr, values, last_page_len, rope_offsets, _ = _paged_batch(
+        rng, cached, kv_heads, heads, head_dim)
+    q_indptr = np.concatenate([[0], np.cumsum(new)]).astype("int32")
+    q = rng.standard_normal((q_indptr[-1], heads, head_dim)).astype("float32")
+    kernel = tvm.compile(paged_prefill_attention(kv_heads, heads, head_dim, "float32"),
+                         tvm.target.Target({"kind": "llvm", "mcpu": host_cpu()}))
+    out = tvm.runtime.tensor(np.zeros(q.shape, "float32"))
+    lse = tvm.runtime.tensor(np.zeros(q.shape[:2], "float32"))
+    args = [q, q_indptr, pool, page_indptr, values, last_page_len, rope_offsets,
+            np.zeros(len(q), "int32")]
+    kernel.mod[PAGED_PREFILL_SYMBOL](*[tvm.runtime.tensor(a) for a in args], out, lse, causal,
+                                     0, 1.0, 10000.0, head_dim ** -0.5)
+    want_out, want_lse = _reference_paged_prefill(q, q_indptr, pool, page_indptr, values,
+                                                  last_page_len, causal, heads // kv_heads,
+                                                  head_dim ** -0.5)
+    np.testing.assert_allclose(out.numpy(), want_out, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(lse.numpy(), want_lse, rtol=1e-4, atol=1e-4)

@@ -18,6 +18,7 @@ from tvm.script import tirx as T
 
 DECODE_SYMBOL = "batch_decode_paged_kv_cpu"  # TVM's kernels these replace
 RAGGED_PREFILL_SYMBOL = "batch_prefill_ragged_kv"
+PAGED_PREFILL_SYMBOL = "batch_prefill_paged_kv_cpu"
 KEYS_PER_STEP = 16  # keys scored per online-softmax update in prefill
 
 
@@ -226,3 +227,119 @@ def ragged_prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int
                     lse[q_start + row, h] = state[0] + T.log2(state[1])
     # fmt: on
     return batch_prefill_ragged_kv
+
+
+def paged_prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: str,
+                            page_size: int = 16, lanes: int = 16):
+    """New tokens (q ragged by indptr) attending to a sequence's cached pages: the part of a
+    chunked prefill or a later chat turn before the new tokens' own keys (which the ragged
+    kernel covers; the cache merges both by lse). Causal: query i of n new tokens sees the
+    first kv_len − n + i + 1 cached positions. Replaces TVM's `_attention_prefill_cpu` (a serial
+    scalar loop that also reads its one-element rescale buffer at every head-dim index);
+    checked against a numpy reference, parallel over (query token, head), one online-softmax
+    update per page."""
+    H_qo, H_kv, D = num_qo_heads, num_kv_heads, head_dim
+    group = H_qo // H_kv
+    lanes = math.gcd(lanes, D)
+    chunks = D // lanes
+    log2e = math.log2(math.e)
+
+    # fmt: off
+    @T.prim_func(s_tir=True)
+    def batch_prefill_paged_kv_cpu(
+        var_q: T.handle, var_q_indptr: T.handle, var_pages: T.handle,
+        var_page_indptr: T.handle, var_page_values: T.handle, var_length_info: T.handle,
+        var_k_rope_pos_offset: T.handle, var_q_rope_position: T.handle,
+        var_output: T.handle, var_lse: T.handle, causal: T.int32, rotary_mode: T.int32,
+        rope_scale: T.float32, rope_theta: T.float32, sm_scale: T.float32,
+    ):
+        T.func_attr({"tirx.is_scheduled": True, "global_symbol": PAGED_PREFILL_SYMBOL})
+        batch_size = T.int32()
+        total_len = T.int32()
+        nnz_pages = T.int32()
+        max_num_pages = T.int32()
+        q_indptr_offset = T.int32()
+        page_indptr_offset = T.int32()
+        page_values_offset = T.int32()
+        k_rope_offset = T.int32()
+        q_rope_offset = T.int32()
+        length_offset = T.int32()
+        q = T.match_buffer(var_q, (total_len, H_qo, D), dtype)
+        q_indptr = T.match_buffer(var_q_indptr, (batch_size + 1,), "int32",
+                                  elem_offset=q_indptr_offset)
+        pages = T.match_buffer(var_pages, (max_num_pages, 2, H_kv, page_size, D), dtype)
+        page_indptr = T.match_buffer(var_page_indptr, (batch_size + 1,), "int32",
+                                     elem_offset=page_indptr_offset)
+        page_values = T.match_buffer(var_page_values, (nnz_pages,), "int32",
+                                     elem_offset=page_values_offset)
+        last_page_len = T.match_buffer(var_length_info, (batch_size,), "int32",
+                                       elem_offset=length_offset)
+        # RoPE positions: part of the cache's calling convention, unused without inline RoPE.
+        T.match_buffer(var_k_rope_pos_offset, (batch_size,), "int32", elem_offset=k_rope_offset)
+        T.match_buffer(var_q_rope_position, (total_len,), "int32", elem_offset=q_rope_offset)
+        output = T.match_buffer(var_output, (total_len, H_qo, D), dtype)
+        lse = T.match_buffer(var_lse, (total_len, H_qo), "float32")
+
+        assert rotary_mode == 0, "fmc's CPU prefill attention expects RoPE applied at append"
+        for b in T.serial(batch_size):
+            for qh in T.parallel((q_indptr[b + 1] - q_indptr[b]) * H_qo):
+                with T.sblock("attn"):
+                    T.reads()
+                    T.writes()
+                    q_local = T.sblock_alloc_buffer((D,), "float32")
+                    o_local = T.sblock_alloc_buffer((D,), "float32")
+                    acc = T.sblock_alloc_buffer((lanes,), "float32")
+                    scores = T.sblock_alloc_buffer((page_size,), "float32")
+                    state = T.sblock_alloc_buffer((4,), "float32")  # m, d, new m, rescale
+                    row: T.let[T.int32] = qh // H_qo
+                    h: T.let[T.int32] = qh % H_qo
+                    kv: T.let[T.int32] = h // group
+                    q_start: T.let[T.int32] = q_indptr[b]
+                    q_count: T.let[T.int32] = q_indptr[b + 1] - q_start
+                    first: T.let[T.int32] = page_indptr[b]
+                    num_pages: T.let[T.int32] = page_indptr[b + 1] - first
+                    kv_len: T.let[T.int32] = T.if_then_else(
+                        num_pages > 0, (num_pages - 1) * page_size + last_page_len[b], 0)
+                    visible: T.let[T.int32] = T.if_then_else(
+                        causal > 0, T.max(T.min(kv_len - q_count + row + 1, kv_len), 0), kv_len)
+                    state[0] = T.float32(-5e4)
+                    state[1] = T.float32(1.0)
+                    for d in T.vectorized(D):
+                        o_local[d] = T.float32(0)
+                    for d in T.vectorized(D):
+                        q_local[d] = T.Cast("float32", q[q_start + row, h, d]) \
+                            * (sm_scale * log2e)
+                    for p in T.serial((visible + page_size - 1) // page_size):
+                        page: T.let[T.int32] = page_values[first + p]
+                        rows: T.let[T.int32] = T.min(page_size, visible - p * page_size)
+                        for r in T.serial(rows):
+                            for lane in T.vectorized(lanes):
+                                acc[lane] = q_local[lane] \
+                                    * T.Cast("float32", pages[page, 0, kv, r, lane])
+                            for c in T.serial(chunks - 1):
+                                for lane in T.vectorized(lanes):
+                                    d: T.let[T.int32] = (c + 1) * lanes + lane
+                                    acc[lane] = acc[lane] \
+                                        + q_local[d] * T.Cast("float32", pages[page, 0, kv, r, d])
+                            scores[r] = T.float32(0)
+                            for lane in T.serial(lanes):
+                                scores[r] = scores[r] + acc[lane]
+                        state[2] = state[0]
+                        for r in T.serial(rows):
+                            state[2] = T.max(state[2], scores[r])
+                        state[3] = T.exp2(state[0] - state[2])
+                        state[1] = state[1] * state[3]
+                        for d in T.vectorized(D):
+                            o_local[d] = o_local[d] * state[3]
+                        for r in T.serial(rows):
+                            scores[r] = T.exp2(scores[r] - state[2])
+                            state[1] = state[1] + scores[r]
+                            for d in T.vectorized(D):
+                                o_local[d] = o_local[d] + scores[r] \
+                                    * T.Cast("float32", pages[page, 1, kv, r, d])
+                        state[0] = state[2]
+                    for d in T.vectorized(D):
+                        output[q_start + row, h, d] = T.Cast(dtype, o_local[d] / state[1])
+                    lse[q_start + row, h] = state[0] + T.log2(state[1])
+    # fmt: on
+    return batch_prefill_paged_kv_cpu

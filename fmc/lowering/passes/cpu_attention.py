@@ -1,5 +1,5 @@
-"""The KV cache's CPU kernels: TVM's decode and ragged-prefill attention swapped for fmc's
-(fmc/lowering/kernels), TVM's RoPE kernel rescheduled."""
+"""The KV cache's CPU kernels: TVM's decode, ragged-prefill and paged-prefill attention
+swapped for fmc's (fmc/lowering/kernels), TVM's RoPE kernel rescheduled."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ from tvm import s_tir, tirx
 
 from fmc.lowering.kernels.attention_cpu import (
     DECODE_SYMBOL,
+    PAGED_PREFILL_SYMBOL,
     RAGGED_PREFILL_SYMBOL,
     decode_attention,
+    paged_prefill_attention,
     ragged_prefill_attention,
 )
 
@@ -22,15 +24,30 @@ def _int(extent) -> int | None:
     return int(extent) if isinstance(extent, tirx.IntImm) else None
 
 
+def _paged_shapes(func: tirx.PrimFunc, pages_index: int):
+    """(heads, head dim, kv heads, page size) from q [n, H_qo, D] and pages
+    [P, 2, H_kv, page, D]; None where one is symbolic."""
+    q_shape, page_shape = _buffer_shape(func, 0), _buffer_shape(func, pages_index)
+    found = (_int(q_shape[1]), _int(q_shape[2]), _int(page_shape[2]), _int(page_shape[3]))
+    return None if None in found else found
+
+
 def _decode(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc | None:
-    """Q [B, H_qo, D], pages [P, 2, H_kv, page, D]."""
-    q_shape, page_shape = _buffer_shape(func, 0), _buffer_shape(func, 1)
-    heads, head_dim = _int(q_shape[1]), _int(q_shape[2])
-    kv_heads, page_size = _int(page_shape[2]), _int(page_shape[3])
-    if None in (heads, head_dim, kv_heads, page_size):
+    shapes = _paged_shapes(func, 1)
+    if shapes is None:
         return None
+    heads, head_dim, kv_heads, page_size = shapes
     return decode_attention(kv_heads, heads, head_dim, str(func.params[0].ty.dtype),
                             page_size, lanes)
+
+
+def _paged_prefill(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc | None:
+    shapes = _paged_shapes(func, 2)
+    if shapes is None:
+        return None
+    heads, head_dim, kv_heads, page_size = shapes
+    return paged_prefill_attention(kv_heads, heads, head_dim, str(func.params[0].ty.dtype),
+                                   page_size, lanes)
 
 
 def _ragged_prefill(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc | None:
@@ -61,12 +78,12 @@ def _rope(func: tirx.PrimFunc, _lanes: int) -> tirx.PrimFunc | None:
 
 
 REPLACEMENTS = {DECODE_SYMBOL: _decode, RAGGED_PREFILL_SYMBOL: _ragged_prefill,
-                "fused_rope": _rope}
+                PAGED_PREFILL_SYMBOL: _paged_prefill, "fused_rope": _rope}
 
 
 @tvm.transform.module_pass(opt_level=0, name="ReplaceCPUAttention")
 class ReplaceCPUAttention:
-    """Find the cache's decode and ragged-prefill attention kernels by their symbols, read
+    """Find the cache's attention kernels (decode, ragged and paged prefill) by their symbols, read
     head counts, head size, page size and dtype off their buffers and put fmc's kernels in
     their place; the cache calls them through the same globals. A shape these kernels do
     not implement keeps TVM's."""
