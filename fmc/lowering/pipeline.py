@@ -14,6 +14,7 @@ import tvm
 from tvm import relax
 
 from fmc.errors import UsageError, take_pass_error
+from fmc.lowering.passes.canonical_shape_funcs import CanonicalShapeFuncs
 from fmc.lowering.passes.fuse_dequantize_matmul import FuseDequantizeMatmul
 from fmc.lowering.passes.fuse_horizontal import FuseHorizontal
 from fmc.lowering.passes.fuse_norm import FuseAddNorm, FuseNormMatmul
@@ -109,6 +110,9 @@ PIPELINE: list[PassSpec] = [
              _relax(relax.transform.ComputePrimValue), required=True),
     PassSpec("vm-shape-lower", "lower", "lower symbolic shape checks and arithmetic for the VM",
              _relax(relax.transform.VMShapeLower), required=True),
+    PassSpec("canonical-shape-funcs", "lower",
+             "fixed store order in the VM's shape functions (reproducible libraries)",
+             _relax(CanonicalShapeFuncs)),
     PassSpec("attach-global-symbol", "lower", "name every function for the library",
              _relax(relax.transform.AttachGlobalSymbol), required=True),
     PassSpec("mark-noalias", "lower",
