@@ -135,3 +135,64 @@ def test_missing_toolchain_names_the_tool_and_exits_3(target, tool, hint, monkey
     err = capsys.readouterr().err
     assert f"{tool} not found on PATH" in err and hint in err
     assert not (tmp_path / "out").exists()
+
+
+def test_verify_passes_a_good_artifact_and_names_a_corrupt_shard(tiny_artifact, tmp_path,
+                                                                 capsys):
+    import shutil
+
+    good = tiny_artifact("llama-mha")
+    code, stdout, _ = run_cli(capsys, "verify", str(good), "--json")
+    result = json.loads(stdout)
+    assert code == 0 and result["ok"]
+    assert [c["check"] for c in result["checks"]] == ["manifest", "file hashes", "tensors",
+                                                      "library"]
+    assert all(c["ok"] for c in result["checks"])
+
+    bad = tmp_path / "bad"
+    shutil.copytree(good, bad)
+    shard = sorted((bad / "params").glob("*.safetensors"))[0]
+    shard.chmod(0o644)
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    code, stdout, _ = run_cli(capsys, "verify", str(bad), "--json")
+    result = json.loads(stdout)
+    assert code == 5 and not result["ok"]
+    assert result["checks"][-1]["check"] == "file hashes"
+    assert shard.name in result["checks"][-1]["detail"]
+    code, _, stderr = run_cli(capsys, "verify", str(bad))
+    assert code == 5 and shard.name in stderr and "sha256 mismatch" in stderr
+
+
+def test_verify_checks_tensors_against_the_manifest(tiny_artifact, tmp_path, capsys):
+    """A manifest edited to claim another shape (hashes re-signed) fails at the tensor check."""
+    import shutil
+
+    from fmc.artifacts.manifest import dumps
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_artifact("llama-mha"), bad)
+    manifest_path = bad / "manifest.json"
+    manifest_path.chmod(0o644)
+    manifest = json.loads(manifest_path.read_text())
+    manifest["params"][0]["shape"] = [1, *manifest["params"][0]["shape"][1:]]
+    manifest_path.write_text(dumps(manifest))
+    code, stdout, _ = run_cli(capsys, "verify", str(bad), "--json")
+    result = json.loads(stdout)
+    assert code == 5 and result["checks"][-1]["check"] == "tensors"
+    assert manifest["params"][0]["name"] in result["checks"][-1]["detail"]
+
+
+def test_doctor_reports_versions_cache_and_toolchains(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("FMC_CACHE_DIR", str(tmp_path / "cache"))
+    code, stdout, _ = run_cli(capsys, "doctor", "--json")
+    report = json.loads(stdout)
+    assert code == 0
+    assert report["tvm"] == "0.27.0.post1" and report["fmc"]
+    assert report["cache_dir"] == {"path": str(tmp_path / "cache"), "exists": False}
+    assert report["cpu"]["default_threads"] >= 1 and report["cpu"]["llvm_cpu"]
+    assert {"cpu", "cuda", "metal", "vulkan"} <= set(report["targets"])
+    assert report["targets"]["cpu"]["ready"]  # g++ is a test prerequisite
+    code, stdout, _ = run_cli(capsys, "doctor")
+    assert code == 0 and "cache:" in stdout and "cpu" in stdout

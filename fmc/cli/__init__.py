@@ -27,7 +27,19 @@ def _global(debug: bool = typer.Option(False, "--debug", help="Show tracebacks o
 
 
 def _register() -> None:
-    from fmc.cli import bench, compare, compile, inspect, passes, ppl, quant, run, targets
+    from fmc.cli import (
+        bench,
+        compare,
+        compile,
+        doctor,
+        inspect,
+        passes,
+        ppl,
+        quant,
+        run,
+        targets,
+        verify,
+    )
 
     app.command("compile")(compile.compile_command)
     app.command("run")(run.run_command)
@@ -37,6 +49,8 @@ def _register() -> None:
     app.command("passes")(passes.passes_command)
     app.command("compare")(compare.compare_command)
     app.command("targets")(targets.targets_command)
+    app.command("verify")(verify.verify_command)
+    app.command("doctor")(doctor.doctor_command)
     app.add_typer(quant.app, name="quant")
 
 

@@ -117,3 +117,71 @@ def _device_for(manifest: dict[str, Any]):
     if device is None:
         raise ArtifactError(f"artifacts for target {name!r} cannot run on this machine")
     return device
+
+
+def verify_artifact(path: Path | str) -> list[dict[str, Any]]:
+    """Every check `fmc verify` runs, in order, as {"check", "ok", "detail"}; ok is None for a
+    check that cannot run here (a library for another machine). Stops after the first
+    failure: later checks would only repeat it."""
+    from fmc.targets import get as get_target
+
+    artifact = Path(path)
+    checks: list[dict[str, Any]] = []
+
+    def record(check: str, action) -> bool:
+        try:
+            detail = action()
+        except ArtifactError as exc:
+            checks.append({"check": check, "ok": False, "detail": str(exc)})
+            return False
+        checks.append({"check": check, "ok": detail is not None or None,
+                       "detail": detail or "skipped"})
+        return True
+
+    manifest: dict[str, Any] = {}
+
+    def check_manifest():
+        manifest.update(read_manifest(artifact))
+        return f"format {manifest['format']}, ABI {manifest['abi_version']}"
+
+    def check_files():
+        verify_files(artifact, manifest)
+        count = 1 + len(manifest["weights"]["shards"])
+        return f"{count} file(s) match their sha256"
+
+    def check_tensors():
+        if not manifest["weights"]["present"]:
+            return "weights-free artifact: no tensors"
+        indexes: dict[str, dict] = {}
+        for entry in manifest["params"]:
+            shard = artifact / entry["shard"]
+            if entry["shard"] not in indexes:
+                try:
+                    opened = SafetensorsFile(shard)
+                except InputError as exc:
+                    raise ArtifactError(str(exc)) from None
+                indexes[entry["shard"]] = opened.index()
+                opened.close()
+            info = indexes[entry["shard"]].get(entry["name"])
+            if info is None:
+                raise ArtifactError(f"{shard}: tensor {entry['name']!r} missing")
+            if list(info.shape) != entry["shape"] or str(info.dtype) != entry["dtype"]:
+                raise ArtifactError(f"{shard}: tensor {entry['name']!r} is "
+                                    f"{info.dtype}{list(info.shape)}, manifest says "
+                                    f"{entry['dtype']}{entry['shape']}")
+        return f"{len(manifest['params'])} tensor(s) with the listed shapes and dtypes"
+
+    def check_library():
+        spec = manifest["target"].get("spec", manifest["target"]["name"])
+        target = get_target(spec)
+        device = target.device() if target.name == "cpu" else None
+        if device is None:
+            return None  # built for another machine or device: not loadable here
+        load_library(artifact, manifest, device)
+        return "loads; embedded ABI and parameter list match the manifest"
+
+    for name, action in (("manifest", check_manifest), ("file hashes", check_files),
+                         ("tensors", check_tensors), ("library", check_library)):
+        if not record(name, action):
+            break
+    return checks

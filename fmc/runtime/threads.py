@@ -30,13 +30,18 @@ def physical_cores() -> int:
     return max(1, min(count, usable or count))
 
 
+def default_threads() -> int:
+    """TVM_NUM_THREADS when set to a positive number, else the physical core count."""
+    env = os.environ.get("TVM_NUM_THREADS", "")
+    return int(env) if env.isdigit() and int(env) > 0 else physical_cores()
+
+
 def configure_threads(threads: int | None = None) -> int:
     """Size TVM's thread pool; returns the count in use."""
     import tvm
 
     if threads is None:
-        env = os.environ.get("TVM_NUM_THREADS", "")
-        threads = int(env) if env.isdigit() and int(env) > 0 else physical_cores()
+        threads = default_threads()
     if threads <= 0:
         raise UsageError(f"--threads must be positive, got {threads}")
     os.environ["TVM_NUM_THREADS"] = str(threads)

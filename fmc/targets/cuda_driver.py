@@ -15,6 +15,7 @@ import subprocess
 from pathlib import Path
 
 from fmc.errors import MissingToolchainError
+from fmc.paths import cache_dir
 
 # The driver entry points libtvm_runtime_cuda.so binds at load time.
 STUB_SYMBOLS = ("cuDeviceGetName", "cuFuncSetAttribute", "cuGetErrorName", "cuGetErrorString",
@@ -22,12 +23,6 @@ STUB_SYMBOLS = ("cuDeviceGetName", "cuFuncSetAttribute", "cuGetErrorName", "cuGe
                 "cuTensorMapEncodeTiled")
 CUDA_ERROR_NO_DEVICE = 100
 LOADER_FUNCTION = "ffi.Module.load_from_bytes.cuda"  # registered by TVM's CUDA runtime
-
-
-def cache_dir() -> Path:
-    base = os.environ.get("FMC_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fmc")
-    return Path(base)
 
 
 def _stub_library() -> Path:

