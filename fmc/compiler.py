@@ -275,6 +275,8 @@ class CompileResult:
     output: Path
     manifest: dict[str, Any]
     timings: dict[str, float]
+    # Every file the artifact was made from (model, tokenizer, plugins, kernel overrides).
+    input_files: list[Path] = field(default_factory=list)
 
 
 def _new_state(options: CompileOptions) -> CompileState:
@@ -332,4 +334,16 @@ def compile_model(options: CompileOptions, progress: Progress | None = None) -> 
         state.staging = staging
         _run(state, PHASES, progress)
         staging.commit()
-    return CompileResult(output, state.manifest, state.timings)
+    return CompileResult(output, state.manifest, state.timings, input_files(state))
+
+
+def input_files(state: CompileState) -> list[Path]:
+    """The files a rebuild depends on, for depfiles (sorted, absolute, each once)."""
+    from fmc.lowering.passes.override_kernels import parse_override
+
+    options = state.options
+    files = [*state.source.input_files,
+             *(p for p in state.source.tokenizer.values() if isinstance(p, Path)),
+             *map(Path, options.quant_plugins), *map(Path, options.pass_plugins),
+             *(parse_override(text)[2] for text in options.override_kernels)]
+    return sorted({Path(f).resolve() for f in files})

@@ -9,7 +9,8 @@ cd "$(dirname "$0")/.."
 if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
-    apt-get install -y -qq g++ lld clang llvm glslc spirv-tools mesa-vulkan-drivers libvulkan1 >/dev/null
+    apt-get install -y -qq g++ make lld clang llvm glslc spirv-tools mesa-vulkan-drivers \
+        libvulkan1 >/dev/null
 fi
 
 python3 -m venv .venv

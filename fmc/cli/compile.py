@@ -44,6 +44,9 @@ def compile_command(
                                            "(for fmc compare)."),
     allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite",
                                          help="Compile even if weights hold NaN/Inf."),
+    depfile: Path = typer.Option(
+        None, "--depfile", help="Also write a Make dependency file: OUTPUT/manifest.json "
+        "depends on every input file."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON result on stdout."),
     quiet: bool = typer.Option(False, "--quiet", help="Only errors on stderr."),
 ) -> None:
@@ -63,6 +66,10 @@ def compile_command(
         allow_nonfinite=allow_nonfinite, debug_layers=debug_layers, target_json=target_json)
     with CompileProgress(quiet or json_out) as progress:
         result = compile_model(options, progress)
+    if depfile is not None:
+        from fmc.artifacts import depfile as depfiles
+
+        depfiles.write(depfile, str(output / "manifest.json"), result.input_files)
     manifest = result.manifest
     if json_out:
         emit_json({"output": str(result.output), "timings": result.timings,
