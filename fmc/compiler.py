@@ -347,3 +347,40 @@ def input_files(state: CompileState) -> list[Path]:
              *map(Path, options.quant_plugins), *map(Path, options.pass_plugins),
              *(parse_override(text)[2] for text in options.override_kernels)]
     return sorted({Path(f).resolve() for f in files})
+
+
+def plan_compile(options: CompileOptions) -> dict[str, Any]:
+    """What `compile` would do, without doing it (`--dry-run`): the import and quantize
+    phases run in memory (config and weight headers are read, no tensor data; nothing is
+    written), then the plan: phases, outputs and a memory estimate."""
+    import math
+
+    import numpy as np
+
+    state = _new_state(options)
+    state.target.check_toolchain()
+    _run(state, [p for p in PHASES if p.name in ("import", "quantize")], lambda *a, **k: None)
+    per_scheme: dict[str, int] = {}
+    for p in state.params:
+        scheme = (p.scheme or f"plain {p.dtype}").split("_rows")[0]
+        per_scheme[scheme] = per_scheme.get(scheme, 0) + \
+            int(np.prod(p.shape)) * np.dtype(p.dtype).itemsize
+    memory = memory_estimate(state)
+    has_weights = state.source.weights is not None
+    shards = math.ceil(memory["weights_bytes"] / options.shard_bytes) if has_weights else 0
+    output = Path(options.output) if options.output is not None else None
+    library = LIBRARY_STEM + state.target.library_suffix
+    return {
+        "model": {**state.source.describe(), "architecture": state.config.to_dict()},
+        "target": state.target.describe(),
+        "quantization": {**state.plan.describe(), "row_block": state.target.row_block},
+        "phases": [{"name": p.name, "doc": p.doc} for p in PHASES],
+        "disabled_passes": sorted(state.disabled),
+        "output": str(output) if output is not None else None,
+        "files": [library, *(f"params/shard-{i:05d}.safetensors" for i in range(shards)),
+                  *(f"tokenizer/{name}" for name in sorted(state.source.tokenizer)),
+                  manifest_mod.MANIFEST],
+        "parameters": len(state.params),
+        "memory": {**memory, "weights_bytes_per_scheme": per_scheme},
+        "input_files": [str(p) for p in input_files(state)],
+    }

@@ -196,3 +196,29 @@ def test_doctor_reports_versions_cache_and_toolchains(capsys, tmp_path, monkeypa
     assert report["targets"]["cpu"]["ready"]  # g++ is a test prerequisite
     code, stdout, _ = run_cli(capsys, "doctor")
     assert code == 0 and "cache:" in stdout and "cpu" in stdout
+
+
+def test_dry_run_plans_without_writing_and_matches_the_real_compile(tiny_checkpoint, tmp_path,
+                                                                     capsys):
+    model, out = str(tiny_checkpoint("llama-gqa-untied")), tmp_path / "art"
+    args = ["compile", model, "--quant", "q4f16", "-o", str(out), "--depfile",
+            str(tmp_path / "art.d")]
+    code, stdout, _ = run_cli(capsys, *args, "--dry-run", "--json")
+    plan = json.loads(stdout)
+    assert code == 0 and not out.exists() and not (tmp_path / "art.d").exists()
+    assert [p["name"] for p in plan["phases"]][:2] == ["import", "quantize"]
+    assert plan["files"][0] == "model.so" and plan["files"][-1] == "manifest.json"
+    memory = plan["memory"]
+    assert sum(memory["weights_bytes_per_scheme"].values()) == memory["weights_bytes"]
+    assert set(memory["weights_bytes_per_scheme"]) >= {"q4f16", "q8f16"}
+    assert any(path.endswith("model.safetensors") for path in plan["input_files"])
+
+    code, _, _ = run_cli(capsys, *args, "--quiet")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert code == 0
+    assert {k: v for k, v in memory.items() if k != "weights_bytes_per_scheme"} == \
+        manifest["memory"]
+    assert sorted(p.name for p in (out / "params").iterdir()) == \
+        [f.split("/")[1] for f in plan["files"] if f.startswith("params/")]
+    code, stdout, _ = run_cli(capsys, *args[:-2], "--dry-run")
+    assert code == 0 and "memory estimate" in stdout and "q4f16" in stdout

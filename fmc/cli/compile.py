@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from fmc.cli.output import emit_json, parse_size, setup_logging, stderr
+from fmc.cli.output import emit_json, human_bytes, parse_size, setup_logging, stderr, stdout
 
 
 def compile_command(
@@ -44,6 +44,8 @@ def compile_command(
                                            "(for fmc compare)."),
     allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite",
                                          help="Compile even if weights hold NaN/Inf."),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Print the plan and a memory estimate; compile nothing."),
     depfile: Path = typer.Option(
         None, "--depfile", help="Also write a Make dependency file: OUTPUT/manifest.json "
         "depends on every input file."),
@@ -52,7 +54,7 @@ def compile_command(
 ) -> None:
     """Compile a model into an artifact: library + weight shards + tokenizer + manifest."""
     from fmc.cli.progress import CompileProgress
-    from fmc.compiler import CompileOptions, compile_model
+    from fmc.compiler import CompileOptions, compile_model, plan_compile
 
     setup_logging(quiet or json_out)
     options = CompileOptions(
@@ -64,6 +66,9 @@ def compile_command(
         enable_passes=list(enable_pass),
         pass_plugins=list(pass_plugin), override_kernels=list(override_kernel),
         allow_nonfinite=allow_nonfinite, debug_layers=debug_layers, target_json=target_json)
+    if dry_run:
+        _print_plan(plan_compile(options), json_out)
+        return
     with CompileProgress(quiet or json_out) as progress:
         result = compile_model(options, progress)
     if depfile is not None:
@@ -80,3 +85,22 @@ def compile_command(
     elif not quiet:
         total = sum(result.timings.values())
         stderr.print(f"[bold green]compiled[/] {result.output} in {total:.1f} s")
+
+
+def _print_plan(plan: dict, json_out: bool) -> None:
+    if json_out:
+        emit_json(plan)
+        return
+    memory = plan["memory"]
+    model = plan["model"]
+    stdout.print(f"plan: {model['reference']} ({model['kind']}) → {plan['output']} for "
+                 f"{plan['target']['spec']}, {plan['quantization']['default']}"
+                 f"{', no weights' if not model['weights'] else ''}", highlight=False)
+    stdout.print("phases: " + " → ".join(p["name"] for p in plan["phases"]), highlight=False)
+    stdout.print(f"files: {', '.join(plan['files'])}", highlight=False)
+    stdout.print(f"memory estimate: {human_bytes(memory['total_bytes'])} = weights "
+                 f"{human_bytes(memory['weights_bytes'])} + KV cache "
+                 f"{human_bytes(memory['kv_cache_bytes'])} ({memory['context_window']} tokens) "
+                 f"+ workspace {human_bytes(memory['workspace_bytes'])}", highlight=False)
+    for scheme, size in sorted(memory["weights_bytes_per_scheme"].items()):
+        stdout.print(f"  {scheme}: {human_bytes(size)}", highlight=False)
