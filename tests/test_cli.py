@@ -222,3 +222,17 @@ def test_dry_run_plans_without_writing_and_matches_the_real_compile(tiny_checkpo
         [f.split("/")[1] for f in plan["files"] if f.startswith("params/")]
     code, stdout, _ = run_cli(capsys, *args[:-2], "--dry-run")
     assert code == 0 and "memory estimate" in stdout and "q4f16" in stdout
+
+
+def test_run_json_and_global_quiet(tiny_artifact, capsys):
+    art = str(tiny_artifact("llama-mha"))
+    code, stdout, _ = run_cli(capsys, "run", art, "-p", "w3 w4", "-n", "5", "--json")
+    result = json.loads(stdout)
+    assert code == 0 and result["prompt_tokens"] == 2 and len(result["token_ids"]) <= 5
+    assert result["text"].split() == [f"w{i}" for i in result["token_ids"]][:len(
+        result["text"].split())]
+    # A preset has no tokenizer: compile warns, unless the global --quiet is given.
+    plan = ["compile", "llama-7b", "-o", "unused", "--dry-run"]
+    assert "no tokenizer files" in run_cli(capsys, *plan)[2]
+    code, _, stderr = run_cli(capsys, "--quiet", *plan)
+    assert code == 0 and stderr == ""

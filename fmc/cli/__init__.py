@@ -22,8 +22,12 @@ _state = {"debug": False}
 
 
 @app.callback()
-def _global(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors.")):
+def _global(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
+            quiet: bool = typer.Option(False, "--quiet", help="Log errors only (any command).")):
+    from fmc.cli.output import GLOBAL_QUIET
+
     _state["debug"] = debug
+    GLOBAL_QUIET["on"] = quiet
 
 
 def _register() -> None:

@@ -20,7 +20,12 @@ def interactive() -> bool:
     return stderr.is_terminal and not os.environ.get("CI")
 
 
+# `fmc --quiet COMMAND`: errors only, for every command (set by the app's callback).
+GLOBAL_QUIET = {"on": False}
+
+
 def setup_logging(quiet: bool = False, debug: bool = False) -> None:
+    quiet = quiet or GLOBAL_QUIET["on"]
     level = logging.DEBUG if debug else logging.ERROR if quiet else logging.INFO
     logger = logging.getLogger("fmc")
     logger.handlers.clear()
