@@ -33,6 +33,7 @@ def _global(debug: bool = typer.Option(False, "--debug", help="Show tracebacks o
 def _register() -> None:
     from fmc.cli import (
         bench,
+        build,
         compare,
         compile,
         doctor,
@@ -46,6 +47,7 @@ def _register() -> None:
     )
 
     app.command("compile")(compile.compile_command)
+    app.command("build")(build.build_command)
     app.command("run")(run.run_command)
     app.command("inspect")(inspect.inspect_command)
     app.command("bench")(bench.bench_command)

@@ -1,0 +1,42 @@
+"""`fmc build`: compile the builds of an fmc.toml, skipping up-to-date ones."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from fmc.cli.output import emit_json, setup_logging, stderr
+
+
+def build_command(
+    config: Path = typer.Option(Path("fmc.toml"), "--config", "-c", help="The build file."),
+    only: list[str] = typer.Option([], "--only", help="Build just this one (repeatable)."),
+    rebuild: bool = typer.Option(False, "--rebuild", help="Compile even if up to date."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON result on stdout."),
+    quiet: bool = typer.Option(False, "--quiet", help="Only errors on stderr."),
+) -> None:
+    """Compile every build of fmc.toml (models × targets × quants) whose inputs, settings or
+    fmc/TVM versions changed since its last build; stop at the first failure."""
+    from fmc.build.config import load
+    from fmc.build.runner import run_build
+    from fmc.cli.progress import CompileProgress
+    from fmc.errors import unknown_choice
+
+    setup_logging(quiet or json_out)
+    builds = load(config)
+    names = [b.name for b in builds]
+    for name in only:
+        if name not in names:
+            raise unknown_choice("build", name, names)
+    selected = [b for b in builds if not only or b.name in only]
+    results = []
+    for build in selected:
+        with CompileProgress(quiet or json_out) as progress:
+            result = run_build(build, config.resolve().parent, rebuild, progress)
+        results.append(result)
+        if not (quiet or json_out):
+            stderr.print(f"[bold]{result['name']}[/]: {result['status']} "
+                         f"({result['seconds']:.1f} s) → {result['output']}")
+    if json_out:
+        emit_json({"config": str(config), "builds": results})

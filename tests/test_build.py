@@ -1,0 +1,91 @@
+"""`fmc build` from an fmc.toml: builds, up-to-date skips, exact rebuilds, checked keys."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from fmc.cli import main
+
+TOML = """\
+[defaults]
+target = "cpu"
+output_dir = "out"
+
+[build.tiny-f32]
+model = "tiny"
+quant = "q0f32"
+
+[matrix.tinyq]
+model = "tiny"
+quants = ["q4f16", "q8f16"]
+targets = ["cpu"]
+"""
+
+
+def _build(capsys, project, *args):
+    code = main(["build", "-c", str(project / "fmc.toml"), "--json", *args])
+    out = capsys.readouterr().out
+    return code, {b["name"]: b["status"] for b in json.loads(out)["builds"]} if code == 0 \
+        else None
+
+
+def test_build_skips_up_to_date_and_rebuilds_what_changed(tiny_checkpoint, tmp_path, capsys):
+    import shutil
+
+    project = tmp_path / "project"
+    shutil.copytree(tiny_checkpoint("llama-gqa-untied"), project / "tiny")
+    (project / "fmc.toml").write_text(TOML)
+    names = {"tiny-f32", "tinyq-q4f16-cpu", "tinyq-q8f16-cpu"}
+
+    assert _build(capsys, project) == (0, dict.fromkeys(names, "built"))
+    assert all((project / "out" / n / "manifest.json").is_file() for n in names)
+    assert _build(capsys, project) == (0, dict.fromkeys(names, "up-to-date"))
+
+    # A changed setting rebuilds only that build.
+    (project / "fmc.toml").write_text(TOML.replace('quant = "q0f32"',
+                                                   'quant = "q0f32"\ncontext_window = 64'))
+    code, statuses = _build(capsys, project)
+    assert statuses == {"tiny-f32": "built", "tinyq-q4f16-cpu": "up-to-date",
+                        "tinyq-q8f16-cpu": "up-to-date"}
+    manifest = json.loads((project / "out" / "tiny-f32" / "manifest.json").read_text())
+    assert manifest["runtime"]["context_window"] == 64
+
+    # A touched input rebuilds every build that reads it; --only limits the run.
+    weights = project / "tiny" / "model.safetensors"
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert _build(capsys, project, "--only", "tinyq-q8f16-cpu") == \
+        (0, {"tinyq-q8f16-cpu": "built"})
+    assert _build(capsys, project) == (0, {"tiny-f32": "built", "tinyq-q4f16-cpu": "built",
+                                           "tinyq-q8f16-cpu": "up-to-date"})
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[build.x]\nmodel = "m"\nquantt = "q4f16"\n',
+     r"fmc.toml:3: unknown key 'quantt' in \[build.x\] \(did you mean 'quant'\?"),
+    ('[build.x]\nprefill_chunk = "big"\n',
+     r"fmc.toml:2: build.x.prefill_chunk must be a positive integer, got str"),
+    ('[build.x]\ncontext_window = 0\n', r"fmc.toml:2: build.x.context_window must be positive"),
+    ('[defaults]\nquant = "q4f16"\n[targets]\nx = 1\n', r"fmc.toml:3: unknown table \[targets\]"),
+    ('[defaults]\nquant = "q4f16"\n', r"fmc.toml: defines no builds"),
+    ('[build.x\n', r"fmc.toml: "),
+])
+def test_bad_build_files_name_the_key_and_line(text, message, tmp_path, capsys):
+    import re
+
+    (tmp_path / "fmc.toml").write_text(text)
+    code = main(["build", "-c", str(tmp_path / "fmc.toml")])
+    err = capsys.readouterr().err
+    assert code == 4 and re.search(message, err), err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_unknown_only_name_and_missing_file(tmp_path, capsys):
+    (tmp_path / "fmc.toml").write_text(TOML)
+    assert main(["build", "-c", str(tmp_path / "fmc.toml"), "--only", "tiny-f33"]) == 2
+    assert "did you mean 'tiny-f32'" in capsys.readouterr().err
+    assert main(["build", "-c", str(tmp_path / "none.toml")]) == 4
+    assert "none.toml: no such file" in capsys.readouterr().err
