@@ -1,0 +1,98 @@
+"""Run an fmc.toml's builds: compile each one whose inputs or settings changed.
+
+A build is up to date when its artifact exists and its stamp (`OUTPUT.fmc-stamp`, beside
+the artifact) holds the same key: a hash of the build's settings, fmc's and TVM's versions,
+and every input file's path, size and modification time. The stamp lives outside the
+artifact so artifacts stay byte-reproducible."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from fmc.build.config import Build
+from fmc.errors import OutputError
+
+PATH_KEYS = ("model", "weights", "tokenizer")
+
+
+def resolve(build: Build, base: Path) -> dict[str, Any]:
+    """Settings with paths relative to the fmc.toml's directory made absolute (a model that
+    is not a path there stays as written: a preset or hub id)."""
+    settings = dict(build.settings)
+    for key in PATH_KEYS:
+        if key in settings and (base / settings[key]).exists():
+            settings[key] = str((base / settings[key]).resolve())
+    settings["output"] = str((base / settings["output"]).resolve())
+    return settings
+
+
+def compile_options(settings: dict[str, Any]):
+    from fmc.cli.output import parse_size
+    from fmc.compiler import CompileOptions
+
+    shard = settings.get("shard_size")
+    extra = {"shard_bytes": parse_size(str(shard))} if shard is not None else {}
+    return CompileOptions(
+        model=settings.get("model"), output=settings["output"],
+        target=settings.get("target", "cpu"), quant=settings.get("quant", "q0f32"),
+        quant_overrides=list(settings.get("quant_overrides", [])),
+        weights=settings.get("weights"), tokenizer=settings.get("tokenizer"), force=True,
+        context_window=settings.get("context_window"),
+        prefill_chunk=settings.get("prefill_chunk", 512),
+        disable_passes=list(settings.get("disable_passes", [])),
+        enable_passes=list(settings.get("enable_passes", [])), **extra)
+
+
+def stamp_key(settings: dict[str, Any]) -> str:
+    import tvm
+
+    import fmc
+    from fmc.frontend.source import open_model
+
+    source = open_model(settings.get("model"), settings.get("weights"),
+                        settings.get("tokenizer"))
+    files = sorted({Path(p).resolve() for p in [
+        *source.input_files, *(p for p in source.tokenizer.values() if isinstance(p, Path))]})
+    inputs = [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    record = {"settings": settings, "fmc": fmc.__version__, "tvm": tvm.__version__,
+              "inputs": inputs}
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+
+
+def stamp_path(output: Path) -> Path:
+    return output.with_name(output.name + ".fmc-stamp")
+
+
+def _write_stamp(path: Path, key: str) -> None:
+    temp = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
+        temp.write_text(key + "\n", encoding="utf-8")
+        os.replace(temp, path)
+    except OSError as exc:
+        temp.unlink(missing_ok=True)
+        raise OutputError(f"{path}: cannot write the build stamp ({exc.strerror})") from None
+
+
+def run_build(build: Build, base: Path, rebuild: bool = False, progress=None) -> dict[str, Any]:
+    """Compile `build` unless up to date; {"name", "status", "output", "seconds"}."""
+    from fmc.compiler import compile_model
+
+    settings = resolve(build, base)
+    output = Path(settings["output"])
+    key = stamp_key(settings)
+    stamp = stamp_path(output)
+    start = time.perf_counter()
+    current = stamp.read_text(encoding="utf-8").strip() if stamp.is_file() else None
+    if not rebuild and current == key and (output / "manifest.json").is_file():
+        status = "up-to-date"
+    else:
+        compile_model(compile_options(settings), progress)
+        _write_stamp(stamp, key)
+        status = "built"
+    return {"name": build.name, "status": status, "output": str(output),
+            "seconds": time.perf_counter() - start}
