@@ -16,10 +16,68 @@ import math
 
 from tvm.script import tirx as T
 
+# The kernels pass lambdas over loop variables to TVMScript macros; macros expand while the
+# kernel is parsed, inside the loop, so the late binding B023 warns about cannot happen.
+# ruff: noqa: B023
+
 DECODE_SYMBOL = "batch_decode_paged_kv_cpu"  # TVM's kernels these replace
 RAGGED_PREFILL_SYMBOL = "batch_prefill_ragged_kv"
 PAGED_PREFILL_SYMBOL = "batch_prefill_paged_kv_cpu"
 KEYS_PER_STEP = 16  # keys scored per online-softmax update in prefill
+LOG2E = math.log2(math.e)
+
+
+def _attention_steps(head_dim: int, lanes: int, dtype: str):
+    """TVMScript macros the kernels share: one (query, head) pair's online softmax in the log2
+    domain. Keys and values come through accessors (`key(r, d)`, `value(r, d)`), so the same
+    steps read cache pages or ragged new-token rows. `state` holds m, d, new m, rescale."""
+    chunks = head_dim // lanes
+
+    # fmt: off
+    @T.macro
+    def begin(q_local, o_local, state, query, scale):
+        state[0] = T.float32(-5e4)  # TVM's initial state: an empty sequence gives 0, lse -5e4
+        state[1] = T.float32(1.0)
+        for d in T.vectorized(head_dim):
+            o_local[d] = T.float32(0)
+        # Scores in the log2 domain: fold sm_scale·log2(e) into q once.
+        for d in T.vectorized(head_dim):
+            q_local[d] = T.Cast("float32", query(d)) * scale
+
+    @T.macro
+    def attend(q_local, o_local, acc, scores, state, count, key, value):
+        """Score `count` keys (SIMD partial sums, then a horizontal sum), then one update."""
+        for r in T.serial(count):
+            for lane in T.vectorized(lanes):
+                acc[lane] = q_local[lane] * T.Cast("float32", key(r, lane))
+            for c in T.serial(chunks - 1):
+                for lane in T.vectorized(lanes):
+                    d: T.let[T.int32] = (c + 1) * lanes + lane
+                    acc[lane] = acc[lane] + q_local[d] * T.Cast("float32", key(r, d))
+            scores[r] = T.float32(0)
+            for lane in T.serial(lanes):
+                scores[r] = scores[r] + acc[lane]
+        state[2] = state[0]
+        for r in T.serial(count):
+            state[2] = T.max(state[2], scores[r])
+        state[3] = T.exp2(state[0] - state[2])
+        state[1] = state[1] * state[3]
+        for d in T.vectorized(head_dim):
+            o_local[d] = o_local[d] * state[3]
+        for r in T.serial(count):
+            scores[r] = T.exp2(scores[r] - state[2])
+            state[1] = state[1] + scores[r]
+            for d in T.vectorized(head_dim):
+                o_local[d] = o_local[d] + scores[r] * T.Cast("float32", value(r, d))
+        state[0] = state[2]
+
+    @T.macro
+    def finish(o_local, state, output, lse, row, head):
+        for d in T.vectorized(head_dim):
+            output[row, head, d] = T.Cast(dtype, o_local[d] / state[1])
+        lse[row, head] = state[0] + T.log2(state[1])
+    # fmt: on
+    return begin, attend, finish
 
 
 def decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: str,
@@ -27,8 +85,7 @@ def decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype:
     H_qo, H_kv, D = num_qo_heads, num_kv_heads, head_dim
     group = H_qo // H_kv
     lanes = math.gcd(lanes, D)
-    chunks = D // lanes
-    log2e = math.log2(math.e)
+    begin, attend, finish = _attention_steps(D, lanes, dtype)
 
     # fmt: off
     @T.prim_func(s_tir=True)
@@ -78,46 +135,15 @@ def decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype:
                 kv: T.let[T.int32] = h // group
                 first: T.let[T.int32] = page_table_indptr[b]
                 num_pages: T.let[T.int32] = page_table_indptr[b + 1] - first
-                state[0] = T.float32(-5e4)
-                state[1] = T.float32(1.0)
-                for d in T.vectorized(D):
-                    o_local[d] = T.float32(0)
-                # Scores in the log2 domain: fold sm_scale·log2(e) into q once.
-                for d in T.vectorized(D):
-                    q_local[d] = T.Cast("float32", Q[b, h, d]) * (sm_scale * log2e)
+                begin(q_local, o_local, state, lambda d: Q[b, h, d], sm_scale * LOG2E)
                 for p in T.serial(num_pages):
                     page: T.let[T.int32] = page_table_values[first + p]
                     rows: T.let[T.int32] = T.if_then_else(p == num_pages - 1,
                                                           last_page_len[b], page_size)
-                    for r in T.serial(rows):
-                        for lane in T.vectorized(lanes):
-                            acc[lane] = q_local[lane] \
-                                * T.Cast("float32", pages[page, 0, kv, r, lane])
-                        for c in T.serial(chunks - 1):
-                            for lane in T.vectorized(lanes):
-                                d: T.let[T.int32] = (c + 1) * lanes + lane
-                                acc[lane] = acc[lane] \
-                                    + q_local[d] * T.Cast("float32", pages[page, 0, kv, r, d])
-                        scores[r] = T.float32(0)
-                        for lane in T.serial(lanes):
-                            scores[r] = scores[r] + acc[lane]
-                    state[2] = state[0]
-                    for r in T.serial(rows):
-                        state[2] = T.max(state[2], scores[r])
-                    state[3] = T.exp2(state[0] - state[2])
-                    state[1] = state[1] * state[3]
-                    for d in T.vectorized(D):
-                        o_local[d] = o_local[d] * state[3]
-                    for r in T.serial(rows):
-                        scores[r] = T.exp2(scores[r] - state[2])
-                        state[1] = state[1] + scores[r]
-                        for d in T.vectorized(D):
-                            o_local[d] = o_local[d] + scores[r] \
-                                * T.Cast("float32", pages[page, 1, kv, r, d])
-                    state[0] = state[2]
-                for d in T.vectorized(D):
-                    output[b, h, d] = T.Cast(dtype, o_local[d] / state[1])
-                lse[b, h] = state[0] + T.log2(state[1])
+                    attend(q_local, o_local, acc, scores, state, rows,
+                           lambda r, d: pages[page, 0, kv, r, d],
+                           lambda r, d: pages[page, 1, kv, r, d])
+                finish(o_local, state, output, lse, b, h)
     # fmt: on
     return batch_decode_paged_kv
 
@@ -131,9 +157,8 @@ def ragged_prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int
     H_qo, H_kv, D = num_qo_heads, num_kv_heads, head_dim
     group = H_qo // H_kv
     lanes = math.gcd(lanes, D)
-    chunks = D // lanes
     step = KEYS_PER_STEP
-    log2e = math.log2(math.e)
+    begin, attend, finish = _attention_steps(D, lanes, dtype)
 
     # fmt: off
     @T.prim_func(s_tir=True)
@@ -187,44 +212,15 @@ def ragged_prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int
                     # Keys this query sees: all, or (causal) up to its own position.
                     visible: T.let[T.int32] = T.if_then_else(
                         causal > 0, T.min(k_count - q_count + row + 1, k_count), k_count)
-                    state[0] = T.float32(-5e4)
-                    state[1] = T.float32(1.0)
-                    for d in T.vectorized(D):
-                        o_local[d] = T.float32(0)
-                    for d in T.vectorized(D):
-                        q_local[d] = T.Cast("float32", q[q_start + row, h, d]) \
-                            * (sm_scale * log2e)
+                    begin(q_local, o_local, state, lambda d: q[q_start + row, h, d],
+                          sm_scale * LOG2E)
                     for start in T.serial((visible + step - 1) // step):
-                        count: T.let[T.int32] = T.min(step, visible - start * step)
-                        for r in T.serial(count):
-                            key: T.let[T.int32] = k_start + start * step + r
-                            for lane in T.vectorized(lanes):
-                                acc[lane] = q_local[lane] * T.Cast("float32", k[key, kv, lane])
-                            for c in T.serial(chunks - 1):
-                                for lane in T.vectorized(lanes):
-                                    d: T.let[T.int32] = (c + 1) * lanes + lane
-                                    acc[lane] = acc[lane] \
-                                        + q_local[d] * T.Cast("float32", k[key, kv, d])
-                            scores[r] = T.float32(0)
-                            for lane in T.serial(lanes):
-                                scores[r] = scores[r] + acc[lane]
-                        state[2] = state[0]
-                        for r in T.serial(count):
-                            state[2] = T.max(state[2], scores[r])
-                        state[3] = T.exp2(state[0] - state[2])
-                        state[1] = state[1] * state[3]
-                        for d in T.vectorized(D):
-                            o_local[d] = o_local[d] * state[3]
-                        for r in T.serial(count):
-                            scores[r] = T.exp2(scores[r] - state[2])
-                            state[1] = state[1] + scores[r]
-                            for d in T.vectorized(D):
-                                o_local[d] = o_local[d] + scores[r] * T.Cast(
-                                    "float32", v[k_start + start * step + r, kv, d])
-                        state[0] = state[2]
-                    for d in T.vectorized(D):
-                        output[q_start + row, h, d] = T.Cast(dtype, o_local[d] / state[1])
-                    lse[q_start + row, h] = state[0] + T.log2(state[1])
+                        first_key: T.let[T.int32] = k_start + start * step
+                        attend(q_local, o_local, acc, scores, state,
+                               T.min(step, visible - start * step),
+                               lambda r, d: k[first_key + r, kv, d],
+                               lambda r, d: v[first_key + r, kv, d])
+                    finish(o_local, state, output, lse, q_start + row, h)
     # fmt: on
     return batch_prefill_ragged_kv
 
@@ -241,8 +237,7 @@ def paged_prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int,
     H_qo, H_kv, D = num_qo_heads, num_kv_heads, head_dim
     group = H_qo // H_kv
     lanes = math.gcd(lanes, D)
-    chunks = D // lanes
-    log2e = math.log2(math.e)
+    begin, attend, finish = _attention_steps(D, lanes, dtype)
 
     # fmt: off
     @T.prim_func(s_tir=True)
@@ -302,44 +297,14 @@ def paged_prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int,
                         num_pages > 0, (num_pages - 1) * page_size + last_page_len[b], 0)
                     visible: T.let[T.int32] = T.if_then_else(
                         causal > 0, T.max(T.min(kv_len - q_count + row + 1, kv_len), 0), kv_len)
-                    state[0] = T.float32(-5e4)
-                    state[1] = T.float32(1.0)
-                    for d in T.vectorized(D):
-                        o_local[d] = T.float32(0)
-                    for d in T.vectorized(D):
-                        q_local[d] = T.Cast("float32", q[q_start + row, h, d]) \
-                            * (sm_scale * log2e)
+                    begin(q_local, o_local, state, lambda d: q[q_start + row, h, d],
+                          sm_scale * LOG2E)
                     for p in T.serial((visible + page_size - 1) // page_size):
                         page: T.let[T.int32] = page_values[first + p]
-                        rows: T.let[T.int32] = T.min(page_size, visible - p * page_size)
-                        for r in T.serial(rows):
-                            for lane in T.vectorized(lanes):
-                                acc[lane] = q_local[lane] \
-                                    * T.Cast("float32", pages[page, 0, kv, r, lane])
-                            for c in T.serial(chunks - 1):
-                                for lane in T.vectorized(lanes):
-                                    d: T.let[T.int32] = (c + 1) * lanes + lane
-                                    acc[lane] = acc[lane] \
-                                        + q_local[d] * T.Cast("float32", pages[page, 0, kv, r, d])
-                            scores[r] = T.float32(0)
-                            for lane in T.serial(lanes):
-                                scores[r] = scores[r] + acc[lane]
-                        state[2] = state[0]
-                        for r in T.serial(rows):
-                            state[2] = T.max(state[2], scores[r])
-                        state[3] = T.exp2(state[0] - state[2])
-                        state[1] = state[1] * state[3]
-                        for d in T.vectorized(D):
-                            o_local[d] = o_local[d] * state[3]
-                        for r in T.serial(rows):
-                            scores[r] = T.exp2(scores[r] - state[2])
-                            state[1] = state[1] + scores[r]
-                            for d in T.vectorized(D):
-                                o_local[d] = o_local[d] + scores[r] \
-                                    * T.Cast("float32", pages[page, 1, kv, r, d])
-                        state[0] = state[2]
-                    for d in T.vectorized(D):
-                        output[q_start + row, h, d] = T.Cast(dtype, o_local[d] / state[1])
-                    lse[q_start + row, h] = state[0] + T.log2(state[1])
+                        attend(q_local, o_local, acc, scores, state,
+                               T.min(page_size, visible - p * page_size),
+                               lambda r, d: pages[page, 0, kv, r, d],
+                               lambda r, d: pages[page, 1, kv, r, d])
+                    finish(o_local, state, output, lse, q_start + row, h)
     # fmt: on
     return batch_prefill_paged_kv_cpu

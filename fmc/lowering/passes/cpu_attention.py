@@ -32,22 +32,16 @@ def _paged_shapes(func: tirx.PrimFunc, pages_index: int):
     return None if None in found else found
 
 
-def _decode(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc | None:
-    shapes = _paged_shapes(func, 1)
-    if shapes is None:
-        return None
-    heads, head_dim, kv_heads, page_size = shapes
-    return decode_attention(kv_heads, heads, head_dim, str(func.params[0].ty.dtype),
-                            page_size, lanes)
-
-
-def _paged_prefill(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc | None:
-    shapes = _paged_shapes(func, 2)
-    if shapes is None:
-        return None
-    heads, head_dim, kv_heads, page_size = shapes
-    return paged_prefill_attention(kv_heads, heads, head_dim, str(func.params[0].ty.dtype),
-                                   page_size, lanes)
+def _paged(make, pages_index: int):
+    """A replacement for a kernel over cache pages: `make(kv_heads, heads, head_dim, dtype,
+    page_size, lanes)` with the sizes read off its q and pages buffers."""
+    def replace(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc | None:
+        shapes = _paged_shapes(func, pages_index)
+        if shapes is None:
+            return None
+        heads, head_dim, kv_heads, page_size = shapes
+        return make(kv_heads, heads, head_dim, str(func.params[0].ty.dtype), page_size, lanes)
+    return replace
 
 
 def _ragged_prefill(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc | None:
@@ -77,8 +71,9 @@ def _rope(func: tirx.PrimFunc, _lanes: int) -> tirx.PrimFunc | None:
     return schedule.mod["main"]
 
 
-REPLACEMENTS = {DECODE_SYMBOL: _decode, RAGGED_PREFILL_SYMBOL: _ragged_prefill,
-                PAGED_PREFILL_SYMBOL: _paged_prefill, "fused_rope": _rope}
+REPLACEMENTS = {DECODE_SYMBOL: _paged(decode_attention, pages_index=1),
+                PAGED_PREFILL_SYMBOL: _paged(paged_prefill_attention, pages_index=2),
+                RAGGED_PREFILL_SYMBOL: _ragged_prefill, "fused_rope": _rope}
 
 
 @tvm.transform.module_pass(opt_level=0, name="ReplaceCPUAttention")
