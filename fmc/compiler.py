@@ -188,18 +188,20 @@ def _package(state: CompileState, progress: Progress) -> None:
 
 
 def memory_estimate(state: CompileState) -> dict[str, int]:
-    """Bytes for weights, the KV cache at the default context (one sequence), and a bound on
-    activation workspace for one prefill chunk (fp32 logits for every position included)."""
+    """What running the artifact holds in memory: the weights, the KV cache for the default
+    context (tokens across all sequences), and the activations of one prefill chunk — hidden
+    states, MLP intermediates, attention q/k/v/output and the KV cache's staging copies of
+    them — plus one float32 logits row. Computing logits at every position (`fmc ppl`) adds
+    4·vocab bytes per scored position."""
     import numpy as np
 
     c = state.config
     item = np.dtype(state.compute_dtype).itemsize
     weights = sum(int(np.prod(p.shape)) * np.dtype(p.dtype).itemsize for p in state.params)
     kv = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * state.context_window * item
-    chunk = state.options.prefill_chunk
-    per_token = (4 * c.hidden_size + 3 * c.intermediate_size
-                 + (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim) * item
-    workspace = chunk * (per_token + 4 * c.vocab_size)
+    attention = (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
+    per_token = (5 * c.hidden_size + 3 * c.intermediate_size + 2 * attention) * item
+    workspace = state.options.prefill_chunk * per_token + 4 * c.vocab_size
     return {"weights_bytes": weights, "kv_cache_bytes": kv, "workspace_bytes": workspace,
             "total_bytes": weights + kv + workspace, "context_window": state.context_window}
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from fmc.cli.output import emit_json, setup_logging, stderr
+from fmc.cli.output import emit_json, is_quiet, setup_logging, stderr
 
 
 def build_command(
@@ -23,6 +23,7 @@ def build_command(
     from fmc.cli.progress import CompileProgress
     from fmc.errors import unknown_choice
 
+    quiet = is_quiet(quiet)
     setup_logging(quiet or json_out)
     builds = load(config)
     names = [b.name for b in builds]

@@ -6,7 +6,15 @@ from pathlib import Path
 
 import typer
 
-from fmc.cli.output import emit_json, human_bytes, parse_size, setup_logging, stderr, stdout
+from fmc.cli.output import (
+    emit_json,
+    human_bytes,
+    is_quiet,
+    parse_size,
+    setup_logging,
+    stderr,
+    stdout,
+)
 
 
 def compile_command(
@@ -56,6 +64,7 @@ def compile_command(
     from fmc.cli.progress import CompileProgress
     from fmc.compiler import CompileOptions, compile_model, plan_compile
 
+    quiet = is_quiet(quiet)
     setup_logging(quiet or json_out)
     options = CompileOptions(
         model=model, output=output, target=target, quant=quant,

@@ -24,8 +24,13 @@ def interactive() -> bool:
 GLOBAL_QUIET = {"on": False}
 
 
+def is_quiet(local: bool = False) -> bool:
+    """A command's own --quiet, or the global one."""
+    return local or GLOBAL_QUIET["on"]
+
+
 def setup_logging(quiet: bool = False, debug: bool = False) -> None:
-    quiet = quiet or GLOBAL_QUIET["on"]
+    quiet = is_quiet(quiet)
     level = logging.DEBUG if debug else logging.ERROR if quiet else logging.INFO
     logger = logging.getLogger("fmc")
     logger.handlers.clear()

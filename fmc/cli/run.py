@@ -21,14 +21,18 @@ def run_command(
     threads: int = typer.Option(None, "--threads", help="CPU threads (default: physical cores)."),
     verify: bool = typer.Option(None, "--verify/--no-verify",
                                 help="Hash the shards on load (default: small artifacts)."),
+    ignore_eos: bool = typer.Option(False, "--ignore-eos",
+                                    help="Keep generating past end-of-sequence tokens."),
     json_out: bool = typer.Option(
-        False, "--json", help="Print one JSON result (text, token ids, timings); no streaming."),
+        False, "--json", help="Print one JSON result (text, token ids, timings, memory); "
+        "no streaming."),
 ) -> None:
     """Generate a continuation of a prompt."""
     import time
 
     import fmc
     from fmc.errors import UsageError
+    from fmc.runtime.memory import peak_resident_bytes, resident_bytes
     from fmc.runtime.sampling import SamplingParams
 
     setup_logging(quiet=json_out)
@@ -37,16 +41,38 @@ def run_command(
             raise UsageError("give a prompt with --prompt or on stdin")
         prompt = sys.stdin.read()
     sampling = SamplingParams(temperature, top_p, seed)
+    import tvm  # noqa: F401  (imported before the baseline: TVM alone is ~400 MB resident)
+
+    baseline = resident_bytes()
     engine = fmc.load(artifact, verify=verify, context_window=context_window, threads=threads)
+    loaded = resident_bytes()
+    tokenizer = engine.tokenizer
+    tokenizer_bytes = None if loaded is None else resident_bytes() - loaded
     if json_out:
         start = time.perf_counter()
-        prompt_ids = engine.tokenizer.encode(prompt)
-        ids = list(engine.generate_ids(prompt_ids, max_tokens, sampling))
+        prompt_ids = tokenizer.encode(prompt)
+        ids = list(engine.generate_ids(prompt_ids, max_tokens, sampling,
+                                       stop_at_eos=not ignore_eos))
         emit_json({"artifact": str(artifact), "prompt_tokens": len(prompt_ids),
-                   "token_ids": ids, "text": engine.tokenizer.decode(ids),
-                   "seconds": time.perf_counter() - start})
+                   "token_ids": ids, "text": tokenizer.decode(ids),
+                   "seconds": time.perf_counter() - start,
+                   "memory": _memory_report(engine, baseline, tokenizer_bytes,
+                                            peak_resident_bytes())})
         return
-    for piece in engine.stream(prompt, max_tokens, sampling):
+    for piece in engine.stream(prompt, max_tokens, sampling, stop_at_eos=not ignore_eos):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+
+
+def _memory_report(engine, baseline: int | None, tokenizer: int | None, peak: int) -> dict:
+    """Measured peak resident memory of the model — above the process before loading (Python,
+    TVM and fmc imported) and without the tokenizer's own tables, which the estimate does not
+    model — next to the compiler's estimate scaled to this run's context window."""
+    estimate = engine.manifest["memory"]
+    kv = estimate["kv_cache_bytes"] * engine.context_window // estimate["context_window"]
+    expected = estimate["weights_bytes"] + kv + estimate["workspace_bytes"]
+    model = None if baseline is None else peak - baseline - tokenizer
+    return {"baseline_rss_bytes": baseline, "tokenizer_rss_bytes": tokenizer,
+            "peak_rss_bytes": peak, "model_peak_bytes": model, "estimate_bytes": expected,
+            "context_window": engine.context_window}

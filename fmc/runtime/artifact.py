@@ -13,6 +13,7 @@ from fmc.artifacts.manifest import ABI_VERSION, read_manifest
 from fmc.artifacts.shards import sha256_file
 from fmc.errors import ArtifactError, InputError
 from fmc.frontend.safetensors_reader import SafetensorsFile
+from fmc.runtime.memory import release_free_heap
 
 # Artifacts up to this size have every shard hashed on load unless the caller says otherwise.
 VERIFY_BY_DEFAULT_BYTES = 2 * 1024**3
@@ -106,6 +107,7 @@ def open_artifact(path: Path | str, device=None, verify: bool | None = None) -> 
     device = device or _device_for(manifest)
     vm = load_library(artifact, manifest, device)
     params = load_params(artifact, manifest, device)
+    release_free_heap()
     return LoadedArtifact(artifact, manifest, vm, device, params)
 
 

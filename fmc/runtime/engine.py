@@ -218,10 +218,12 @@ class Engine:
             self.remove(seq)
 
     def stream(self, prompt: str, max_tokens: int = 128,
-               sampling: SamplingParams | None = None) -> Iterator[str]:
+               sampling: SamplingParams | None = None,
+               stop_at_eos: bool = True) -> Iterator[str]:
         """Yield text pieces as tokens are produced."""
         decoder = StreamDecoder(self.tokenizer)
-        for token in self.generate_ids(self.tokenizer.encode(prompt), max_tokens, sampling):
+        for token in self.generate_ids(self.tokenizer.encode(prompt), max_tokens, sampling,
+                                       stop_at_eos):
             piece = decoder.push(token)
             if piece:
                 yield piece
