@@ -15,6 +15,7 @@ import fmc
 from fmc.artifacts import manifest as manifest_mod
 from fmc.artifacts.shards import DEFAULT_SHARD_BYTES, ShardWriter, sha256_file
 from fmc.artifacts.staging import StagingDir
+from fmc.compile_cache import key_of, open_cache, probe, step_starting_at
 from fmc.errors import UsageError
 from fmc.frontend import ModelSource, open_model
 from fmc.frontend.llama_model import DEBUG_ENTRY, ENTRY_FUNCTIONS, LlamaForCausalLM
@@ -58,6 +59,10 @@ class CompileOptions:
     debug_layers: bool = False  # add the layer_outputs entry for `fmc compare`
     target_json: str | None = None  # a raw TVM target (JSON) instead of `target`
     allow_nonfinite: bool = False
+    # The build cache (fmc.compile_cache): None follows FMC_NO_CACHE, False disables it;
+    # cache_dir overrides FMC_CACHE_DIR / the user's cache directory.
+    use_cache: bool | None = None
+    cache_dir: Path | str | None = None
 
 
 @dataclass
@@ -81,6 +86,8 @@ class CompileState:
     manifest: dict[str, Any] = field(default_factory=dict)
     validation: dict[str, Any] = field(default_factory=dict)  # what Target.validate checked
     entry_functions: tuple[str, ...] = ENTRY_FUNCTIONS
+    cache: Any = None  # a BuildCache, or None
+    cache_status: dict[str, str] = field(default_factory=dict)  # step → "hit" | "miss"
 
     @property
     def config(self):
@@ -279,6 +286,7 @@ class CompileResult:
     timings: dict[str, float]
     # Every file the artifact was made from (model, tokenizer, plugins, kernel overrides).
     input_files: list[Path] = field(default_factory=list)
+    cache: dict[str, str] = field(default_factory=dict)  # step → "hit" | "miss"; {} if off
 
 
 def _new_state(options: CompileOptions) -> CompileState:
@@ -305,12 +313,40 @@ def _new_state(options: CompileOptions) -> CompileState:
 
 
 def _run(state: CompileState, phases: list[Phase], progress: Progress) -> None:
+    """Run `phases` in order. With a cache, a cached step's phases are skipped on a hit (its
+    products restored into the staging directory) and its products stored on a miss."""
+    names = {p.name for p in phases}
+    skipped: set[str] = set()
+    to_store = {}  # last phase of a missed step → (step, key, record)
     for phase in phases:
+        step = step_starting_at(phase.name) if state.cache is not None else None
+        if step is not None and set(step.phases) <= names and step.applies(state):
+            start = time.perf_counter()
+            key, record = key_of(step, state, state.cache)
+            entry = state.cache.lookup(step.kind, key) if step.may_skip(state) else None
+            if entry is not None and state.cache.restore(entry, state.staging.path):
+                step.restore(state, entry.meta)
+                skipped.update(step.phases)
+                state.cache_status[step.kind] = "hit"
+            else:
+                state.cache_status[step.kind] = "miss"
+                to_store[step.phases[-1]] = (step, key, record)
+            state.timings["cache"] = state.timings.get("cache", 0.0) + \
+                time.perf_counter() - start
+        if phase.name in skipped:
+            progress("phase-cached", name=phase.name)
+            continue
         progress("phase", name=phase.name, doc=phase.doc)
         start = time.perf_counter()
         phase.run(state, progress)
         state.timings[phase.name] = time.perf_counter() - start
         progress("phase-done", name=phase.name, seconds=state.timings[phase.name])
+        if phase.name in to_store:
+            step, key, record = to_store.pop(phase.name)
+            start = time.perf_counter()
+            state.cache.store(step.kind, key, record, step.label(state), step.files(state),
+                              step.meta(state))
+            state.timings["cache"] += time.perf_counter() - start
 
 
 IR_PHASES = ("import", "quantize", "fuse", "lower")
@@ -332,11 +368,13 @@ def compile_model(options: CompileOptions, progress: Progress | None = None) -> 
     output = Path(options.output)
     state = _new_state(options)
     state.target.check_toolchain()
+    state.cache = open_cache(options)
     with StagingDir(output, options.force) as staging:
         state.staging = staging
         _run(state, PHASES, progress)
         staging.commit()
-    return CompileResult(output, state.manifest, state.timings, input_files(state))
+    return CompileResult(output, state.manifest, state.timings, input_files(state),
+                         dict(state.cache_status))
 
 
 def input_files(state: CompileState) -> list[Path]:
@@ -372,6 +410,7 @@ def plan_compile(options: CompileOptions) -> dict[str, Any]:
     shards = math.ceil(memory["weights_bytes"] / options.shard_bytes) if has_weights else 0
     output = Path(options.output) if options.output is not None else None
     library = LIBRARY_STEM + state.target.library_suffix
+    cache = open_cache(options)
     return {
         "model": {**state.source.describe(), "architecture": state.config.to_dict()},
         "target": state.target.describe(),
@@ -385,4 +424,5 @@ def plan_compile(options: CompileOptions) -> dict[str, Any]:
         "parameters": len(state.params),
         "memory": {**memory, "weights_bytes_per_scheme": per_scheme},
         "input_files": [str(p) for p in input_files(state)],
+        "cache": {"dir": str(cache.root), **probe(state, cache)} if cache else None,
     }

@@ -15,6 +15,9 @@ from models import TINY_MODELS, write_tiny_checkpoint  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# Tests monkeypatch fmc in-process, which a build cache keyed by files cannot see: compiles
+# use no cache unless a test asks for one (tests/test_cache.py).
+os.environ["FMC_NO_CACHE"] = "1"
 logging.getLogger("fmc").setLevel(logging.WARNING)
 
 
@@ -61,3 +64,15 @@ def pytest_collection_modifyitems(config, items):
     if not items:
         raise pytest.UsageError("no tests collected")
     assert TINY_MODELS  # the registry of tiny models must not be empty
+
+
+@pytest.fixture
+def fmc_log(caplog):
+    """caplog for the "fmc" logger even after a CLI call made it stop propagating."""
+    logger = logging.getLogger("fmc")
+    level = logger.level
+    logger.addHandler(caplog.handler)
+    logger.setLevel(logging.INFO)
+    yield caplog
+    logger.removeHandler(caplog.handler)
+    logger.setLevel(level)

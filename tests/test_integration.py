@@ -44,3 +44,27 @@ def test_make_builds_once_and_rebuilds_exactly_what_an_input_touches(tmp_path):
     rebuilt = _manifest_times(build)
     assert rebuilt["b-q4f16"] == built["b-q4f16"]
     assert rebuilt["a-q0f32"] > built["a-q0f32"] and rebuilt["a-q4f16"] > built["a-q4f16"]
+
+
+def test_github_actions_example_parses_and_its_fmc_commands_exist(tmp_path, monkeypatch):
+    """Every `fmc …` line of examples/github-actions.yml names a real command; the ones
+    without shell variables run as written (against a scratch cache)."""
+    import re
+    import shlex
+
+    import yaml
+
+    from fmc.cli import main
+
+    workflow = yaml.safe_load((EXAMPLE.parent / "github-actions.yml").read_text())
+    steps = workflow["jobs"]["build"]["steps"]
+    scripts = "\n".join(step.get("run", "") for step in steps)
+    commands = re.findall(r"(?:^|[;&|]\s*|do\s+)fmc\s+([^;\n>]+)", scripts, re.MULTILINE)
+    assert {c.split()[0] for c in commands} >= {"doctor", "verify", "cache"}
+    monkeypatch.setenv("FMC_CACHE_DIR", str(tmp_path / "cache"))
+    for command in commands:
+        args = shlex.split(command)
+        if "$" in command:
+            assert main([args[0], "--help"]) == 0, command
+        else:
+            assert main(args) == 0, command

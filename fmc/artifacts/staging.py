@@ -17,7 +17,7 @@ TMP_MARKER = ".fmc-tmp-"
 OLD_MARKER = ".fmc-old-"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -35,7 +35,7 @@ def clean_stale(output: Path) -> None:
     for marker in (TMP_MARKER, OLD_MARKER):
         for entry in parent.glob(f".{output.name}{marker}*"):
             pid_text = entry.name.rsplit(marker, 1)[1].split("-", 1)[0]
-            if pid_text.isdigit() and not _pid_alive(int(pid_text)):
+            if pid_text.isdigit() and not pid_alive(int(pid_text)):
                 shutil.rmtree(entry, ignore_errors=True)
 
 

@@ -31,7 +31,7 @@ def resolve(build: Build, base: Path) -> dict[str, Any]:
     return settings
 
 
-def compile_options(settings: dict[str, Any]):
+def compile_options(settings: dict[str, Any], cache: dict[str, Any] | None = None):
     from fmc.cli.output import parse_size
     from fmc.compiler import CompileOptions
 
@@ -45,7 +45,7 @@ def compile_options(settings: dict[str, Any]):
         context_window=settings.get("context_window"),
         prefill_chunk=settings.get("prefill_chunk", 512),
         disable_passes=list(settings.get("disable_passes", [])),
-        enable_passes=list(settings.get("enable_passes", [])), **extra)
+        enable_passes=list(settings.get("enable_passes", [])), **extra, **(cache or {}))
 
 
 def stamp_key(settings: dict[str, Any]) -> str:
@@ -78,8 +78,10 @@ def _write_stamp(path: Path, key: str) -> None:
         raise OutputError(f"{path}: cannot write the build stamp ({exc.strerror})") from None
 
 
-def run_build(build: Build, base: Path, rebuild: bool = False, progress=None) -> dict[str, Any]:
-    """Compile `build` unless up to date; {"name", "status", "output", "seconds"}."""
+def run_build(build: Build, base: Path, rebuild: bool = False, progress=None,
+              cache: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Compile `build` unless up to date; {"name", "status", "output", "seconds", "cache"}.
+    `cache`: CompileOptions' use_cache / cache_dir."""
     from fmc.compiler import compile_model
 
     settings = resolve(build, base)
@@ -88,11 +90,12 @@ def run_build(build: Build, base: Path, rebuild: bool = False, progress=None) ->
     stamp = stamp_path(output)
     start = time.perf_counter()
     current = stamp.read_text(encoding="utf-8").strip() if stamp.is_file() else None
+    cached: dict[str, str] = {}
     if not rebuild and current == key and (output / "manifest.json").is_file():
         status = "up-to-date"
     else:
-        compile_model(compile_options(settings), progress)
+        cached = compile_model(compile_options(settings, cache), progress).cache
         _write_stamp(stamp, key)
         status = "built"
     return {"name": build.name, "status": status, "output": str(output),
-            "seconds": time.perf_counter() - start}
+            "seconds": time.perf_counter() - start, "cache": cached}

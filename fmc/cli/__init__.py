@@ -34,6 +34,7 @@ def _register() -> None:
     from fmc.cli import (
         bench,
         build,
+        cache,
         compare,
         compile,
         doctor,
@@ -58,6 +59,7 @@ def _register() -> None:
     app.command("verify")(verify.verify_command)
     app.command("doctor")(doctor.doctor_command)
     app.add_typer(quant.app, name="quant")
+    app.add_typer(cache.app, name="cache")
 
 
 _register()

@@ -13,6 +13,11 @@ def build_command(
     config: Path = typer.Option(Path("fmc.toml"), "--config", "-c", help="The build file."),
     only: list[str] = typer.Option([], "--only", help="Build just this one (repeatable)."),
     rebuild: bool = typer.Option(False, "--rebuild", help="Compile even if up to date."),
+    cache_dir: Path = typer.Option(None, "--cache-dir",
+                                   help="Build cache directory (default: FMC_CACHE_DIR, else "
+                                   "~/.cache/fmc)."),
+    no_cache: bool = typer.Option(False, "--no-cache",
+                                  help="Neither read nor write the build cache."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON result on stdout."),
     quiet: bool = typer.Option(False, "--quiet", help="Only errors on stderr."),
 ) -> None:
@@ -34,7 +39,9 @@ def build_command(
     results = []
     for build in selected:
         with CompileProgress(quiet or json_out) as progress:
-            result = run_build(build, config.resolve().parent, rebuild, progress)
+            result = run_build(build, config.resolve().parent, rebuild, progress,
+                               cache={"use_cache": False if no_cache else None,
+                                      "cache_dir": cache_dir})
         results.append(result)
         if not (quiet or json_out):
             stderr.print(f"[bold]{result['name']}[/]: {result['status']} "

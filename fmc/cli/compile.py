@@ -57,6 +57,11 @@ def compile_command(
     depfile: Path = typer.Option(
         None, "--depfile", help="Also write a Make dependency file: OUTPUT/manifest.json "
         "depends on every input file."),
+    cache_dir: Path = typer.Option(None, "--cache-dir",
+                                   help="Build cache directory (default: FMC_CACHE_DIR, else "
+                                   "~/.cache/fmc)."),
+    no_cache: bool = typer.Option(False, "--no-cache",
+                                  help="Neither read nor write the build cache."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON result on stdout."),
     quiet: bool = typer.Option(False, "--quiet", help="Only errors on stderr."),
 ) -> None:
@@ -74,7 +79,8 @@ def compile_command(
         prefill_chunk=prefill_chunk, dump_ir=dump_ir, disable_passes=list(disable_pass),
         enable_passes=list(enable_pass),
         pass_plugins=list(pass_plugin), override_kernels=list(override_kernel),
-        allow_nonfinite=allow_nonfinite, debug_layers=debug_layers, target_json=target_json)
+        allow_nonfinite=allow_nonfinite, debug_layers=debug_layers, target_json=target_json,
+        use_cache=False if no_cache else None, cache_dir=cache_dir)
     if dry_run:
         _print_plan(plan_compile(options), json_out)
         return
@@ -90,10 +96,12 @@ def compile_command(
                    "target": manifest["target"]["name"],
                    "quantization": manifest["quantization"]["default"],
                    "library": manifest["library"], "memory": manifest["memory"],
-                   "weights": manifest["weights"]["present"]})
+                   "weights": manifest["weights"]["present"], "cache": result.cache})
     elif not quiet:
         total = sum(result.timings.values())
-        stderr.print(f"[bold green]compiled[/] {result.output} in {total:.1f} s")
+        hits = [step for step, status in result.cache.items() if status == "hit"]
+        cached = f" (cached: {', '.join(hits)})" if hits else ""
+        stderr.print(f"[bold green]compiled[/] {result.output} in {total:.1f} s{cached}")
 
 
 def _print_plan(plan: dict, json_out: bool) -> None:
@@ -113,3 +121,6 @@ def _print_plan(plan: dict, json_out: bool) -> None:
                  f"+ workspace {human_bytes(memory['workspace_bytes'])}", highlight=False)
     for scheme, size in sorted(memory["weights_bytes_per_scheme"].items()):
         stdout.print(f"  {scheme}: {human_bytes(size)}", highlight=False)
+    cache = plan["cache"]
+    stdout.print(f"build cache: library {cache['library']}, weights {cache['weights']} "
+                 f"({cache['dir']})" if cache else "build cache: off", highlight=False)

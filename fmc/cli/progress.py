@@ -51,6 +51,12 @@ class CompileProgress:
                 self._progress.console.print(f"[green]✓[/] {message}")
             else:
                 log.info(message)
+        elif event == "phase-cached":
+            message = f"{info['name']} skipped: restored from the build cache"
+            if self._progress is not None:
+                self._progress.console.print(f"[cyan]↺[/] {message}")
+            else:
+                log.info(message)
         elif event == "tensor":
             if self._progress is not None and self._task is not None:
                 self._progress.update(self._task, total=info["total"], completed=info["done"])
