@@ -236,3 +236,20 @@ def test_run_json_and_global_quiet(tiny_artifact, capsys):
     assert "no tokenizer files" in run_cli(capsys, *plan)[2]
     code, _, stderr = run_cli(capsys, "--quiet", *plan)
     assert code == 0 and stderr == ""
+
+
+def test_every_command_has_json_and_quiet():
+    import typer.main
+
+    from fmc.cli import app
+
+    def leaves(command, path):
+        for name, sub in getattr(command, "commands", {}).items():
+            yield from leaves(sub, [*path, name]) if hasattr(sub, "commands") else \
+                [([*path, name], sub)]
+
+    commands = list(leaves(typer.main.get_command(app), []))
+    assert len(commands) >= 14
+    for path, command in commands:
+        options = {o for p in command.params for o in getattr(p, "opts", [])}
+        assert {"--json", "--quiet"} <= options, " ".join(path)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from fmc.cli.output import emit_json, human_bytes, setup_logging, stdout
+from fmc.cli.output import emit_json, human_bytes, quiet_option, setup_logging, stdout
 
 
 def bench_command(
@@ -17,6 +17,7 @@ def bench_command(
     warmup: int = typer.Option(1, "--warmup", help="Unmeasured runs first."),
     threads: int = typer.Option(
         None, "--threads", help="CPU threads (default: TVM_NUM_THREADS, else physical cores)."),
+    quiet: bool = quiet_option(),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON result on stdout."),
     profile: bool = typer.Option(
         False, "--profile", help="Also time every kernel of one prefill and the decode steps."),
@@ -26,7 +27,7 @@ def bench_command(
     import fmc
     from fmc.runtime.bench import benchmark
 
-    setup_logging(quiet=json_out)
+    setup_logging(quiet or json_out)
     engine = fmc.load(artifact, threads=threads)
     used_threads = engine.threads
     result = benchmark(engine, prompt_len, gen_len, runs, warmup)

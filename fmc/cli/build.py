@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from fmc.cli.output import emit_json, is_quiet, setup_logging, stderr
+from fmc.cli.output import emit_json, is_quiet, quiet_option, setup_logging, stderr
 
 
 def build_command(
@@ -19,7 +19,7 @@ def build_command(
     no_cache: bool = typer.Option(False, "--no-cache",
                                   help="Neither read nor write the build cache."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON result on stdout."),
-    quiet: bool = typer.Option(False, "--quiet", help="Only errors on stderr."),
+    quiet: bool = quiet_option(),
 ) -> None:
     """Compile every build of fmc.toml (models × targets × quants) whose inputs, settings or
     fmc/TVM versions changed since its last build; stop at the first failure."""

@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from fmc.cli.output import emit_json, human_bytes, stdout
+from fmc.cli.output import emit_json, human_bytes, quiet_option, setup_logging, stdout
 from fmc.errors import UsageError
 
 app = typer.Typer(help="The build cache (libraries and converted weights).",
@@ -49,8 +49,10 @@ def _check_kind(kind: str | None) -> None:
 
 @app.command("ls")
 def ls_command(cache_dir: Path = CACHE_DIR, kind: str = KIND,
+               quiet: bool = quiet_option(),
                json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout.")):
     """List cache entries, least recently used first: kind, key, size, last use, label."""
+    setup_logging(quiet or json_out)
     _check_kind(kind)
     cache = _open(cache_dir)
     rows = sorted((r for r in cache.entries() if kind in (None, r["kind"])),
@@ -74,10 +76,12 @@ def clean_command(
     cache_dir: Path = CACHE_DIR, kind: str = KIND,
     older_than: str = typer.Option(None, "--older-than",
                                    help="Only entries unused for this long (30d, 12h, …)."),
+    quiet: bool = quiet_option(),
     json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
 ):
     """Remove cache entries (all, or those unused for --older-than), and leftovers of
     interrupted writers."""
+    setup_logging(quiet or json_out)
     _check_kind(kind)
     age = parse_duration(older_than) if older_than is not None else None
     cache = _open(cache_dir)

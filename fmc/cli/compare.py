@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from fmc.cli.output import emit_json, setup_logging, stdout
+from fmc.cli.output import emit_json, quiet_option, setup_logging, stdout
 
 
 def compare_command(
@@ -17,6 +17,7 @@ def compare_command(
     tolerance: float = typer.Option(1e-3, "--tolerance",
                                     help="Max relative difference per row (|Δ|max / |ref|max)."),
     threads: int = typer.Option(None, "--threads", help="CPU threads for the artifact."),
+    quiet: bool = quiet_option(),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON result on stdout."),
 ) -> None:
     """Compare every layer's output with transformers; exit 1 at the first divergence."""
@@ -26,7 +27,7 @@ def compare_command(
     from fmc.errors import FmcError
     from fmc.runtime.compare import as_dicts, compare, first_divergence
 
-    setup_logging(json_out)
+    setup_logging(quiet or json_out)
     engine = fmc.load(artifact, threads=threads)
     reference = model or engine.manifest["source"]["reference"]
     ids = engine.tokenizer.encode(prompt)

@@ -11,6 +11,7 @@ from fmc.cli.output import (
     human_bytes,
     is_quiet,
     parse_size,
+    quiet_option,
     setup_logging,
     stderr,
     stdout,
@@ -63,7 +64,7 @@ def compile_command(
     no_cache: bool = typer.Option(False, "--no-cache",
                                   help="Neither read nor write the build cache."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON result on stdout."),
-    quiet: bool = typer.Option(False, "--quiet", help="Only errors on stderr."),
+    quiet: bool = quiet_option(),
 ) -> None:
     """Compile a model into an artifact: library + weight shards + tokenizer + manifest."""
     from fmc.cli.progress import CompileProgress

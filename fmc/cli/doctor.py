@@ -9,7 +9,7 @@ import sys
 
 import typer
 
-from fmc.cli.output import emit_json, stdout
+from fmc.cli.output import emit_json, quiet_option, setup_logging, stdout
 
 
 def _version(package: str) -> str | None:
@@ -47,10 +47,12 @@ def diagnose() -> dict:
 
 
 def doctor_command(
+    quiet: bool = quiet_option(),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON result on stdout."),
 ) -> None:
     """Report fmc's and TVM's versions, the cache directory, the host CPU as LLVM sees it,
     the default model package and every target's toolchain (found or how to install)."""
+    setup_logging(quiet or json_out)
     report = diagnose()
     if json_out:
         emit_json(report)

@@ -7,14 +7,16 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from fmc.cli.output import emit_json, human_bytes, stdout
+from fmc.cli.output import emit_json, human_bytes, quiet_option, setup_logging, stdout
 
 
 def inspect_command(
     artifact: Path = typer.Argument(..., help="Artifact directory."),
+    quiet: bool = quiet_option(),
     json_out: bool = typer.Option(False, "--json", help="Print the manifest summary as JSON."),
 ) -> None:
     """Show an artifact's target, quantization, model, weights and memory estimate."""
+    setup_logging(quiet or json_out)
     from fmc.artifacts.manifest import read_manifest
 
     manifest = read_manifest(artifact)

@@ -24,6 +24,13 @@ def interactive() -> bool:
 GLOBAL_QUIET = {"on": False}
 
 
+def quiet_option():
+    """`--quiet` for a command (the same as the global `fmc --quiet`)."""
+    import typer
+
+    return typer.Option(False, "--quiet", help="Only errors on stderr.")
+
+
 def is_quiet(local: bool = False) -> bool:
     """A command's own --quiet, or the global one."""
     return local or GLOBAL_QUIET["on"]

@@ -5,14 +5,16 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from fmc.cli.output import emit_json, stdout
+from fmc.cli.output import emit_json, quiet_option, setup_logging, stdout
 
 
 def passes_command(
     pass_plugin: list[str] = typer.Option([], "--pass-plugin", help="Load this plugin first."),
+    quiet: bool = quiet_option(),
     json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
 ) -> None:
     """List the pipeline: phases, and the passes of the fuse and lower phases."""
+    setup_logging(quiet or json_out)
     from fmc.compiler import PHASES
     from fmc.lowering.pipeline import PIPELINE, load_pass_plugin
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from fmc.cli.output import emit_json, setup_logging, stdout
+from fmc.cli.output import emit_json, quiet_option, setup_logging, stdout
 
 log = logging.getLogger("fmc")
 
@@ -18,6 +18,7 @@ def ppl_command(
     context: int = typer.Option(512, "--context", "-c", help="Window length in tokens."),
     max_chunks: int = typer.Option(None, "--max-chunks", help="Score at most this many."),
     threads: int = typer.Option(None, "--threads", help="CPU threads."),
+    quiet: bool = quiet_option(),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON result on stdout."),
 ) -> None:
     """Perplexity with non-overlapping windows, the second half of each scored."""
@@ -25,7 +26,7 @@ def ppl_command(
     from fmc.errors import InputError
     from fmc.runtime.perplexity import perplexity
 
-    setup_logging(quiet=json_out)
+    setup_logging(quiet or json_out)
     try:
         content = text.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:

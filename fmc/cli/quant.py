@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from fmc.cli.output import emit_json, stdout
+from fmc.cli.output import emit_json, quiet_option, setup_logging, stdout
 
 app = typer.Typer(help="Quantization schemes.", no_args_is_help=True)
 
@@ -13,9 +13,11 @@ app = typer.Typer(help="Quantization schemes.", no_args_is_help=True)
 @app.command("list")
 def list_command(
     plugin: list[str] = typer.Option([], "--quant-plugin", help="Also load this plugin file."),
+    quiet: bool = quiet_option(),
     json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
 ) -> None:
     """List schemes: bits per weight, storage layout, output-layer default."""
+    setup_logging(quiet or json_out)
     from fmc.quant import all_schemes, load_plugin
 
     for path in plugin:

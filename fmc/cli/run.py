@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from fmc.cli.output import emit_json, setup_logging
+from fmc.cli.output import emit_json, quiet_option, setup_logging
 
 
 def run_command(
@@ -23,6 +23,7 @@ def run_command(
                                 help="Hash the shards on load (default: small artifacts)."),
     ignore_eos: bool = typer.Option(False, "--ignore-eos",
                                     help="Keep generating past end-of-sequence tokens."),
+    quiet: bool = quiet_option(),
     json_out: bool = typer.Option(
         False, "--json", help="Print one JSON result (text, token ids, timings, memory); "
         "no streaming."),
@@ -35,7 +36,7 @@ def run_command(
     from fmc.runtime.memory import peak_resident_bytes, resident_bytes
     from fmc.runtime.sampling import SamplingParams
 
-    setup_logging(quiet=json_out)
+    setup_logging(quiet or json_out)
     if prompt is None:
         if sys.stdin.isatty():
             raise UsageError("give a prompt with --prompt or on stdin")

@@ -5,13 +5,15 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from fmc.cli.output import emit_json, stdout
+from fmc.cli.output import emit_json, quiet_option, setup_logging, stdout
 
 
 def targets_command(
+    quiet: bool = quiet_option(),
     json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
 ) -> None:
     """List targets with the tools each needs (found on PATH, and their versions)."""
+    setup_logging(quiet or json_out)
     from fmc.targets.registry import families, get
 
     rows = []

@@ -6,16 +6,18 @@ from pathlib import Path
 
 import typer
 
-from fmc.cli.output import emit_json, stdout
+from fmc.cli.output import emit_json, quiet_option, setup_logging, stdout
 
 
 def verify_command(
     artifact: Path = typer.Argument(..., help="Artifact directory."),
+    quiet: bool = quiet_option(),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON result on stdout."),
 ) -> None:
     """Check the manifest (format, ABI), every file's sha256, the tensors' shapes and dtypes,
     and that the library loads and describes the same parameters. Exit 5 on the first
     failure (named in one line)."""
+    setup_logging(quiet or json_out)
     from fmc.errors import ArtifactError
     from fmc.runtime.artifact import verify_artifact
 
