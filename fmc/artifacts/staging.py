@@ -55,6 +55,10 @@ class StagingDir:
             raise OutputError(f"{self.output}: already exists (pass --force to replace it)")
         if self.output.exists() and not self.output.is_dir():
             raise OutputError(f"{self.output}: exists and is not a directory")
+        blocker = next((p for p in (parent, *parent.parents) if p.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            raise OutputError(f"{blocker}: is a file, so {self.output} cannot be created "
+                              "under it")
         try:
             parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:

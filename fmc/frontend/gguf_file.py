@@ -62,7 +62,8 @@ def _open_reader(path: Path):
     try:
         return gguf.GGUFReader(path)
     except (ValueError, IndexError, KeyError, OSError, TypeError) as exc:
-        raise InputError(f"{path}: not a readable GGUF file ({exc})") from None
+        raise InputError(f"{path}: not a readable GGUF file (truncated or corrupt: {exc})") \
+            from None
 
 
 def _field_values(reader, path: Path) -> dict:
@@ -75,6 +76,21 @@ def _field_values(reader, path: Path) -> dict:
     return values
 
 
+def _can_dequantize(kind) -> bool:
+    """Whether gguf-py dequantizes this tensor type: checked on one zero block at import,
+    so an unreadable tensor fails the compile before any kernel is built."""
+    import gguf
+
+    block, size = gguf.GGML_QUANT_SIZES[kind]
+    try:
+        gguf.quants.dequantize(np.zeros((1, size), np.uint8), kind)
+    except NotImplementedError:
+        return False
+    except (ValueError, TypeError):  # plain float types take element arrays, not bytes
+        return True
+    return True
+
+
 class GGUFWeights:
     """A GGUF file's tensors under canonical names, dequantized one at a time."""
 
@@ -85,11 +101,16 @@ class GGUFWeights:
         self._index: dict[str, TensorInfo] = {}
         permute = fields.get("general.architecture") in PERMUTED_ARCHITECTURES
         self._heads = {}
+        readable: dict = {}
         for tensor in reader.tensors:
             name = hf_name(tensor.name)
             if name is None:
                 raise InputError(f"{path}: tensor {tensor.name!r} has no mapping in fmc "
                                  "(unsupported model variant?)")
+            kind = tensor.tensor_type
+            if readable.setdefault(kind, _can_dequantize(kind)) is False:
+                raise InputError(f"{path}: tensor {tensor.name!r} has GGUF type {kind.name}, "
+                                 "which fmc cannot read (gguf has no dequantizer for it)")
             shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
             self._tensors[name] = tensor
             self._index[name] = TensorInfo(name, shape, f"gguf:{tensor.tensor_type.name}", path)

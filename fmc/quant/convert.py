@@ -68,14 +68,15 @@ def check_source(weights: WeightSource, expected: dict[str, tuple[int, ...]]) ->
 ROW_BLOCK_BYTES = 64 * 1024 * 1024
 
 
-def _check_finite(name: str, arrays: list[np.ndarray], allow_nonfinite: bool) -> None:
+def _check_finite(weights: WeightSource, name: str, arrays: list[np.ndarray],
+                  allow_nonfinite: bool) -> None:
     if allow_nonfinite:
         return
     for array in arrays:
         if array.dtype.kind == "f" and not np.isfinite(array).all():
             bad = int((~np.isfinite(array)).sum())
-            raise InputError(f"tensor {name!r} holds {bad} NaN/Inf value(s) "
-                             "(pass --allow-nonfinite to compile anyway)")
+            raise InputError(f"{weights.index()[name].file}: tensor {name!r} holds {bad} "
+                             "NaN/Inf value(s) (pass --allow-nonfinite to compile anyway)")
 
 
 def quantize_rows(scheme, tensor: np.ndarray) -> list[np.ndarray]:
@@ -100,11 +101,11 @@ def _stored_parts(weights: WeightSource, plan: StoredParam, allow_nonfinite: boo
         type_name, blocks = raw(plan.source)
         if type_name in scheme.gguf_types:
             parts = scheme.from_gguf(type_name, blocks, weights.index()[plan.source].shape)
-            _check_finite(plan.source, parts, allow_nonfinite)
+            _check_finite(weights, plan.source, parts, allow_nonfinite)
             stats["lossless"] = stats.get("lossless", 0) + 1
             return parts
     tensor = weights.load(plan.source)
-    _check_finite(plan.source, [tensor], allow_nonfinite)
+    _check_finite(weights, plan.source, [tensor], allow_nonfinite)
     return [tensor] if scheme is None else quantize_rows(scheme, tensor)
 
 

@@ -200,6 +200,10 @@ class Engine:
         """Yield generated token ids one by one (the prompt is not repeated)."""
         if max_tokens < 0:
             raise UsageError(f"--max-tokens must be ≥ 0, got {max_tokens}")
+        if len(prompt_ids) > self.context_window:
+            raise UsageError(f"the prompt is {len(prompt_ids)} tokens; the context window holds "
+                             f"{self.context_window} (--context-window, up to the model's "
+                             f"{self.config.context_window})")
         sampler = Sampler(sampling or SamplingParams())
         eos = set(self.config.eos_token_ids) if stop_at_eos else set()
         seq = self.new_sequence()
