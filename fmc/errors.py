@@ -62,6 +62,12 @@ def take_pass_error() -> FmcError | None:
 INTERRUPTED_EXIT_CODE = 130
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a CI job cancelled, `kill`): unwinds like Ctrl-C so outputs are cleaned up."""
+
+    exit_code = 128 + 15
+
+
 def unknown_choice(kind: str, value: str, choices: list[str]) -> UsageError:
     """Build the error for a name that is not in a registry, with a close-match hint."""
     hint = difflib.get_close_matches(value, choices, n=1)

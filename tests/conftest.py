@@ -66,13 +66,26 @@ def pytest_collection_modifyitems(config, items):
     assert TINY_MODELS  # the registry of tiny models must not be empty
 
 
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(f"{record.levelname}: {record.getMessage()}")
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
 @pytest.fixture
-def fmc_log(caplog):
-    """caplog for the "fmc" logger even after a CLI call made it stop propagating."""
+def fmc_log():
+    """The "fmc" logger's records (`.text`), whatever a CLI call did to its propagation."""
     logger = logging.getLogger("fmc")
-    level = logger.level
-    logger.addHandler(caplog.handler)
+    level, handler = logger.level, _Records()
+    logger.addHandler(handler)
     logger.setLevel(logging.INFO)
-    yield caplog
-    logger.removeHandler(caplog.handler)
+    yield handler
+    logger.removeHandler(handler)
     logger.setLevel(level)

@@ -58,16 +58,15 @@ def test_disable_pass_changes_the_ir(tiny_checkpoint):
     assert epilogue_fused(fused) and not epilogue_fused(unfused)
 
 
-def test_pass_plugin_adds_a_pass(restore_pipeline, tiny_checkpoint, tmp_path, caplog, capsys):
+def test_pass_plugin_adds_a_pass(restore_pipeline, tiny_checkpoint, tmp_path, fmc_log, capsys):
     assert main(["passes", "--json", "--pass-plugin", str(EXAMPLE)]) == 0
     fuse = [p["name"] for p in json.loads(capsys.readouterr().out)[2]["passes"]]
     assert fuse[fuse.index("dead-code") + 1] == "kernel-report"
     dumps = tmp_path / "ir"
-    with caplog.at_level("INFO", logger="fmc"):
-        build_ir(CompileOptions(model=str(tiny_checkpoint("llama-mha")), dump_ir=dumps,
-                                pass_plugins=[str(EXAMPLE)]))
+    build_ir(CompileOptions(model=str(tiny_checkpoint("llama-mha")), dump_ir=dumps,
+                            pass_plugins=[str(EXAMPLE)]))
     assert any(p.name.endswith("-fuse-kernel-report.py") for p in dumps.iterdir())
-    assert "kernel-report: decode launches" in caplog.text
+    assert "kernel-report: decode launches" in fmc_log.text
 
 
 def test_pass_plugin_can_replace_a_pass(restore_pipeline, tiny_checkpoint, tmp_path):

@@ -113,6 +113,7 @@ class BuildCache:
         final = self._entry_dir(kind, key)
         if (final / ENTRY).is_file():
             return
+        self._remove_dead_writers()
         temp = self.base / "tmp" / f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
         try:
             listed = {}
@@ -135,6 +136,16 @@ class BuildCache:
                         self.root, exc.strerror or exc)
         finally:
             shutil.rmtree(temp, ignore_errors=True)
+
+    def _remove_dead_writers(self) -> int:
+        """Remove temporary entries of processes that died while writing; bytes freed."""
+        freed = 0
+        for temp in (self.base / "tmp").glob("*"):
+            pid = temp.name.split("-", 1)[0]
+            if pid.isdigit() and not pid_alive(int(pid)):
+                freed += _tree_bytes(temp)
+                shutil.rmtree(temp, ignore_errors=True)
+        return freed
 
     # -- file digests ------------------------------------------------------------------------
     def file_digest(self, path: Path) -> str:
@@ -197,11 +208,7 @@ class BuildCache:
             shutil.rmtree(row["path"], ignore_errors=True)
             removed += 1
             freed += row["bytes"]
-        for temp in (self.base / "tmp").glob("*"):
-            pid = temp.name.split("-", 1)[0]
-            if pid.isdigit() and not pid_alive(int(pid)):
-                freed += _tree_bytes(temp)
-                shutil.rmtree(temp, ignore_errors=True)
+        freed += self._remove_dead_writers()
         for memo in (self.base / "digests").glob("*"):
             try:
                 if not Path(json.loads(memo.read_text(encoding="utf-8"))["path"]).exists():

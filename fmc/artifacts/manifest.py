@@ -41,7 +41,67 @@ def read_manifest(artifact: Path) -> dict[str, Any]:
     if abi < ABI_VERSION:
         raise ArtifactError(f"{path}: ABI version {abi} is older than this fmc's "
                             f"({ABI_VERSION}); recompile the artifact")
-    for key in ("target", "model", "params", "library", "quantization"):
-        if key not in manifest:
-            raise ArtifactError(f"{path}: {key!r} is missing")
+    _check_structure(path, manifest)
     return manifest
+
+
+_TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false", dict: "an object",
+               list: "a list"}
+
+
+def _field(path: Path, container: Any, dotted: str, kind: type) -> Any:
+    """`container[a][b]…` for "a.b…", checked to be of `kind` (an int is never a bool)."""
+    value = container
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise ArtifactError(f"{path}: {dotted!r} is missing")
+        value = value[part]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ArtifactError(f"{path}: {dotted!r} must be {_TYPE_NAMES[kind]}")
+    return value
+
+
+def _relative_file(path: Path, value: str, where: str) -> None:
+    """Files the manifest names must stay inside the artifact directory."""
+    parts = Path(value).parts
+    if not value or Path(value).is_absolute() or ".." in parts or "\0" in value:
+        raise ArtifactError(f"{path}: {where} {value!r} is not a path inside the artifact")
+
+
+def _file_entry(path: Path, entry: Any, where: str) -> None:
+    _relative_file(path, _field(path, {"e": entry}, "e.file", str), f"{where}.file")
+    _field(path, {"e": entry}, "e.sha256", str)
+    if _field(path, {"e": entry}, "e.bytes", int) < 0:
+        raise ArtifactError(f"{path}: {where}.bytes must not be negative")
+
+
+def _check_structure(path: Path, manifest: dict[str, Any]) -> None:
+    """Every field the loader and `fmc verify` read, with its type, so a damaged manifest is
+    one clear error instead of a failure deep in loading."""
+    from fmc.errors import InputError
+    from fmc.model_config import ModelConfig
+
+    _field(path, manifest, "target.name", str)
+    _field(path, manifest, "quantization", dict)
+    _file_entry(path, _field(path, manifest, "library", dict), "library")
+    present = _field(path, manifest, "weights.present", bool)
+    for i, shard in enumerate(_field(path, manifest, "weights.shards", list)):
+        _file_entry(path, shard, f"weights.shards[{i}]")
+    for key in ("context_window", "prefill_chunk_size", "page_size"):
+        if _field(path, manifest, f"runtime.{key}", int) <= 0:
+            raise ArtifactError(f"{path}: 'runtime.{key}' must be positive")
+    for i, entry in enumerate(_field(path, manifest, "params", list)):
+        where = {"e": entry}
+        _field(path, where, "e.name", str)
+        _field(path, where, "e.dtype", str)
+        shape = _field(path, where, "e.shape", list)
+        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise ArtifactError(f"{path}: params[{i}].shape must be a list of sizes")
+        if present:
+            _relative_file(path, _field(path, where, "e.shard", str), f"params[{i}].shard")
+    try:
+        ModelConfig.from_dict(_field(path, manifest, "model", dict)).validate(f"{path}: model")
+    except InputError as exc:
+        raise ArtifactError(str(exc)) from None
+    except (TypeError, ValueError) as exc:
+        raise ArtifactError(f"{path}: 'model' is invalid ({exc})") from None

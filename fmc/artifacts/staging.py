@@ -11,6 +11,7 @@ import shutil
 import uuid
 from pathlib import Path
 
+from fmc.artifacts.lock import file_lock
 from fmc.errors import OutputError
 
 TMP_MARKER = ".fmc-tmp-"
@@ -74,8 +75,17 @@ class StagingDir:
         return self
 
     def commit(self) -> None:
-        """Atomically publish the staged directory (replacing an old artifact with --force)."""
+        """Atomically publish the staged directory (replacing an old artifact with --force).
+        The parent directory is locked meanwhile: two processes publishing the same path
+        take turns, and the last one wins."""
         assert self.path is not None
+        with file_lock(self.output.parent):
+            self._publish()
+        self.committed = True
+
+    def _publish(self) -> None:
+        if self.output.exists() and not self.force:
+            raise OutputError(f"{self.output}: already exists (pass --force to replace it)")
         old = None
         if self.output.exists():
             old = self.output.parent / (f".{self.output.name}{OLD_MARKER}{os.getpid()}-"
@@ -87,7 +97,6 @@ class StagingDir:
             if old is not None:
                 os.rename(old, self.output)
             raise
-        self.committed = True
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
 

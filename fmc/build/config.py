@@ -75,8 +75,11 @@ def _check(path: Path, text: str, section: str, table: Any, allowed: dict) -> di
             kinds = " or ".join(TYPE_NAMES[t] for t in allowed[key])
             raise InputError(f"{path}:{line}: {section}.{key} must be a {kinds}, got "
                              f"{type(value).__name__}")
-        if isinstance(value, list) and not all(isinstance(v, str) for v in value):
-            raise InputError(f"{path}:{line}: {section}.{key} must be a list of strings")
+        if isinstance(value, list) and not all(isinstance(v, str) and v for v in value):
+            raise InputError(f"{path}:{line}: {section}.{key} must be a list of non-empty "
+                             "strings")
+        if isinstance(value, str) and not value.strip():
+            raise InputError(f"{path}:{line}: {section}.{key} must not be empty")
         if isinstance(value, int) and value <= 0:
             raise InputError(f"{path}:{line}: {section}.{key} must be positive, got {value}")
     return dict(table)
@@ -90,6 +93,10 @@ def load(path: Path | str) -> list[Build]:
     except FileNotFoundError:
         raise InputError(f"{path}: no such file (fmc build reads ./fmc.toml or --config)") \
             from None
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror})") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

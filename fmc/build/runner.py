@@ -2,7 +2,8 @@
 
 A build is up to date when its artifact exists and its stamp (`OUTPUT.fmc-stamp`, beside
 the artifact) holds the same key: a hash of the build's settings, fmc's and TVM's versions,
-and every input file's path, size and modification time. The stamp lives outside the
+and every input file's path, size and modification time; `OUTPUT.fmc-lock` makes builds of
+one output in several processes take turns. The stamp lives outside the
 artifact so artifacts stay byte-reproducible."""
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fmc.artifacts.lock import file_lock
 from fmc.build.config import Build
 from fmc.errors import OutputError
 
@@ -89,13 +91,15 @@ def run_build(build: Build, base: Path, rebuild: bool = False, progress=None,
     key = stamp_key(settings)
     stamp = stamp_path(output)
     start = time.perf_counter()
-    current = stamp.read_text(encoding="utf-8").strip() if stamp.is_file() else None
     cached: dict[str, str] = {}
-    if not rebuild and current == key and (output / "manifest.json").is_file():
-        status = "up-to-date"
-    else:
-        cached = compile_model(compile_options(settings, cache), progress).cache
-        _write_stamp(stamp, key)
-        status = "built"
+    # Another `fmc build` of the same output waits here, then finds it up to date.
+    with file_lock(output.with_name(output.name + ".fmc-lock")):
+        current = stamp.read_text(encoding="utf-8").strip() if stamp.is_file() else None
+        if not rebuild and current == key and (output / "manifest.json").is_file():
+            status = "up-to-date"
+        else:
+            cached = compile_model(compile_options(settings, cache), progress).cache
+            _write_stamp(stamp, key)
+            status = "built"
     return {"name": build.name, "status": status, "output": str(output),
             "seconds": time.perf_counter() - start, "cache": cached}

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 
 import click
 import typer
 
-from fmc.errors import INTERRUPTED_EXIT_CODE, FmcError
+from fmc.errors import INTERRUPTED_EXIT_CODE, FmcError, Terminated
 
 app = typer.Typer(
     name="fmc",
@@ -65,11 +67,57 @@ def _register() -> None:
 _register()
 
 
+class _Signals:
+    """SIGINT and SIGTERM become exceptions that unwind (cleaning up staging directories).
+    A signal that lands inside a Python callback TVM runs comes back wrapped in a TVM error;
+    `received` lets main still report it as an interruption."""
+
+    received: int | None = None
+
+    @classmethod
+    def handle(cls, signum, frame):
+        cls.received = signum
+        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+    @classmethod
+    def install(cls) -> dict:
+        """Set the handlers; returns the previous ones for `restore`."""
+        cls.received = None
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        return {signum: signal.signal(signum, cls.handle)
+                for signum in (signal.SIGINT, signal.SIGTERM)}
+
+    @staticmethod
+    def restore(previous: dict) -> None:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+    @classmethod
+    def exit_code(cls) -> int:
+        return Terminated.exit_code if cls.received == signal.SIGTERM \
+            else INTERRUPTED_EXIT_CODE
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: one-line errors with documented exit codes (see docs/cli.md)."""
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    previous = _Signals.install()
     try:
-        app(args=argv, standalone_mode=False)
+        return _main(argv, debug)
+    finally:
+        _Signals.restore(previous)
+
+
+def _main(argv: list[str] | None, debug: bool) -> int:
+    try:
+        result = app(args=argv, standalone_mode=False)
+        # typer turns a KeyboardInterrupt into exit code 130, returned (not raised) here.
+        if result == INTERRUPTED_EXIT_CODE:
+            sys.stderr.write("fmc: interrupted\n")
+            return _Signals.exit_code()
+        if isinstance(result, int) and result:
+            return result
     except FmcError as exc:
         if debug:
             raise
@@ -83,10 +131,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (KeyboardInterrupt, click.exceptions.Abort, typer.Abort):
         sys.stderr.write("fmc: interrupted\n")
-        return INTERRUPTED_EXIT_CODE
+        return _Signals.exit_code()
     except BrokenPipeError:
         return 1
     except Exception as exc:  # an fmc bug, not a user error: still one line unless --debug
+        if _Signals.received is not None:
+            sys.stderr.write("fmc: interrupted\n")
+            return _Signals.exit_code()
         if debug:
             raise
         sys.stderr.write(f"fmc: internal error: {type(exc).__name__}: {exc} "

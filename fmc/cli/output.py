@@ -36,19 +36,28 @@ def is_quiet(local: bool = False) -> bool:
     return local or GLOBAL_QUIET["on"]
 
 
+_INSTALLED: list[logging.Handler] = []  # the handler setup_logging added last
+
+
 def setup_logging(quiet: bool = False, debug: bool = False) -> None:
+    """Log "fmc" records to stderr for a command. Replaces only the handler it installed
+    before (an embedding program's or a test's handlers stay), and filters on that handler so
+    `--quiet` silences the terminal, not the other handlers."""
     quiet = is_quiet(quiet)
     level = logging.DEBUG if debug else logging.ERROR if quiet else logging.INFO
     logger = logging.getLogger("fmc")
-    logger.handlers.clear()
+    while _INSTALLED:
+        logger.removeHandler(_INSTALLED.pop())
     if interactive():
         handler: logging.Handler = RichHandler(console=stderr, show_time=False, show_path=False)
         handler.setFormatter(logging.Formatter("%(message)s"))
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("fmc: %(levelname)s: %(message)s"))
+    handler.setLevel(level)
     logger.addHandler(handler)
-    logger.setLevel(level)
+    _INSTALLED.append(handler)
+    logger.setLevel(logging.DEBUG if debug else logging.INFO)
     logger.propagate = False
 
 

@@ -65,6 +65,9 @@ class SafetensorsFile:
         if not isinstance(header, dict):
             raise InputError(f"{self.path}: corrupt safetensors header (not a JSON object)")
         self.metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(self.metadata, dict):
+            raise InputError(f"{self.path}: corrupt safetensors header (__metadata__ is not an "
+                             "object)")
         self._entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
         for name, entry in header.items():
             self._entries[name] = self._check_entry(name, entry, data_size)
@@ -77,7 +80,7 @@ class SafetensorsFile:
         dtype = entry.get("dtype")
         shape = entry.get("shape")
         offsets = entry.get("data_offsets")
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise InputError(f"{where}: unsupported dtype {dtype!r}")
         if not isinstance(shape, list) or not all(
             isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape

@@ -1,0 +1,241 @@
+"""Fuzzing the readers of untrusted files: safetensors headers, GGUF, manifest.json and
+fmc.toml. Whatever the bytes, a reader returns or raises fmc's own error (a clean one-line
+message), never another exception, and never allocates more than the file holds.
+
+Hypothesis runs a fixed number of derandomized examples per reader (bounded time in CI,
+the same examples every run); `test_atheris_fuzz_targets` additionally runs libFuzzer through
+atheris for a few seconds per reader."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from fuzz_targets import read_build_file, read_gguf, read_manifest_file, read_safetensors
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fmc.errors import ArtifactError
+
+FUZZ = settings(max_examples=250, deadline=None, derandomize=True, database=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                       HealthCheck.too_slow])
+MODEL = "llama-gqa-untied"
+FUZZ_TARGETS = Path(__file__).parent / "fuzz_targets.py"
+
+
+class Seeds(dict):
+    def __repr__(self) -> str:  # hypothesis prints fixtures in falsifying examples
+        return "seeds"
+
+
+@pytest.fixture(scope="module")
+def seeds(tiny_checkpoint, tiny_artifact, tmp_path_factory):
+    """Valid files to mutate: a safetensors file, a GGUF file, a manifest, an fmc.toml."""
+    from models import write_gguf_from_checkpoint
+
+    directory = tmp_path_factory.mktemp("fuzz-seeds")
+    checkpoint = tiny_checkpoint(MODEL)
+    gguf = write_gguf_from_checkpoint(checkpoint, directory / "seed.gguf")
+    return Seeds({"safetensors": (checkpoint / "model.safetensors").read_bytes(),
+            "gguf": gguf.read_bytes(),
+            "artifact": tiny_artifact(MODEL),
+            "toml": b'[defaults]\ntarget = "cpu"\noutput_dir = "out"\n\n[build.a]\nmodel = "m"\n'
+                    b'quant = "q4f16"\ncontext_window = 64\n\n[matrix.b]\nmodel = "m"\n'
+                    b'quants = ["q0f32", "q8f16"]\ntargets = ["cpu"]\n'})
+
+
+def mutate(data: bytes, edits: list[tuple[int, int]], cut: int | None) -> bytes:
+    """Overwrite bytes at positions (mod length) and optionally truncate."""
+    buffer = bytearray(data)
+    for position, value in edits:
+        buffer[position % len(buffer)] = value
+    return bytes(buffer[:cut] if cut is not None else buffer)
+
+
+EDITS = st.lists(st.tuples(st.integers(0, 1 << 20), st.integers(0, 255)), max_size=12)
+CUTS = st.none() | st.integers(0, 1 << 20)
+
+
+# -- safetensors --------------------------------------------------------------------------
+
+
+@FUZZ
+@given(edits=EDITS, cut=CUTS)
+def test_safetensors_reader_on_mutated_files(seeds, tmp_path, edits, cut):
+    path = tmp_path / "model.safetensors"
+    # Mutations land in the header (the first few KB) far more often than in the data.
+    header = struct.unpack("<Q", seeds["safetensors"][:8])[0] + 8
+    path.write_bytes(mutate(seeds["safetensors"], [(p % header, v) for p, v in edits], cut))
+    read_safetensors(path)
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(1 << 70), 1 << 70) | st.floats() | st.text(),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(), children,
+                                                                        max_size=4),
+    max_leaves=12)
+ENTRIES = st.fixed_dictionaries(
+    {"dtype": st.sampled_from(["F32", "F16", "BF16", "I8", "U8", "F64", "Q4", ""]) | JSON_VALUES,
+     "shape": st.lists(st.integers(-2, 1 << 40), max_size=4) | JSON_VALUES,
+     "data_offsets": st.lists(st.integers(-1, 1 << 41), min_size=0, max_size=3) | JSON_VALUES})
+
+
+@FUZZ
+@given(header=st.dictionaries(st.text(max_size=8), ENTRIES | JSON_VALUES, max_size=4),
+       body=st.binary(max_size=256), declared=st.none() | st.integers(0, (1 << 64) - 1))
+def test_safetensors_reader_on_generated_headers(tmp_path, header, body, declared):
+    encoded = json.dumps(header).encode()
+    length = len(encoded) if declared is None else declared
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(struct.pack("<Q", length) + encoded + body)
+    read_safetensors(path)
+
+
+# -- GGUF ---------------------------------------------------------------------------------
+
+
+@FUZZ
+@given(edits=EDITS, cut=CUTS)
+def test_gguf_reader_on_mutated_files(seeds, tmp_path, edits, cut):
+    path = tmp_path / "model.gguf"
+    data = seeds["gguf"]
+    # The header, metadata and tensor table take the first few KB.
+    path.write_bytes(mutate(data, [(p % 8192, v) for p, v in edits], cut))
+    read_gguf(path)
+
+
+@FUZZ
+@given(count=st.integers(0, (1 << 64) - 1), which=st.sampled_from([8, 16]))
+def test_gguf_reader_refuses_absurd_counts_quickly(seeds, tmp_path, count, which):
+    """The tensor count (offset 8) and metadata count (offset 16) claim up to 2⁶⁴ entries."""
+    data = bytearray(seeds["gguf"])
+    data[which:which + 8] = struct.pack("<Q", count)
+    path = tmp_path / "model.gguf"
+    path.write_bytes(bytes(data))
+    read_gguf(path)
+
+
+# -- manifest.json ------------------------------------------------------------------------
+MANIFEST_PATHS = ["format", "abi_version", "library", "library.file", "library.sha256",
+                  "library.bytes", "weights", "weights.present", "weights.shards",
+                  "weights.shards.0", "weights.shards.0.file", "weights.shards.0.bytes",
+                  "params", "params.0", "params.0.shape", "params.0.shard", "params.0.dtype",
+                  "runtime", "runtime.context_window", "runtime.page_size", "model",
+                  "model.hidden_size", "model.eos_token_ids", "model.rms_norm_eps", "target",
+                  "target.name", "target.spec", "quantization"]
+
+
+def _set(document, dotted: str, value, delete: bool):
+    parts = dotted.split(".")
+    parent = document
+    for part in parts[:-1]:
+        parent = parent[int(part)] if isinstance(parent, list) else parent.get(part)
+        if parent is None:
+            return
+    key = int(parts[-1]) if isinstance(parent, list) else parts[-1]
+    if isinstance(parent, list) and key >= len(parent):
+        return
+    if delete:
+        parent.pop(key) if isinstance(parent, list) else parent.pop(key, None)
+    else:
+        parent[key] = value
+
+
+@FUZZ
+@given(changes=st.lists(st.tuples(st.sampled_from(MANIFEST_PATHS), JSON_VALUES, st.booleans()),
+                        min_size=1, max_size=3))
+def test_manifest_reader_on_mutated_manifests(seeds, tmp_path, changes):
+    artifact = tmp_path / "artifact"
+    if not artifact.exists():
+        shutil.copytree(seeds["artifact"], artifact)
+    manifest = json.loads((seeds["artifact"] / "manifest.json").read_text())
+    for dotted, value, delete in changes:
+        _set(manifest, dotted, value, delete)
+    (artifact / "manifest.json").write_text(json.dumps(manifest))
+    read_manifest_file(artifact)
+
+
+@FUZZ
+@given(data=st.binary(max_size=512))
+def test_manifest_reader_on_arbitrary_bytes(tmp_path, data):
+    from fmc.artifacts.manifest import read_manifest
+
+    (tmp_path / "manifest.json").write_bytes(data)
+    with pytest.raises(ArtifactError):
+        read_manifest(tmp_path)
+
+
+# -- fmc.toml -----------------------------------------------------------------------------
+KEYS = ["model", "weights", "tokenizer", "target", "quant", "quants", "targets", "output",
+        "output_dir", "context_window", "prefill_chunk", "shard_size", "quant_overrides",
+        "disable_passes", "enable_passes", "bogus"]
+TOML_VALUES = (st.integers(-5, 1 << 65) | st.booleans() | st.text(max_size=12)
+               | st.lists(st.text(max_size=6) | st.integers(), max_size=3) | st.floats())
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)  # a TOML basic string
+    if isinstance(value, float):
+        if value != value:
+            return "nan"
+        return repr(value) if abs(value) != float("inf") else ("inf" if value > 0 else "-inf")
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return str(value)
+
+
+
+
+@FUZZ
+@given(tables=st.lists(st.tuples(
+    st.sampled_from(["defaults", "build.a", "build.b", "matrix.m", "other", "build.x y"]),
+    st.lists(st.tuples(st.sampled_from(KEYS), TOML_VALUES), max_size=4)), max_size=4))
+def test_build_file_parser_on_generated_documents(tmp_path, tables):
+    lines = []
+    for name, entries in tables:
+        lines.append(f"[{name}]" if " " not in name else f'["{name}"]')
+        lines += [f"{key} = {_toml_value(value)}" for key, value in entries]
+    path = tmp_path / "fmc.toml"
+    path.write_text("\n".join(lines) + "\n")
+    read_build_file(path)
+
+
+@FUZZ
+@given(edits=EDITS, cut=CUTS)
+def test_build_file_parser_on_mutated_files(seeds, tmp_path, edits, cut):
+    path = tmp_path / "fmc.toml"
+    path.write_bytes(mutate(seeds["toml"], edits, cut))
+    try:
+        read_build_file(path)
+    except UnicodeDecodeError:
+        pytest.fail("a non-UTF-8 fmc.toml must be an fmc error")
+
+
+# -- libFuzzer through atheris -----------------------------------------------------------
+@pytest.mark.parametrize("target", ["safetensors", "gguf", "manifest", "toml"])
+def test_atheris_fuzz_targets(target, seeds, tmp_path):
+    """libFuzzer (coverage-guided) for a bounded time per reader, seeded with the valid
+    file; a crash is any exception other than fmc's errors (libFuzzer exits non-zero and
+    prints the input)."""
+    pytest.importorskip("atheris", reason="atheris is part of the test extras")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    seed = {"safetensors": seeds["safetensors"], "gguf": seeds["gguf"][:16384],
+            "manifest": (seeds["artifact"] / "manifest.json").read_bytes(),
+            "toml": seeds["toml"]}[target]
+    (corpus / "seed").write_bytes(seed)
+    run = subprocess.run([sys.executable, str(FUZZ_TARGETS), target, str(corpus),
+                          "-max_total_time=8", "-rss_limit_mb=4096", "-timeout=10",
+                          f"-artifact_prefix={tmp_path}/"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert "Done" in run.stderr or "DONE" in run.stderr, run.stderr[-2000:]
