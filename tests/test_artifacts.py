@@ -130,6 +130,30 @@ def test_altered_shard_is_refused(tiny_artifact, tmp_path):
         fmc.load(out)
 
 
+def test_large_artifacts_are_hashed_on_request(tiny_artifact, tmp_path, monkeypatch, capsys):
+    """Over the size limit loading skips the hashes (a 7B model would take seconds);
+    `--verify` hashes anyway and `--no-verify` never does."""
+    import shutil
+
+    import fmc.runtime.artifact as artifact_mod
+    from fmc.cli import main
+
+    out = tmp_path / "copy"
+    shutil.copytree(tiny_artifact("llama-mha"), out)
+    shard = next((out / "params").glob("*.safetensors"))
+    data = bytearray(shard.read_bytes())
+    data[-10] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    monkeypatch.setattr(artifact_mod, "VERIFY_BY_DEFAULT_BYTES", 0)
+    run = ["run", str(out), "--prompt", "w3 w4", "--max-tokens", "1"]
+    assert main(run) == 0
+    assert main([*run, "--verify"]) == 5
+    assert "sha256 mismatch" in capsys.readouterr().err
+    monkeypatch.setattr(artifact_mod, "VERIFY_BY_DEFAULT_BYTES", 1 << 40)
+    assert main([*run, "--no-verify"]) == 0
+    assert main(["bench", str(out), "--verify", "--runs", "1", "--warmup", "0"]) == 5
+
+
 def test_newer_abi_is_refused(tiny_artifact, tmp_path):
     import shutil
 

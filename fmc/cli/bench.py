@@ -6,7 +6,14 @@ from pathlib import Path
 
 import typer
 
-from fmc.cli.output import emit_json, human_bytes, quiet_option, setup_logging, stdout
+from fmc.cli.output import (
+    emit_json,
+    human_bytes,
+    quiet_option,
+    setup_logging,
+    stdout,
+    verify_option,
+)
 
 
 def bench_command(
@@ -15,6 +22,7 @@ def bench_command(
     gen_len: int = typer.Option(64, "--gen-len", help="Tokens to decode."),
     runs: int = typer.Option(5, "--runs", help="Measured runs (median reported)."),
     warmup: int = typer.Option(1, "--warmup", help="Unmeasured runs first."),
+    verify: bool = verify_option(),
     threads: int = typer.Option(
         None, "--threads", help="CPU threads (default: TVM_NUM_THREADS, else physical cores)."),
     quiet: bool = quiet_option(),
@@ -28,7 +36,7 @@ def bench_command(
     from fmc.runtime.bench import benchmark
 
     setup_logging(quiet or json_out)
-    engine = fmc.load(artifact, threads=threads)
+    engine = fmc.load(artifact, verify=verify, threads=threads)
     used_threads = engine.threads
     result = benchmark(engine, prompt_len, gen_len, runs, warmup)
     result.update(threads=used_threads, artifact=str(artifact),

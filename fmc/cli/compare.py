@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from fmc.cli.output import emit_json, quiet_option, setup_logging, stdout
+from fmc.cli.output import emit_json, quiet_option, setup_logging, stdout, verify_option
 
 
 def compare_command(
@@ -16,6 +16,7 @@ def compare_command(
     prompt: str = typer.Option("Hello", "--prompt", "-p", help="Text to run through both."),
     tolerance: float = typer.Option(1e-3, "--tolerance",
                                     help="Max relative difference per row (|Δ|max / |ref|max)."),
+    verify: bool = verify_option(),
     threads: int = typer.Option(None, "--threads", help="CPU threads for the artifact."),
     quiet: bool = quiet_option(),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON result on stdout."),
@@ -28,7 +29,7 @@ def compare_command(
     from fmc.runtime.compare import as_dicts, compare, first_divergence
 
     setup_logging(quiet or json_out)
-    engine = fmc.load(artifact, threads=threads)
+    engine = fmc.load(artifact, verify=verify, threads=threads)
     reference = model or engine.manifest["source"]["reference"]
     ids = engine.tokenizer.encode(prompt)
     diffs = compare(engine, reference, ids, tolerance)

@@ -31,6 +31,14 @@ def quiet_option():
     return typer.Option(False, "--quiet", help="Only errors on stderr.")
 
 
+def verify_option():
+    """`--verify/--no-verify` for commands that load an artifact."""
+    import typer
+
+    return typer.Option(None, "--verify/--no-verify",
+                        help="Hash every shard on load (default: artifacts up to 2 GiB).")
+
+
 def is_quiet(local: bool = False) -> bool:
     """A command's own --quiet, or the global one."""
     return local or GLOBAL_QUIET["on"]

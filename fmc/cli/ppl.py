@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from fmc.cli.output import emit_json, quiet_option, setup_logging, stdout
+from fmc.cli.output import emit_json, quiet_option, setup_logging, stdout, verify_option
 
 log = logging.getLogger("fmc")
 
@@ -17,6 +17,7 @@ def ppl_command(
     text: Path = typer.Option(..., "--text", help="UTF-8 text file to score."),
     context: int = typer.Option(512, "--context", "-c", help="Window length in tokens."),
     max_chunks: int = typer.Option(None, "--max-chunks", help="Score at most this many."),
+    verify: bool = verify_option(),
     threads: int = typer.Option(None, "--threads", help="CPU threads."),
     quiet: bool = quiet_option(),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON result on stdout."),
@@ -31,7 +32,7 @@ def ppl_command(
         content = text.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"{text}: cannot read as UTF-8 text ({exc})") from None
-    engine = fmc.load(artifact, threads=threads, context_window=max(context, 1))
+    engine = fmc.load(artifact, verify=verify, threads=threads, context_window=max(context, 1))
     tokens = engine.tokenizer.encode(content)
 
     def report(done, total, value):

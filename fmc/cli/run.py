@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from fmc.cli.output import emit_json, quiet_option, setup_logging
+from fmc.cli.output import emit_json, quiet_option, setup_logging, verify_option
 
 
 def run_command(
@@ -19,8 +19,7 @@ def run_command(
     seed: int = typer.Option(None, "--seed", help="Seed for sampling."),
     context_window: int = typer.Option(None, "--context-window", help="KV-cache context."),
     threads: int = typer.Option(None, "--threads", help="CPU threads (default: physical cores)."),
-    verify: bool = typer.Option(None, "--verify/--no-verify",
-                                help="Hash the shards on load (default: small artifacts)."),
+    verify: bool = verify_option(),
     ignore_eos: bool = typer.Option(False, "--ignore-eos",
                                     help="Keep generating past end-of-sequence tokens."),
     quiet: bool = quiet_option(),
