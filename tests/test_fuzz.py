@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from fmc.errors import ArtifactError
 
-FUZZ = settings(max_examples=250, deadline=None, derandomize=True, database=None,
+FUZZ = settings(max_examples=150, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
                                        HealthCheck.too_slow])
 MODEL = "llama-gqa-untied"
@@ -234,7 +234,7 @@ def test_atheris_fuzz_targets(target, seeds, tmp_path):
             "toml": seeds["toml"]}[target]
     (corpus / "seed").write_bytes(seed)
     run = subprocess.run([sys.executable, str(FUZZ_TARGETS), target, str(corpus),
-                          "-max_total_time=8", "-rss_limit_mb=4096", "-timeout=10",
+                          "-max_total_time=5", "-rss_limit_mb=4096", "-timeout=10",
                           f"-artifact_prefix={tmp_path}/"],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-4000:]
