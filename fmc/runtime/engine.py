@@ -6,6 +6,7 @@ import contextlib
 import itertools
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -33,6 +34,12 @@ class _Builtins:
         self.sequence_length = get("vm.builtin.attention_kv_cache_get_sequence_length")
         self.available_pages = get("vm.builtin.attention_kv_cache_get_num_available_pages")
         self.reshape = get("vm.builtin.reshape")
+        # Checkpointing a sequence's pages (save/restore, offload).
+        self.checkpoint_metadata = get("vm.builtin.attention_kv_cache_get_checkpoint_metadata")
+        self.export_page_group = get("vm.builtin.attention_kv_cache_export_page_group")
+        self.prepare_import = get("vm.builtin.attention_kv_cache_prepare_import")
+        self.import_page_group = get("vm.builtin.attention_kv_cache_import_page_group")
+        self.finish_import = get("vm.builtin.attention_kv_cache_finish_import")
 
 
 class Engine:
@@ -65,7 +72,11 @@ class Engine:
         self.kv_cache = self._vm["create_kv_cache"](
             ShapeTuple([max_batch_size]), ShapeTuple([self.context_window]),
             ShapeTuple([self.prefill_chunk]), ShapeTuple([runtime["page_size"]]))
-        self._sequence_ids = itertools.count()
+        self._sequence_ids = itertools.count(1)  # 0 is fmc.runtime.session's
+        # Token ids in each live sequence's cache (save files, repetition penalty, chat).
+        self.history: dict[int, list[int]] = {}
+        self._offloaded: dict[int, Any] = {}
+        self.last_import = ""  # how the last restore/bring_back rebuilt its pages
         self._tokenizer: TextTokenizer | None = None
 
     # -- tokenizer ---------------------------------------------------------------------------
@@ -112,15 +123,109 @@ class Engine:
     def new_sequence(self) -> int:
         seq = next(self._sequence_ids)
         self._kv_builtins.add_sequence(self.kv_cache, seq)
+        self.history[seq] = []
         return seq
 
+    def _check_sequence(self, seq: int) -> None:
+        if seq in self._offloaded:
+            raise UsageError(f"sequence {seq} is offloaded; bring it back first")
+        if seq not in self.history:
+            raise UsageError(f"no sequence {seq}")
+
     def remove(self, seq: int) -> None:
+        if self._offloaded.pop(seq, None) is not None:
+            return
+        self._check_sequence(seq)
         self._kv_builtins.remove_sequence(self.kv_cache, seq)
+        del self.history[seq]
+
+    def fork(self, seq: int, at: int | None = None) -> int:
+        """A new sequence holding `seq`'s first `at` tokens (all by default); full pages of
+        the shared prefix are shared, not copied."""
+        self._check_sequence(seq)
+        length = len(self.history[seq])
+        if at is not None and not 0 < at <= length:
+            raise UsageError(f"fork position {at} is outside sequence {seq} (1..{length})")
+        child = next(self._sequence_ids)
+        self._kv_builtins.fork_sequence(self.kv_cache, seq, child, -1 if at is None else at)
+        self.history[child] = list(self.history[seq][:at])
+        return child
+
+    def pop(self, seq: int, count: int) -> None:
+        """Drop the last `count` tokens of `seq` from the cache."""
+        self._check_sequence(seq)
+        if not 0 <= count <= len(self.history[seq]):
+            raise UsageError(f"cannot pop {count} of sequence {seq}'s "
+                             f"{len(self.history[seq])} tokens")
+        if count:
+            self._kv_builtins.popn(self.kv_cache, seq, count)
+            del self.history[seq][-count:]
+
+    def available_pages(self) -> int:
+        """Free pages of the KV cache (a page holds `page_size` tokens of every layer)."""
+        return int(self._kv_builtins.available_pages(self.kv_cache))
+
+    # -- save, restore, offload --------------------------------------------------------------
+    def export_sequence(self, seq: int):
+        """(checkpoint metadata JSON, page groups as numpy arrays, token history) of `seq`."""
+        from fmc.runtime.session import export_pages
+
+        self._check_sequence(seq)
+        return export_pages(self, seq)
+
+    def import_sequence(self, metadata: str, groups: list[np.ndarray],
+                        tokens: list[int], seq: int | None = None) -> int:
+        """Recreate a sequence from `export_sequence`'s output (as `seq`, or a new id) by
+        copying its pages in. TVM 0.27 imports only into an empty cache, so with other live
+        sequences the pages are recomputed from the token history instead (one prefill)."""
+        from fmc.runtime.session import import_pages
+
+        seq = next(self._sequence_ids) if seq is None else seq
+        if self.history:
+            self._kv_builtins.add_sequence(self.kv_cache, seq)
+            self.history[seq] = []
+            if tokens:
+                self.prefill(seq, list(tokens))
+            self.last_import = "recomputed"
+        else:
+            import_pages(self, seq, metadata, groups)
+            self.history[seq] = list(tokens)
+            self.last_import = "copied"
+        return seq
+
+    def save(self, seq: int, path: Path | str, extra: dict | None = None) -> None:
+        """Write `seq` (KV pages, tokens, `extra` JSON such as chat messages) to a session
+        file that `restore` loads into an engine of the same artifact."""
+        from fmc.runtime.session import write_session
+
+        write_session(self, seq, Path(path), extra or {})
+
+    def restore(self, path: Path | str) -> tuple[int, dict]:
+        """Load a session file: (new sequence id, the extra JSON saved with it)."""
+        from fmc.runtime.session import read_session
+
+        metadata, groups, tokens, extra = read_session(self, Path(path))
+        return self.import_sequence(metadata, groups, tokens), extra
+
+    def offload(self, seq: int) -> None:
+        """Move `seq`'s KV pages to host memory, freeing them in the cache; `bring_back`
+        restores it under the same id."""
+        exported = self.export_sequence(seq)
+        self._kv_builtins.remove_sequence(self.kv_cache, seq)
+        del self.history[seq]
+        self._offloaded[seq] = exported
+
+    def bring_back(self, seq: int) -> None:
+        if seq not in self._offloaded:
+            raise UsageError(f"sequence {seq} is not offloaded")
+        metadata, groups, tokens = self._offloaded.pop(seq)
+        self.import_sequence(metadata, groups, tokens, seq)
 
     def sequence_length(self, seq: int) -> int:
         return int(self._kv_builtins.sequence_length(self.kv_cache, seq))
 
     def _check_room(self, seq: int, extra: int) -> None:
+        self._check_sequence(seq)
         total = self.sequence_length(seq) + extra
         if total > self.context_window:
             raise UsageError(f"sequence of {total} tokens exceeds the context window "
@@ -133,6 +238,7 @@ class Engine:
         logits = None
         for _, chunk, embedded in self._embedded_chunks(array):
             logits = self._forward("prefill", [seq], [len(chunk)], embedded)
+            self.history[seq].extend(int(t) for t in chunk)
         return logits[0, -1]
 
     def _embedded_chunks(self, array: np.ndarray):
@@ -146,7 +252,66 @@ class Engine:
         array = self._check_ids([token])
         self._check_room(seq, 1)
         embedded = self._embed(array, [1, 1])
-        return self._forward("decode", [seq], [1], embedded)[0, -1]
+        logits = self._forward("decode", [seq], [1], embedded)[0, -1]
+        self.history[seq].append(int(token))
+        return logits
+
+    def decode_batch(self, seqs: list[int], tokens: list[int]) -> np.ndarray:
+        """One decode step for several sequences at once → logits [len(seqs), vocab]."""
+        if len(seqs) != len(tokens) or not seqs:
+            raise UsageError("decode_batch takes one token per sequence")
+        if len(seqs) > self.max_batch_size:
+            raise UsageError(f"{len(seqs)} sequences exceed the batch limit "
+                             f"({self.max_batch_size})")
+        if len(set(seqs)) != len(seqs):
+            raise UsageError("a sequence appears twice in one decode step")
+        array = self._check_ids(tokens)
+        for seq in seqs:
+            self._check_sequence(seq)
+            self._check_room(seq, 1)
+        embedded = self._embed(array, [len(seqs), 1])
+        logits = self._forward("batch_decode", list(seqs), [1] * len(seqs), embedded)[:, -1]
+        for seq, token in zip(seqs, tokens, strict=True):
+            self.history[seq].append(int(token))
+        return logits
+
+    def prefill_batch(self, seqs: list[int], prompts: list[list[int]]) -> np.ndarray:
+        """Append each prompt to its sequence in packed forward passes (up to a prefill
+        chunk of tokens each) → the logits after each prompt's last token [n, vocab]."""
+        if len(seqs) != len(prompts) or not seqs or len(set(seqs)) != len(seqs):
+            raise UsageError("prefill_batch takes one prompt per distinct sequence")
+        arrays = [self._check_ids(p) for p in prompts]
+        for seq, array in zip(seqs, arrays, strict=True):
+            self._check_sequence(seq)
+            self._check_room(seq, len(array))
+        out = np.zeros((len(seqs), self.config.vocab_size), np.float32)
+        group: list[int] = []
+        for index in [*range(len(seqs)), None]:
+            full = index is not None and (
+                len(group) == self.max_batch_size or
+                sum(len(arrays[i]) for i in group) + len(arrays[index]) > self.prefill_chunk)
+            if group and (index is None or full):
+                self._prefill_packed([seqs[i] for i in group], [arrays[i] for i in group],
+                                     out, group)
+                group = []
+            if index is None:
+                break
+            if len(arrays[index]) > self.prefill_chunk:  # longer than a chunk: on its own
+                out[index] = self.prefill(seqs[index], list(arrays[index]))
+            else:
+                group.append(index)
+        return out
+
+    def _prefill_packed(self, seqs, arrays, out, rows) -> None:
+        lengths = [len(a) for a in arrays]
+        packed = np.concatenate(arrays)
+        positions = np.cumsum(lengths) - 1
+        index = self._tvm.runtime.tensor(positions.astype(np.int32), self._device)
+        embedded = self._embed(packed, [1, len(packed)])
+        logits = self._forward("batch_prefill", list(seqs), lengths, embedded, index)[0]
+        for row, seq, array, result in zip(rows, seqs, arrays, logits, strict=True):
+            out[row] = result
+            self.history[seq].extend(int(t) for t in array)
 
     def logits(self, token_ids: list[int], positions: list[int] | None = None) -> np.ndarray:
         """Logits after each of `token_ids` [n, vocab] in a fresh sequence, or only at

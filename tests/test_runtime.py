@@ -1,0 +1,140 @@
+"""The runtime over TVM's paged KV cache: fork, pop, batched steps, save/restore, offload.
+
+Every check compares against independent runs of the same engine (a fresh sequence fed the
+same tokens through prefill and decode), so the KV management is what is being tested."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import fmc
+from fmc.errors import ArtifactError, UsageError
+
+MODEL = "llama-gqa-untied"
+TOLERANCE = 1e-5
+PROMPT = [int(t) for t in np.random.default_rng(0).integers(2, 150, size=40)]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_artifact):
+    return fmc.load(tiny_artifact(MODEL))
+
+
+def independent(engine, prompt: list[int], steps: list[int]) -> list[np.ndarray]:
+    """Logits after the prompt and after each decode step, in a fresh sequence."""
+    seq = engine.new_sequence()
+    try:
+        out = [engine.prefill(seq, prompt)]
+        out += [engine.decode(seq, token) for token in steps]
+        return out
+    finally:
+        engine.remove(seq)
+
+
+def close(a: np.ndarray, b: np.ndarray) -> bool:
+    return float(np.abs(a - b).max()) <= TOLERANCE * float(np.abs(b).max())
+
+
+def test_fork_shares_the_prefix_pages_and_both_branches_match(engine):
+    free = engine.available_pages()
+    a = engine.new_sequence()
+    engine.prefill(a, PROMPT)  # 40 tokens: 2 full pages of 16 and one partial
+    used = free - engine.available_pages()
+    assert used == 3
+    b = engine.fork(a)
+    assert free - engine.available_pages() <= used + 1  # at most the partial page copied
+    assert engine.history[b] == PROMPT
+    la, lb = engine.decode(a, 7), engine.decode(b, 9)
+    assert close(la, independent(engine, PROMPT, [7])[1])
+    assert close(lb, independent(engine, PROMPT, [9])[1])
+    c = engine.fork(a, at=20)  # a prefix ending inside a page
+    assert engine.history[c] == PROMPT[:20]
+    assert close(engine.decode(c, 5), independent(engine, PROMPT[:20], [5])[1])
+    for seq in (a, b, c):
+        engine.remove(seq)
+    assert engine.available_pages() == free
+
+
+def test_batched_decode_of_four_lengths_equals_separate_runs(engine):
+    prompts = [PROMPT[:n] for n in (3, 17, 29, 40)]
+    seqs = [engine.new_sequence() for _ in prompts]
+    first = engine.prefill_batch(seqs, prompts)
+    steps = [[11, 12, 13], [21, 22, 23], [31, 32, 33], [41, 42, 43]]
+    batched = [first] + [engine.decode_batch(seqs, [s[i] for s in steps]) for i in range(3)]
+    for row, (prompt, tokens) in enumerate(zip(prompts, steps, strict=True)):
+        alone = independent(engine, prompt, tokens)
+        for step in range(4):
+            assert close(batched[step][row], alone[step]), (row, step)
+    for seq in seqs:
+        engine.remove(seq)
+
+
+def test_pop_then_decode_equals_the_shorter_run(engine):
+    seq = engine.new_sequence()
+    engine.prefill(seq, PROMPT)
+    engine.pop(seq, 3)
+    assert engine.sequence_length(seq) == 37 and engine.history[seq] == PROMPT[:37]
+    assert close(engine.decode(seq, 8), independent(engine, PROMPT[:37], [8])[1])
+    with pytest.raises(UsageError, match="cannot pop 99"):
+        engine.pop(seq, 99)
+    engine.remove(seq)
+
+
+def test_save_restore_in_a_fresh_engine_continues_exactly(engine, tiny_artifact, tmp_path):
+    seq = engine.new_sequence()
+    engine.prefill(seq, PROMPT)
+    engine.decode(seq, 6)
+    path = tmp_path / "a.fmcs"
+    engine.save(seq, path, {"messages": [{"role": "user", "content": "hi"}]})
+    expected = [engine.decode(seq, t) for t in (4, 5)]
+    engine.remove(seq)
+
+    fresh = fmc.load(tiny_artifact(MODEL))
+    restored, extra = fresh.restore(path)
+    assert extra == {"messages": [{"role": "user", "content": "hi"}]}
+    assert fresh.history[restored] == [*PROMPT, 6]
+    assert fresh.sequence_length(restored) == len(PROMPT) + 1
+    for token, logits in zip((4, 5), expected, strict=True):
+        np.testing.assert_array_equal(fresh.decode(restored, token), logits)
+
+
+def test_a_session_from_another_artifact_is_refused(engine, tiny_artifact, tmp_path):
+    seq = engine.new_sequence()
+    engine.prefill(seq, PROMPT[:5])
+    path = tmp_path / "a.fmcs"
+    engine.save(seq, path)
+    engine.remove(seq)
+    other = fmc.load(tiny_artifact(MODEL, "q4f16"))
+    with pytest.raises(ArtifactError, match="saved from another artifact"):
+        other.restore(path)
+    path.write_bytes(b"garbage")
+    with pytest.raises(ArtifactError):
+        engine.restore(path)
+
+
+def test_offload_frees_pages_and_bringing_back_continues_exactly(engine):
+    free = engine.available_pages()
+    seq = engine.new_sequence()
+    engine.prefill(seq, PROMPT)
+    in_use = engine.available_pages()
+    engine.offload(seq)
+    assert engine.available_pages() == free > in_use
+    with pytest.raises(UsageError, match="offloaded"):
+        engine.decode(seq, 3)
+    expected = independent(engine, PROMPT, [3])[1]
+    engine.bring_back(seq)  # alone in the cache: its pages are copied back
+    assert engine.last_import == "copied" and engine.available_pages() == in_use
+    assert engine.history[seq] == PROMPT
+    assert close(engine.decode(seq, 3), expected)
+    engine.offload(seq)
+    other = engine.new_sequence()  # the freed pages serve another sequence meanwhile
+    engine.prefill(other, PROMPT[::-1])
+    engine.bring_back(seq)  # with another sequence live: recomputed from its tokens
+    assert engine.last_import == "recomputed"
+    assert engine.history[seq] == [*PROMPT, 3] and engine.sequence_length(seq) == 41
+    assert close(engine.decode(seq, 4), independent(engine, PROMPT, [3, 4])[2])
+    assert engine.history[other] == PROMPT[::-1]
+    engine.remove(seq)
+    engine.remove(other)
+    assert engine.available_pages() == free
