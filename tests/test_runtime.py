@@ -138,3 +138,45 @@ def test_offload_frees_pages_and_bringing_back_continues_exactly(engine):
     engine.remove(seq)
     engine.remove(other)
     assert engine.available_pages() == free
+
+
+def test_concurrent_streams_share_decode_steps_and_match_single_runs(engine):
+    import asyncio
+
+    prompts = ["w5 w6 w7", "w9 w10 w11 w12 w13 w14", "w20"]
+    alone = [engine.tokenizer.decode(list(engine.generate_ids(
+        engine.tokenizer.encode(p), 12, stop_at_eos=False))) for p in prompts]
+
+    async def collect(prompt):
+        return "".join([piece async for piece in engine.stream_async(prompt, 12)])
+
+    async def main():
+        return await asyncio.gather(*(collect(p) for p in prompts))
+
+    engine._scheduler = None
+    together = asyncio.run(main())
+    sizes = engine._scheduler.batch_sizes
+    assert together == alone  # (the tiny model's eos w1 is never the argmax here)
+    assert sizes == [3] * 11  # 11 decode steps, each for all three requests
+    assert engine.history == {}  # every sequence was released
+
+
+def test_repetition_penalty_matches_transformers():
+    import torch
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    from fmc.runtime.sampling import penalize
+
+    logits = np.random.default_rng(1).normal(size=64).astype(np.float32)
+    history = [3, 7, 7, 20, 63]
+    theirs = RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor([history]),
+                                                   torch.tensor(logits[None]))[0].numpy()
+    np.testing.assert_allclose(penalize(logits, history, 1.3), theirs, rtol=1e-6)
+
+
+def test_top_k_samples_only_the_k_likeliest():
+    from fmc.runtime.sampling import Sampler, SamplingParams
+
+    sampler = Sampler(SamplingParams(temperature=1.0, top_k=3, seed=0))
+    logits = np.linspace(0, 1, 10).astype(np.float32)
+    assert {sampler(logits) for _ in range(300)} == {7, 8, 9}

@@ -17,6 +17,9 @@ def run_command(
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy."),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass."),
     seed: int = typer.Option(None, "--seed", help="Seed for sampling."),
+    top_k: int = typer.Option(0, "--top-k", help="Sample among the k likeliest (0: all)."),
+    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty",
+                                             help="Penalise tokens already in the text (>1)."),
     context_window: int = typer.Option(None, "--context-window", help="KV-cache context."),
     threads: int = typer.Option(None, "--threads", help="CPU threads (default: physical cores)."),
     verify: bool = verify_option(),
@@ -40,7 +43,7 @@ def run_command(
         if sys.stdin.isatty():
             raise UsageError("give a prompt with --prompt or on stdin")
         prompt = sys.stdin.read()
-    sampling = SamplingParams(temperature, top_p, seed)
+    sampling = SamplingParams(temperature, top_p, seed, top_k, repetition_penalty)
     import tvm  # noqa: F401  (imported before the baseline: TVM alone is ~400 MB resident)
 
     baseline = resident_bytes()

@@ -77,6 +77,7 @@ class Engine:
         self.history: dict[int, list[int]] = {}
         self._offloaded: dict[int, Any] = {}
         self.last_import = ""  # how the last restore/bring_back rebuilt its pages
+        self._scheduler = None
         self._tokenizer: TextTokenizer | None = None
 
     # -- tokenizer ---------------------------------------------------------------------------
@@ -375,14 +376,14 @@ class Engine:
         try:
             if max_tokens == 0:
                 return
-            token = sampler(self.prefill(seq, prompt_ids))
+            token = sampler(self.prefill(seq, prompt_ids), self.history[seq])
             for produced in range(1, max_tokens + 1):
                 if token in eos:
                     return
                 yield token
                 if produced == max_tokens or self.sequence_length(seq) >= self.context_window:
                     return  # budget spent, or the context is full
-                token = sampler(self.decode(seq, token))
+                token = sampler(self.decode(seq, token), self.history[seq])
         finally:
             self.remove(seq)
 
@@ -397,8 +398,28 @@ class Engine:
             if piece:
                 yield piece
 
+    async def stream_async(self, prompt: str, max_tokens: int = 128,
+                           sampling: SamplingParams | None = None):
+        """Async iterator of text pieces; requests streamed concurrently (from one event
+        loop) share batched decode steps (fmc.runtime.scheduler)."""
+        from fmc.runtime.scheduler import BatchScheduler
+
+        if self._scheduler is None:
+            self._scheduler = BatchScheduler(self)
+        decoder = StreamDecoder(self.tokenizer)
+        ids = self.tokenizer.encode(prompt)
+        if len(ids) > self.context_window:
+            raise UsageError(f"the prompt is {len(ids)} tokens; the context window holds "
+                             f"{self.context_window}")
+        async for token in self._scheduler.generate(ids, max_tokens,
+                                                    sampling or SamplingParams()):
+            piece = decoder.push(token)
+            if piece:
+                yield piece
+
     def generate(self, prompt: str, max_tokens: int = 128, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int | None = None) -> str:
-        sampling = SamplingParams(temperature, top_p, seed)
+                 top_p: float = 1.0, seed: int | None = None, top_k: int = 0,
+                 repetition_penalty: float = 1.0) -> str:
+        sampling = SamplingParams(temperature, top_p, seed, top_k, repetition_penalty)
         ids = list(self.generate_ids(self.tokenizer.encode(prompt), max_tokens, sampling))
         return self.tokenizer.decode(ids)
