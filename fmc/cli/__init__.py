@@ -37,6 +37,7 @@ def _register() -> None:
         bench,
         build,
         cache,
+        chat,
         compare,
         compile,
         doctor,
@@ -52,6 +53,7 @@ def _register() -> None:
     app.command("compile")(compile.compile_command)
     app.command("build")(build.build_command)
     app.command("run")(run.run_command)
+    app.command("chat")(chat.chat_command)
     app.command("inspect")(inspect.inspect_command)
     app.command("bench")(bench.bench_command)
     app.command("ppl")(ppl.ppl_command)

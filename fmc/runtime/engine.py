@@ -117,8 +117,16 @@ class Engine:
         b.begin_forward(self.kv_cache, self._shape(seq_ids), self._shape(lengths))
         try:
             out = self._vm[function](*args, self.kv_cache, self._params)
-        finally:
+        except BaseException:
+            # begin_forward already lengthened the sequences: undo it, so an interrupted
+            # step (Ctrl-C in chat) leaves the cache matching `history`.
             b.end_forward(self.kv_cache)
+            for seq, length in zip(seq_ids, lengths, strict=True):
+                if seq in self.history and int(b.sequence_length(self.kv_cache, seq)) > \
+                        len(self.history[seq]):
+                    b.popn(self.kv_cache, seq, length)
+            raise
+        b.end_forward(self.kv_cache)
         return out[0].numpy()
 
     def new_sequence(self) -> int:
