@@ -180,3 +180,13 @@ def test_top_k_samples_only_the_k_likeliest():
     sampler = Sampler(SamplingParams(temperature=1.0, top_k=3, seed=0))
     logits = np.linspace(0, 1, 10).astype(np.float32)
     assert {sampler(logits) for _ in range(300)} == {7, 8, 9}
+
+
+def test_bench_batch_reports_aggregate_rates(engine):
+    from fmc.runtime.bench import benchmark
+
+    result = benchmark(engine, prompt_len=8, gen_len=4, runs=1, warmup=0, batch=4)
+    assert result["batch"] == 4 and result["decode_tokens_per_s"]["median"] > 0
+    assert engine.history == {}
+    with pytest.raises(UsageError, match="--batch must be in 1..8"):
+        benchmark(engine, batch=9)

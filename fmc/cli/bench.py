@@ -22,6 +22,8 @@ def bench_command(
     gen_len: int = typer.Option(64, "--gen-len", help="Tokens to decode."),
     runs: int = typer.Option(5, "--runs", help="Measured runs (median reported)."),
     warmup: int = typer.Option(1, "--warmup", help="Unmeasured runs first."),
+    batch: int = typer.Option(1, "--batch", help="Sequences decoded together (aggregate "
+                              "tokens/s)."),
     verify: bool = verify_option(),
     threads: int = typer.Option(
         None, "--threads", help="CPU threads (default: TVM_NUM_THREADS, else physical cores)."),
@@ -38,7 +40,7 @@ def bench_command(
     setup_logging(quiet or json_out)
     engine = fmc.load(artifact, verify=verify, threads=threads)
     used_threads = engine.threads
-    result = benchmark(engine, prompt_len, gen_len, runs, warmup)
+    result = benchmark(engine, prompt_len, gen_len, runs, warmup, batch=batch)
     result.update(threads=used_threads, artifact=str(artifact),
                   target=engine.manifest["target"]["name"],
                   quantization=engine.manifest["quantization"]["default"])
@@ -49,15 +51,17 @@ def bench_command(
     if json_out:
         emit_json(result)
         return
-    p, d, t = (result[k] for k in ("prefill_tokens_per_s", "decode_tokens_per_s",
-                                   "time_to_first_token_s"))
+    p, d = result["prefill_tokens_per_s"], result["decode_tokens_per_s"]
+    batched = f", batch {batch}: aggregate tok/s" if batch > 1 else ""
     stdout.print(f"{artifact} ({result['target']}, {result['quantization']}, "
-                 f"{used_threads} threads; median of {runs} after {warmup} warm-up)")
+                 f"{used_threads} threads; median of {runs} after {warmup} warm-up{batched})")
     stdout.print(f"  prefill {prompt_len} tokens: {p['median']:.1f} tok/s "
                  f"[{p['min']:.1f}–{p['max']:.1f}]")
     stdout.print(f"  decode {gen_len} tokens:  {d['median']:.1f} tok/s "
                  f"[{d['min']:.1f}–{d['max']:.1f}]")
-    stdout.print(f"  time to first token: {t['median'] * 1000:.1f} ms")
+    if batch == 1:
+        ttft = result["time_to_first_token_s"]["median"]
+        stdout.print(f"  time to first token: {ttft * 1000:.1f} ms")
     stdout.print(f"  peak RSS: {human_bytes(result['peak_rss_bytes'])}")
     if profile:
         for phase in ("prefill", "decode"):
