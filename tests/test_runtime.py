@@ -148,7 +148,7 @@ def test_concurrent_streams_share_decode_steps_and_match_single_runs(engine):
         engine.tokenizer.encode(p), 12, stop_at_eos=False))) for p in prompts]
 
     async def collect(prompt):
-        return "".join([piece async for piece in engine.stream_async(prompt, 12)])
+        return "".join([piece async for piece in engine.stream(prompt, 12)])
 
     async def main():
         return await asyncio.gather(*(collect(p) for p in prompts))

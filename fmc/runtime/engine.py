@@ -42,6 +42,19 @@ class _Builtins:
         self.finish_import = get("vm.builtin.attention_kv_cache_finish_import")
 
 
+class _Stream:
+    """What `Engine.stream` returns: iterable both ways."""
+
+    def __init__(self, engine: Engine, *args):
+        self.engine, self.args = engine, args
+
+    def __iter__(self) -> Iterator[str]:
+        return self.engine._stream_sync(*self.args)
+
+    def __aiter__(self):
+        return self.engine.stream_async(*self.args).__aiter__()
+
+
 class Engine:
     """Load with `fmc.load(path)`; `generate` for text, `logits` for numerics."""
 
@@ -396,9 +409,14 @@ class Engine:
             self.remove(seq)
 
     def stream(self, prompt: str, max_tokens: int = 128,
-               sampling: SamplingParams | None = None,
-               stop_at_eos: bool = True) -> Iterator[str]:
-        """Yield text pieces as tokens are produced."""
+               sampling: SamplingParams | None = None, stop_at_eos: bool = True) -> _Stream:
+        """Text pieces as tokens are produced: `for piece in eng.stream(p)` generates
+        alone; `async for piece in eng.stream(p)` joins the concurrent requests' batched
+        decode steps (`stream_async`)."""
+        return _Stream(self, prompt, max_tokens, sampling, stop_at_eos)
+
+    def _stream_sync(self, prompt: str, max_tokens: int, sampling: SamplingParams | None,
+                     stop_at_eos: bool) -> Iterator[str]:
         decoder = StreamDecoder(self.tokenizer)
         for token in self.generate_ids(self.tokenizer.encode(prompt), max_tokens, sampling,
                                        stop_at_eos):
@@ -407,7 +425,7 @@ class Engine:
                 yield piece
 
     async def stream_async(self, prompt: str, max_tokens: int = 128,
-                           sampling: SamplingParams | None = None):
+                           sampling: SamplingParams | None = None, stop_at_eos: bool = True):
         """Async iterator of text pieces; requests streamed concurrently (from one event
         loop) share batched decode steps (fmc.runtime.scheduler)."""
         from fmc.runtime.scheduler import BatchScheduler
@@ -420,7 +438,7 @@ class Engine:
             raise UsageError(f"the prompt is {len(ids)} tokens; the context window holds "
                              f"{self.context_window}")
         async for token in self._scheduler.generate(ids, max_tokens,
-                                                    sampling or SamplingParams()):
+                                                    sampling or SamplingParams(), stop_at_eos):
             piece = decoder.push(token)
             if piece:
                 yield piece
