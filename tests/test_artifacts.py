@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -114,15 +115,21 @@ def test_stale_temp_dirs_of_dead_processes_are_removed(tiny_checkpoint, tmp_path
     assert not stale.exists()
 
 
-def test_altered_shard_is_refused(tiny_artifact, tmp_path):
+def _copy_with_an_altered_shard(artifact: Path, out: Path) -> Path:
+    """A copy of `artifact` with one byte of its first shard flipped; returns the shard."""
     import shutil
 
-    out = tmp_path / "copy"
-    shutil.copytree(tiny_artifact("llama-mha"), out)
+    shutil.copytree(artifact, out)
     shard = next((out / "params").glob("*.safetensors"))
     data = bytearray(shard.read_bytes())
     data[-10] ^= 0xFF
     shard.write_bytes(bytes(data))
+    return shard
+
+
+def test_altered_shard_is_refused(tiny_artifact, tmp_path):
+    out = tmp_path / "copy"
+    shard = _copy_with_an_altered_shard(tiny_artifact("llama-mha"), out)
     with pytest.raises(ArtifactError, match=f"{shard.name}: sha256 mismatch"):
         fmc.load(out)
     shard.unlink()
@@ -133,17 +140,11 @@ def test_altered_shard_is_refused(tiny_artifact, tmp_path):
 def test_large_artifacts_are_hashed_on_request(tiny_artifact, tmp_path, monkeypatch, capsys):
     """Over the size limit loading skips the hashes (a 7B model would take seconds);
     `--verify` hashes anyway and `--no-verify` never does."""
-    import shutil
-
     import fmc.runtime.artifact as artifact_mod
     from fmc.cli import main
 
     out = tmp_path / "copy"
-    shutil.copytree(tiny_artifact("llama-mha"), out)
-    shard = next((out / "params").glob("*.safetensors"))
-    data = bytearray(shard.read_bytes())
-    data[-10] ^= 0xFF
-    shard.write_bytes(bytes(data))
+    _copy_with_an_altered_shard(tiny_artifact("llama-mha"), out)
     monkeypatch.setattr(artifact_mod, "VERIFY_BY_DEFAULT_BYTES", 0)
     run = ["run", str(out), "--prompt", "w3 w4", "--max-tokens", "1"]
     assert main(run) == 0

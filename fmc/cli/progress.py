@@ -46,20 +46,19 @@ class CompileProgress:
             else:
                 log.info("%s: %s", info["name"], info["doc"])
         elif event == "phase-done":
-            message = f"{info['name']} done in {info['seconds']:.2f} s"
-            if self._progress is not None:
-                self._progress.console.print(f"[green]✓[/] {message}")
-            else:
-                log.info(message)
+            self._line("[green]✓[/]", f"{info['name']} done in {info['seconds']:.2f} s")
         elif event == "phase-cached":
-            message = f"{info['name']} skipped: restored from the build cache"
-            if self._progress is not None:
-                self._progress.console.print(f"[cyan]↺[/] {message}")
-            else:
-                log.info(message)
+            self._line("[cyan]↺[/]", f"{info['name']} skipped: restored from the build cache")
         elif event == "tensor":
             if self._progress is not None and self._task is not None:
                 self._progress.update(self._task, total=info["total"], completed=info["done"])
             elif time.monotonic() - self._last_line > 5 or info["done"] == info["total"]:
                 self._last_line = time.monotonic()
                 log.info("weights: %d/%d tensors", info["done"], info["total"])
+
+    def _line(self, mark: str, message: str) -> None:
+        """A finished step: above the live display on a terminal, a log line otherwise."""
+        if self._progress is not None:
+            self._progress.console.print(f"{mark} {message}")
+        else:
+            log.info(message)
