@@ -135,3 +135,25 @@ def test_memory_estimate_matches_measured_peak_of_fmc_run(smollm2_gguf, tmp_path
     assert memory["estimate_bytes"] == manifest["memory"]["total_bytes"]
     ratio = memory["model_peak_bytes"] / memory["estimate_bytes"]
     assert 0.85 <= ratio <= 1.15, memory
+
+
+def test_ctrl_c_in_fmc_chat_stops_the_reply_not_the_program(gguf_artifact):
+    """A real `fmc chat` process: SIGINT while the first reply streams stops that reply;
+    the next line is answered and the program ends normally at end of input."""
+    import signal
+    import subprocess
+    import sys
+
+    chat = subprocess.Popen([sys.executable, "-m", "fmc", "chat", str(gguf_artifact), "-n",
+                             "400", "--no-verify"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    chat.stdin.write(b"Write a very long story about a dragon.\n")
+    chat.stdin.flush()
+    first = chat.stdout.read(1)  # the reply has started streaming
+    chat.send_signal(signal.SIGINT)
+    chat.stdin.write(b"What is the capital of France?\n")
+    chat.stdin.close()
+    out = (first + chat.stdout.read()).decode()
+    assert chat.wait(timeout=300) == 0, chat.stderr.read().decode()
+    stopped, _, rest = out.partition(" [stopped]\n")
+    assert stopped and "Paris" in rest, out
