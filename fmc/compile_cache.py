@@ -209,9 +209,8 @@ def probe(state: CompileState, cache: BuildCache) -> dict[str, str]:
     elif entry is None:
         status["weights"] = "unknown"
     else:
-        params = state.params
-        state.params = [param_from_dict(p) for p in entry.meta["params"]]
-        key, _ = key_of(weights, state, cache)
-        state.params = params
+        fused = dataclasses.replace(state, params=[param_from_dict(p)
+                                                   for p in entry.meta["params"]])
+        key, _ = key_of(weights, fused, cache)
         status["weights"] = "hit" if cache.lookup("weights", key) else "miss"
     return status

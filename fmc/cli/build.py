@@ -6,18 +6,23 @@ from pathlib import Path
 
 import typer
 
-from fmc.cli.output import emit_json, is_quiet, quiet_option, setup_logging, stderr
+from fmc.cli.output import (
+    cache_dir_option,
+    emit_json,
+    is_quiet,
+    no_cache_option,
+    quiet_option,
+    setup_logging,
+    stderr,
+)
 
 
 def build_command(
     config: Path = typer.Option(Path("fmc.toml"), "--config", "-c", help="The build file."),
     only: list[str] = typer.Option([], "--only", help="Build just this one (repeatable)."),
     rebuild: bool = typer.Option(False, "--rebuild", help="Compile even if up to date."),
-    cache_dir: Path = typer.Option(None, "--cache-dir",
-                                   help="Build cache directory (default: FMC_CACHE_DIR, else "
-                                   "~/.cache/fmc)."),
-    no_cache: bool = typer.Option(False, "--no-cache",
-                                  help="Neither read nor write the build cache."),
+    cache_dir: Path = cache_dir_option(),
+    no_cache: bool = no_cache_option(),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON result on stdout."),
     quiet: bool = quiet_option(),
 ) -> None:

@@ -9,7 +9,14 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from fmc.cli.output import emit_json, human_bytes, quiet_option, setup_logging, stdout
+from fmc.cli.output import (
+    cache_dir_option,
+    emit_json,
+    human_bytes,
+    quiet_option,
+    setup_logging,
+    stdout,
+)
 from fmc.errors import UsageError
 
 app = typer.Typer(help="The build cache (libraries and converted weights).",
@@ -34,8 +41,7 @@ def _open(cache_dir: Path | None):
     return BuildCache(cache_dir or default_dir())
 
 
-CACHE_DIR = typer.Option(None, "--cache-dir",
-                         help="Cache directory (default: FMC_CACHE_DIR, else ~/.cache/fmc).")
+CACHE_DIR = cache_dir_option()
 KIND = typer.Option(None, "--kind", help="Only this kind: library or weights.")
 
 

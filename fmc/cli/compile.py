@@ -7,9 +7,11 @@ from pathlib import Path
 import typer
 
 from fmc.cli.output import (
+    cache_dir_option,
     emit_json,
     human_bytes,
     is_quiet,
+    no_cache_option,
     parse_size,
     quiet_option,
     setup_logging,
@@ -58,11 +60,8 @@ def compile_command(
     depfile: Path = typer.Option(
         None, "--depfile", help="Also write a Make dependency file: OUTPUT/manifest.json "
         "depends on every input file."),
-    cache_dir: Path = typer.Option(None, "--cache-dir",
-                                   help="Build cache directory (default: FMC_CACHE_DIR, else "
-                                   "~/.cache/fmc)."),
-    no_cache: bool = typer.Option(False, "--no-cache",
-                                  help="Neither read nor write the build cache."),
+    cache_dir: Path = cache_dir_option(),
+    no_cache: bool = no_cache_option(),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON result on stdout."),
     quiet: bool = quiet_option(),
 ) -> None:

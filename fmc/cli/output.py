@@ -31,6 +31,20 @@ def quiet_option():
     return typer.Option(False, "--quiet", help="Only errors on stderr.")
 
 
+def cache_dir_option():
+    """`--cache-dir` for commands that use the build cache."""
+    import typer
+
+    return typer.Option(None, "--cache-dir", help="Build cache directory (default: "
+                        "FMC_CACHE_DIR, else ~/.cache/fmc).")
+
+
+def no_cache_option():
+    import typer
+
+    return typer.Option(False, "--no-cache", help="Neither read nor write the build cache.")
+
+
 def verify_option():
     """`--verify/--no-verify` for commands that load an artifact."""
     import typer

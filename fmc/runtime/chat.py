@@ -69,25 +69,22 @@ class Conversation:
     conversation (messages and KV state) in a session file."""
 
     def __init__(self, engine: Engine, system: str | None = None,
-                 sampling: SamplingParams | None = None):
+                 sampling: SamplingParams | None = None, session: Path | None = None):
+        """A new conversation, or (`session`) the one saved in that file."""
         self.engine = engine
         self.template = ChatTemplate(engine.path)
         self.sampling = sampling or SamplingParams()
-        self.messages: list[dict[str, str]] = (
-            [{"role": "system", "content": system}] if system else [])
-        self.seq = engine.new_sequence()
+        if session is not None:
+            self.seq, extra = engine.restore(session)
+            self.messages: list[dict[str, str]] = list(extra.get("messages", []))
+        else:
+            self.seq = engine.new_sequence()
+            self.messages = [{"role": "system", "content": system}] if system else []
         self.prefilled = 0  # tokens prefilled by the last turn (the tail, not the history)
 
     @classmethod
     def resume(cls, engine: Engine, path: Path, sampling: SamplingParams | None = None):
-        conversation = cls.__new__(cls)
-        conversation.engine = engine
-        conversation.template = ChatTemplate(engine.path)
-        conversation.sampling = sampling or SamplingParams()
-        conversation.seq, extra = engine.restore(path)
-        conversation.messages = list(extra.get("messages", []))
-        conversation.prefilled = 0
-        return conversation
+        return cls(engine, sampling=sampling, session=path)
 
     def save(self, path: Path) -> None:
         self.engine.save(self.seq, path, {"messages": self.messages})
@@ -114,10 +111,11 @@ class Conversation:
         self.messages.append({"role": "user", "content": text})
         prompt = engine.tokenizer.encode(self.template.render(self.messages),
                                          add_special_tokens=False)
-        if len(prompt) >= engine.context_window:
+        try:
+            engine.check_prompt(prompt, "the conversation", room=1)
+        except UsageError:
             self.messages.pop()
-            raise UsageError(f"the conversation is {len(prompt)} tokens; the context window "
-                             f"holds {engine.context_window}")
+            raise
         sampler = Sampler(self.sampling)
         decoder = StreamDecoder(engine.tokenizer)
         answer: list[int] = []

@@ -144,9 +144,12 @@ class Engine:
 
     def new_sequence(self) -> int:
         seq = next(self._sequence_ids)
+        self._add_sequence(seq)
+        return seq
+
+    def _add_sequence(self, seq: int) -> None:
         self._kv_builtins.add_sequence(self.kv_cache, seq)
         self.history[seq] = []
-        return seq
 
     def _check_sequence(self, seq: int) -> None:
         if seq in self._offloaded:
@@ -204,8 +207,7 @@ class Engine:
 
         seq = next(self._sequence_ids) if seq is None else seq
         if self.history:
-            self._kv_builtins.add_sequence(self.kv_cache, seq)
-            self.history[seq] = []
+            self._add_sequence(seq)
             if tokens:
                 self.prefill(seq, list(tokens))
             self.last_import = "recomputed"
@@ -233,8 +235,7 @@ class Engine:
         """Move `seq`'s KV pages to host memory, freeing them in the cache; `bring_back`
         restores it under the same id."""
         exported = self.export_sequence(seq)
-        self._kv_builtins.remove_sequence(self.kv_cache, seq)
-        del self.history[seq]
+        self.remove(seq)
         self._offloaded[seq] = exported
 
     def bring_back(self, seq: int) -> None:
@@ -245,6 +246,13 @@ class Engine:
 
     def sequence_length(self, seq: int) -> int:
         return int(self._kv_builtins.sequence_length(self.kv_cache, seq))
+
+    def check_prompt(self, ids: list[int], what: str = "the prompt", room: int = 0) -> None:
+        """A prompt must fit the context window, with `room` tokens to spare."""
+        if len(ids) + room > self.context_window:
+            raise UsageError(f"{what} is {len(ids)} tokens; the context window holds "
+                             f"{self.context_window} (--context-window, up to the model's "
+                             f"{self.config.context_window})")
 
     def _check_room(self, seq: int, extra: int) -> None:
         self._check_sequence(seq)
@@ -289,7 +297,6 @@ class Engine:
             raise UsageError("a sequence appears twice in one decode step")
         array = self._check_ids(tokens)
         for seq in seqs:
-            self._check_sequence(seq)
             self._check_room(seq, 1)
         embedded = self._embed(array, [len(seqs), 1])
         logits = self._forward("batch_decode", list(seqs), [1] * len(seqs), embedded)[:, -1]
@@ -304,27 +311,25 @@ class Engine:
             raise UsageError("prefill_batch takes one prompt per distinct sequence")
         arrays = [self._check_ids(p) for p in prompts]
         for seq, array in zip(seqs, arrays, strict=True):
-            self._check_sequence(seq)
             self._check_room(seq, len(array))
         out = np.zeros((len(seqs), self.config.vocab_size), np.float32)
-        group: list[int] = []
-        for index in [*range(len(seqs)), None]:
-            full = index is not None and (
-                len(group) == self.max_batch_size or
-                sum(len(arrays[i]) for i in group) + len(arrays[index]) > self.prefill_chunk)
-            if group and (index is None or full):
-                self._prefill_packed([seqs[i] for i in group], [arrays[i] for i in group],
-                                     out, group)
+        group: list[int] = []  # rows packed into the next forward pass
+        for row, array in enumerate(arrays):
+            if len(array) > self.prefill_chunk:  # longer than a chunk: on its own
+                out[row] = self.prefill(seqs[row], list(array))
+                continue
+            packed = sum(len(arrays[i]) for i in group)
+            if group and (len(group) == self.max_batch_size or
+                          packed + len(array) > self.prefill_chunk):
+                self._prefill_packed(seqs, arrays, out, group)
                 group = []
-            if index is None:
-                break
-            if len(arrays[index]) > self.prefill_chunk:  # longer than a chunk: on its own
-                out[index] = self.prefill(seqs[index], list(arrays[index]))
-            else:
-                group.append(index)
+            group.append(row)
+        if group:
+            self._prefill_packed(seqs, arrays, out, group)
         return out
 
-    def _prefill_packed(self, seqs, arrays, out, rows) -> None:
+    def _prefill_packed(self, all_seqs, all_arrays, out, rows) -> None:
+        seqs, arrays = [all_seqs[i] for i in rows], [all_arrays[i] for i in rows]
         lengths = [len(a) for a in arrays]
         packed = np.concatenate(arrays)
         positions = np.cumsum(lengths) - 1
@@ -387,10 +392,7 @@ class Engine:
         """Yield generated token ids one by one (the prompt is not repeated)."""
         if max_tokens < 0:
             raise UsageError(f"--max-tokens must be ≥ 0, got {max_tokens}")
-        if len(prompt_ids) > self.context_window:
-            raise UsageError(f"the prompt is {len(prompt_ids)} tokens; the context window holds "
-                             f"{self.context_window} (--context-window, up to the model's "
-                             f"{self.config.context_window})")
+        self.check_prompt(prompt_ids)
         sampler = Sampler(sampling or SamplingParams())
         eos = set(self.config.eos_token_ids) if stop_at_eos else set()
         seq = self.new_sequence()
@@ -434,9 +436,7 @@ class Engine:
             self._scheduler = BatchScheduler(self)
         decoder = StreamDecoder(self.tokenizer)
         ids = self.tokenizer.encode(prompt)
-        if len(ids) > self.context_window:
-            raise UsageError(f"the prompt is {len(ids)} tokens; the context window holds "
-                             f"{self.context_window}")
+        self.check_prompt(ids)
         async for token in self._scheduler.generate(ids, max_tokens,
                                                     sampling or SamplingParams(), stop_at_eos):
             piece = decoder.push(token)

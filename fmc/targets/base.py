@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import os
 import re
 import shutil
 import subprocess
@@ -37,14 +39,10 @@ class Tool:
         if path is None:
             return None
         try:
-            out = subprocess.run([path, *self.version_args], capture_output=True, text=True,
-                                 timeout=30)
-        except (OSError, subprocess.TimeoutExpired):
+            stamp = os.stat(path).st_mtime_ns
+        except OSError:
             return None
-        lines = (out.stdout or out.stderr).strip().splitlines()
-        if self.version_pattern:
-            lines = [line for line in lines if re.search(self.version_pattern, line)]
-        return lines[0].strip() if lines else ""
+        return _version_line(path, stamp, self.version_args, self.version_pattern)
 
     def require(self) -> str:
         path = self.path()
@@ -53,6 +51,20 @@ class Tool:
                 f"{self.name} not found on PATH (needed for {self.purpose}); "
                 f"install it: {self.install_hint}")
         return path
+
+
+@functools.cache
+def _version_line(path: str, stamp: int, args: tuple[str, ...], pattern: str | None) -> str | None:
+    """What `path args` prints, run once per executable (path and modification time): a
+    compile asks every tool's version for the cache key and again for the manifest."""
+    try:
+        out = subprocess.run([path, *args], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    lines = (out.stdout or out.stderr).strip().splitlines()
+    if pattern:
+        lines = [line for line in lines if re.search(pattern, line)]
+    return lines[0].strip() if lines else ""
 
 
 class Target:
