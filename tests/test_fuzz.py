@@ -20,7 +20,7 @@ from fuzz_targets import read_build_file, read_gguf, read_manifest_file, read_sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fmc.errors import ArtifactError
+from fmc.errors import ArtifactError, InputError
 
 FUZZ = settings(max_examples=150, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -119,6 +119,66 @@ def test_gguf_reader_refuses_absurd_counts_quickly(seeds, tmp_path, count, which
     path = tmp_path / "model.gguf"
     path.write_bytes(bytes(data))
     read_gguf(path)
+
+
+def _array_count_offsets(path: Path) -> dict[str, int]:
+    """Byte offset of the element count of each metadata array, by element kind."""
+    import gguf
+
+    offsets = {}
+    for field in gguf.GGUFReader(path).fields.values():
+        if field.types and field.types[0] == gguf.GGUFValueType.ARRAY:
+            kind = "string" if field.types[1] == gguf.GGUFValueType.STRING else "scalar"
+            # key length (8) + key + value type (4) + element type (4)
+            offsets.setdefault(kind, field.offset + 8 + len(field.name.encode()) + 8)
+    return offsets
+
+
+@pytest.mark.parametrize("kind", ["scalar", "string"])
+@pytest.mark.parametrize("count", [1 << 20, 1 << 40, (1 << 64) - 1])
+def test_gguf_reader_refuses_array_counts_past_the_end(seeds, tmp_path, kind, count):
+    """gguf-py reads a scalar array element by element and takes a read past the end as an
+    empty value: a count of 2⁴⁰ looped for hours (found by libFuzzer in CI)."""
+    import signal
+
+    path = tmp_path / "model.gguf"
+    path.write_bytes(seeds["gguf"])
+    offset = _array_count_offsets(path)[kind]
+    # Cut as the libFuzzer seed is (tensors gone), at a whole int32 element of the array:
+    # a read past the end then yields empty values instead of a numpy error.
+    start = offset + 8
+    data = bytearray(seeds["gguf"][:start + (16384 - start) // 4 * 4])
+    data[offset:offset + 8] = struct.pack("<Q", count)
+    path.write_bytes(bytes(data))
+
+    class TooSlow(BaseException):  # not an OSError: the reader turns those into fmc errors
+        pass
+
+    def too_slow(*_):
+        raise TooSlow("the GGUF reader did not refuse the count within 20 s")
+
+    previous = signal.signal(signal.SIGALRM, too_slow)
+    signal.alarm(20)
+    try:
+        with pytest.raises(InputError, match=r"model\.gguf: not a readable GGUF file"):
+            from fmc.frontend.gguf_file import open_gguf
+            open_gguf(path)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_gguf_reader_refuses_deeply_nested_arrays(tmp_path):
+    """Arrays of arrays recurse in gguf-py; nesting deeper than any real file is refused."""
+    from fmc.frontend.gguf_file import open_gguf
+
+    key = b"general.nested"
+    body = struct.pack("<Q", len(key)) + key + struct.pack("<I", 9)
+    body += struct.pack("<IQ", 9, 1) * 5000 + struct.pack("<IQ", 0, 0)
+    path = tmp_path / "nested.gguf"
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + body)
+    with pytest.raises(InputError, match=r"nested\.gguf: not a readable GGUF file"):
+        open_gguf(path)
 
 
 # -- manifest.json ------------------------------------------------------------------------
@@ -234,7 +294,7 @@ def test_atheris_fuzz_targets(target, seeds, tmp_path):
             "toml": seeds["toml"]}[target]
     (corpus / "seed").write_bytes(seed)
     run = subprocess.run([sys.executable, str(FUZZ_TARGETS), target, str(corpus),
-                          "-max_total_time=5", "-rss_limit_mb=4096", "-timeout=10",
+                          "-max_total_time=5", "-seed=1", "-rss_limit_mb=4096", "-timeout=10",
                           f"-artifact_prefix={tmp_path}/"],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-4000:]

@@ -56,9 +56,79 @@ def unpermute_rows(weight: np.ndarray, n_head: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(weight.shape))
 
 
+# GGUF value type → byte size of one scalar (8 = string, 9 = array are variable-sized).
+_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_STRING, _ARRAY = 8, 9
+_MAX_ARRAY_NESTING = 4  # llama.cpp writes flat arrays; deeper nesting is corruption
+
+
+def check_metadata_bounds(path: Path) -> None:
+    """Walk the key/value section and refuse counts that run past the end of the file.
+
+    gguf-py reads an array element by element and treats a read past the end as a
+    zero-byte value, so a corrupt count of 2**60 would loop forever; fuzzing found it.
+    """
+    import mmap
+    import struct
+
+    with open(path, "rb") as file:
+        size = file.seek(0, 2)
+        if size < 24:
+            return  # too short to hold a header: gguf-py's own error says so
+        with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            if data[:4] != b"GGUF":
+                return
+            order = "<" if struct.unpack_from("<I", data, 4)[0] & 0xFFFF else ">"
+            if struct.unpack_from(order + "I", data, 4)[0] not in (2, 3):
+                return  # gguf-py refuses other versions itself
+            offset = 24
+
+            def take(fmt: str) -> int:
+                nonlocal offset
+                width = struct.calcsize(fmt)
+                if offset + width > size:
+                    raise InputError(f"{path}: not a readable GGUF file (truncated or corrupt: "
+                                     f"metadata runs past the end at byte {offset})")
+                value = struct.unpack_from(order + fmt, data, offset)[0]
+                offset += width
+                return value
+
+            def need(count: int, width: int) -> None:
+                if count > (size - offset) // width:
+                    raise InputError(f"{path}: not a readable GGUF file (truncated or corrupt: "
+                                     f"{count} metadata values at byte {offset} exceed the file)")
+
+            def skip(count: int, width: int) -> None:
+                nonlocal offset
+                need(count, width)
+                offset += count * width
+
+            def value(kind: int, depth: int = 0) -> None:
+                if kind in _SCALAR_SIZES:
+                    skip(1, _SCALAR_SIZES[kind])
+                elif kind == _STRING:
+                    skip(take("Q"), 1)
+                elif kind == _ARRAY and depth < _MAX_ARRAY_NESTING:
+                    element, count = take("I"), take("Q")
+                    if element in _SCALAR_SIZES:
+                        skip(count, _SCALAR_SIZES[element])
+                        return
+                    need(count, 8 if element == _STRING else 12)  # the smallest such element
+                    for _ in range(count):
+                        value(element, depth + 1)
+                else:
+                    raise InputError(f"{path}: not a readable GGUF file (unsupported metadata "
+                                     f"value type {kind} at byte {offset - 4})")
+
+            for _ in range(struct.unpack_from(order + "Q", data, 16)[0]):
+                skip(take("Q"), 1)  # key
+                value(take("I"))
+
+
 def _open_reader(path: Path):
     import gguf
 
+    check_metadata_bounds(path)
     try:
         return gguf.GGUFReader(path)
     except (ValueError, IndexError, KeyError, OSError, TypeError) as exc:
