@@ -94,6 +94,7 @@ def _library_record(state: CompileState, cache: BuildCache) -> dict[str, Any]:
     return {"step": "library", "fmc": fmc_fingerprint(), "tvm": tvm.__version__,
             "target": state.target.describe(), "row_block": state.target.row_block,
             "compute_dtype": state.compute_dtype, "model": state.config.to_dict(),
+            "tensor_parallel": state.ranks,
             "quantization": state.plan.describe(), "layers": state.layer_schemes,
             "params": [param_to_dict(p) for p in state.params],
             "disabled_passes": sorted(state.disabled), "debug_layers": o.debug_layers,
@@ -133,6 +134,7 @@ def _weights_record(state: CompileState, cache: BuildCache) -> dict[str, Any]:
             # a plugin scheme's quantizer runs here
             "quant_plugins": [_digest(cache, f) for f in state.options.quant_plugins],
             "allow_nonfinite": state.options.allow_nonfinite,
+            "tensor_parallel": state.ranks,
             "shard_bytes": state.options.shard_bytes}
 
 

@@ -19,6 +19,8 @@ from fmc.compile_cache import key_of, open_cache, probe, step_starting_at
 from fmc.errors import UsageError
 from fmc.frontend import ModelSource, open_model
 from fmc.frontend.llama_model import DEBUG_ENTRY, ENTRY_FUNCTIONS, LlamaForCausalLM
+from fmc.frontend.tensor_parallel import (ShardedWeights, check_divisible, local_config,
+                                          param_sharding)
 from fmc.lowering.pipeline import IRDumper, load_pass_plugin, resolve_disabled, run_phase
 from fmc.quant.convert import StoredParam, check_source, convert, plan_params
 from fmc.quant.modules import quantize_layers
@@ -59,6 +61,7 @@ class CompileOptions:
     debug_layers: bool = False  # add the layer_outputs entry for `fmc compare`
     target_json: str | None = None  # a raw TVM target (JSON) instead of `target`
     allow_nonfinite: bool = False
+    tensor_parallel: int = 1  # ranks; > 1 writes one local-view library + per-rank weights
     # The build cache (fmc.compile_cache): None follows FMC_NO_CACHE, False disables it;
     # cache_dir overrides FMC_CACHE_DIR / the user's cache directory.
     use_cache: bool | None = None
@@ -78,6 +81,7 @@ class CompileState:
     context_window: int = 0
     layer_schemes: dict[str, str] = field(default_factory=dict)
     params: list[StoredParam] = field(default_factory=list)
+    local_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # checkpoint names
     mod: Any = None
     library: str = ""
     tensors: list[dict] = field(default_factory=list)
@@ -91,7 +95,22 @@ class CompileState:
 
     @property
     def config(self):
+        """The whole model's configuration (what the checkpoint describes)."""
         return self.source.config
+
+    @property
+    def ranks(self) -> int:
+        return self.options.tensor_parallel
+
+    @property
+    def local_config(self):
+        """What one rank computes: the whole model unless tensor-parallel."""
+        return local_config(self.config, self.ranks) if self.ranks > 1 else self.config
+
+    def rank_weights(self, rank: int):
+        """Rank `rank`'s view of the checkpoint (local shapes and data)."""
+        weights = self.source.weights
+        return ShardedWeights(weights, rank, self.ranks) if self.ranks > 1 else weights
 
 
 def _import(state: CompileState, progress: Progress) -> None:
@@ -104,18 +123,21 @@ def _import(state: CompileState, progress: Progress) -> None:
     if o.context_window and o.context_window > limit:
         raise UsageError(f"--context-window {o.context_window} exceeds the model's "
                          f"{limit} positions")
+    check_divisible(config, o.tensor_parallel)
     if not state.source.tokenizer:
         log.warning("no tokenizer files found; the artifact will take token ids only")
 
 
 def _quantize(state: CompileState, progress: Progress) -> None:
-    model = LlamaForCausalLM(state.config, state.compute_dtype, state.target.tvm_target(),
-                             debug_layers=state.options.debug_layers)
+    model = LlamaForCausalLM(state.local_config, state.compute_dtype,
+                             state.target.tvm_target(), debug_layers=state.options.debug_layers,
+                             tensor_parallel=state.ranks)
     if state.options.debug_layers:
         state.entry_functions = (*ENTRY_FUNCTIONS, DEBUG_ENTRY)
     expected = {name: tuple(int(d) for d in p.shape) for name, p in model.named_parameters()}
+    state.local_shapes = expected
     if state.source.weights is not None:
-        extra = check_source(state.source.weights, expected)
+        extra = check_source(state.rank_weights(0), expected)
         if extra:
             log.warning("ignoring %d checkpoint tensor(s) the model does not use: %s",
                         len(extra), ", ".join(extra[:5]) + (" …" if len(extra) > 5 else ""))
@@ -168,17 +190,28 @@ def _codegen(state: CompileState, progress: Progress) -> None:
 
 
 def _weights(state: CompileState, progress: Progress) -> None:
-    weights = state.source.weights
-    if weights is None:
+    """Convert the checkpoint; tensor-parallel: once per rank from that rank's slice of every
+    tensor, so quantized weights and their scales are sharded alike by construction."""
+    if state.source.weights is None:
         return
-    writer = ShardWriter(state.staging.path, state.options.shard_bytes)
-    total = len(state.params)
+    total = len(state.params) * state.ranks
     stats: dict[str, int] = {}
-    for done, (name, array) in enumerate(
-            convert(weights, state.params, state.options.allow_nonfinite, stats), start=1):
-        writer.add(name, array)
-        progress("tensor", done=done, total=total, name=name)
-    state.tensors, state.shards = writer.close()
+    state.tensors, state.shards = [], []
+    done = 0
+    for rank in range(state.ranks):
+        subdir = f"rank-{rank}" if state.ranks > 1 else None
+        writer = ShardWriter(state.staging.path, state.options.shard_bytes, subdir)
+        for name, array in convert(state.rank_weights(rank), state.params,
+                                   state.options.allow_nonfinite, stats):
+            writer.add(name, array)
+            done += 1
+            progress("tensor", done=done, total=total, name=name)
+        tensors, shards = writer.close()
+        if state.ranks > 1:
+            tensors = [{**t, "rank": rank} for t in tensors]
+            shards = [{**s, "rank": rank} for s in shards]
+        state.tensors += tensors
+        state.shards += shards
     if stats.get("lossless"):
         log.info("imported %d tensor(s) losslessly from GGUF blocks", stats["lossless"])
 
@@ -199,24 +232,37 @@ def memory_estimate(state: CompileState) -> dict[str, int]:
     context (tokens across all sequences), and the activations of one prefill chunk — hidden
     states, MLP intermediates, attention q/k/v/output and the KV cache's staging copies of
     them — plus one float32 logits row. Computing logits at every position (`fmc ppl`) adds
-    4·vocab bytes per scored position."""
+    4·vocab bytes per scored position. Tensor-parallel: per rank (one device's need; every
+    rank holds the same amount), with `ranks` and the sum over ranks beside."""
     import numpy as np
 
-    c = state.config
+    c = state.local_config
     item = np.dtype(state.compute_dtype).itemsize
     weights = sum(int(np.prod(p.shape)) * np.dtype(p.dtype).itemsize for p in state.params)
     kv = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * state.context_window * item
     attention = (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
     per_token = (5 * c.hidden_size + 3 * c.intermediate_size + 2 * attention) * item
     workspace = state.options.prefill_chunk * per_token + 4 * c.vocab_size
-    return {"weights_bytes": weights, "kv_cache_bytes": kv, "workspace_bytes": workspace,
-            "total_bytes": weights + kv + workspace, "context_window": state.context_window}
+    estimate = {"weights_bytes": weights, "kv_cache_bytes": kv, "workspace_bytes": workspace,
+                "total_bytes": weights + kv + workspace, "context_window": state.context_window}
+    if state.ranks > 1:
+        estimate.update(ranks=state.ranks, all_ranks_bytes=state.ranks * estimate["total_bytes"])
+    return estimate
+
+
+def tensor_parallel_summary(state: CompileState) -> dict[str, Any]:
+    """What the manifest says about the ranks: how many, what each one computes, and the
+    collectives a forward step issues (one all-reduce after attention, one after the MLP)."""
+    return {"ranks": state.ranks, "local_model": state.local_config.to_dict(),
+            "collectives": {"allreduce_sum_per_step": 2 * state.config.num_hidden_layers,
+                            "function": "runtime.disco.allreduce"},
+            "weights_dir": "params/rank-{rank}"}
 
 
 def build_manifest(state: CompileState) -> dict[str, Any]:
     import tvm
 
-    by_name = {t["name"]: t for t in state.tensors}
+    by_name = {(t["name"], t.get("rank", 0)): t for t in state.tensors}
     params = []
     for p in state.params:
         entry = {"name": p.name, "shape": list(p.shape), "dtype": p.dtype, "source": p.source,
@@ -229,9 +275,15 @@ def build_manifest(state: CompileState) -> dict[str, Any]:
                                             "part": member.part,
                                             "rows": [start, start + member.shape[0]]})
                 start += member.shape[0]
-        stored = by_name.get(p.name)
+        stored = by_name.get((p.name, 0))
         if stored is not None:
             entry.update(shard=stored["shard"], sha256=stored["sha256"], bytes=stored["bytes"])
+        if state.ranks > 1:
+            entry["sharding"] = param_sharding(p, state.local_shapes, state.ranks)
+            if stored is not None:
+                entry["ranks"] = [{key: by_name[(p.name, rank)][key]
+                                   for key in ("shard", "sha256", "bytes")}
+                                  for rank in range(state.ranks)]
         params.append(entry)
     library_path = state.staging.path / state.library
     return {
@@ -255,6 +307,7 @@ def build_manifest(state: CompileState) -> dict[str, Any]:
         "weights": {"present": state.source.weights is not None, "shards": state.shards,
                     "shard_size_limit": state.options.shard_bytes},
         "params": params,
+        **({"tensor_parallel": tensor_parallel_summary(state)} if state.ranks > 1 else {}),
         "tokenizer": sorted(state.source.tokenizer),
         "memory": memory_estimate(state),
     }
@@ -410,6 +463,9 @@ def plan_compile(options: CompileOptions) -> dict[str, Any]:
     shards = math.ceil(memory["weights_bytes"] / options.shard_bytes) if has_weights else 0
     output = Path(options.output) if options.output is not None else None
     library = LIBRARY_STEM + state.target.library_suffix
+    rank_dirs = [f"params/rank-{r}" for r in range(state.ranks)] if state.ranks > 1 \
+        else ["params"]
+    shard_files = [f"{d}/shard-{i:05d}.safetensors" for d in rank_dirs for i in range(shards)]
     cache = open_cache(options)
     return {
         "model": {**state.source.describe(), "architecture": state.config.to_dict()},
@@ -418,10 +474,11 @@ def plan_compile(options: CompileOptions) -> dict[str, Any]:
         "phases": [{"name": p.name, "doc": p.doc} for p in PHASES],
         "disabled_passes": sorted(state.disabled),
         "output": str(output) if output is not None else None,
-        "files": [library, *(f"params/shard-{i:05d}.safetensors" for i in range(shards)),
+        "files": [library, *shard_files,
                   *(f"tokenizer/{name}" for name in sorted(state.source.tokenizer)),
                   manifest_mod.MANIFEST],
         "parameters": len(state.params),
+        "tensor_parallel": tensor_parallel_summary(state) if state.ranks > 1 else None,
         "memory": {**memory, "weights_bytes_per_scheme": per_scheme},
         "input_files": [str(p) for p in input_files(state)],
         "cache": {"dir": str(cache.root), **probe(state, cache)} if cache else None,

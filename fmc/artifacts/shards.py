@@ -35,8 +35,11 @@ class ShardWriter:
     """Accumulates tensors up to `max_bytes`, then writes one shard; memory stays bounded by
     one shard plus one tensor."""
 
-    def __init__(self, artifact_dir: Path, max_bytes: int = DEFAULT_SHARD_BYTES):
-        self.directory = artifact_dir / SHARD_DIR
+    def __init__(self, artifact_dir: Path, max_bytes: int = DEFAULT_SHARD_BYTES,
+                 subdir: str | None = None):
+        # tensor-parallel artifacts keep each rank's shards in params/rank-R/
+        self.prefix = f"{SHARD_DIR}/{subdir}" if subdir else SHARD_DIR
+        self.directory = artifact_dir / self.prefix
         self.directory.mkdir(parents=True, exist_ok=True)
         self.artifact_dir = artifact_dir
         self.max_bytes = max_bytes
@@ -46,7 +49,7 @@ class ShardWriter:
         self._pending_bytes = 0
 
     def _shard_name(self) -> str:
-        return f"{SHARD_DIR}/shard-{len(self.shards):05d}.safetensors"
+        return f"{self.prefix}/shard-{len(self.shards):05d}.safetensors"
 
     def add(self, name: str, array: np.ndarray) -> None:
         array = np.ascontiguousarray(array)

@@ -55,6 +55,9 @@ def compile_command(
                                            "(for fmc compare)."),
     allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite",
                                          help="Compile even if weights hold NaN/Inf."),
+    tensor_parallel: int = typer.Option(
+        1, "--tensor-parallel", "--tp", help="Split the model across N devices (Disco ranks): "
+        "one library, one weight set per rank."),
     dry_run: bool = typer.Option(
         False, "--dry-run", help="Print the plan and a memory estimate; compile nothing."),
     depfile: Path = typer.Option(
@@ -80,6 +83,7 @@ def compile_command(
         enable_passes=list(enable_pass),
         pass_plugins=list(pass_plugin), override_kernels=list(override_kernel),
         allow_nonfinite=allow_nonfinite, debug_layers=debug_layers, target_json=target_json,
+        tensor_parallel=tensor_parallel,
         use_cache=False if no_cache else None, cache_dir=cache_dir)
     if dry_run:
         _print_plan(plan_compile(options), json_out)
@@ -115,7 +119,8 @@ def _print_plan(plan: dict, json_out: bool) -> None:
                  f"{', no weights' if not model['weights'] else ''}", highlight=False)
     stdout.print("phases: " + " → ".join(p["name"] for p in plan["phases"]), highlight=False)
     stdout.print(f"files: {', '.join(plan['files'])}", highlight=False)
-    stdout.print(f"memory estimate: {human_bytes(memory['total_bytes'])} = weights "
+    per_rank = f" per rank × {memory['ranks']} ranks" if memory.get("ranks") else ""
+    stdout.print(f"memory estimate{per_rank}: {human_bytes(memory['total_bytes'])} = weights "
                  f"{human_bytes(memory['weights_bytes'])} + KV cache "
                  f"{human_bytes(memory['kv_cache_bytes'])} ({memory['context_window']} tokens) "
                  f"+ workspace {human_bytes(memory['workspace_bytes'])}", highlight=False)

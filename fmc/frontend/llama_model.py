@@ -32,8 +32,15 @@ class Embedding(nn.Embedding):
         return op.matmul(x, op.permute_dims(self.weight))
 
 
+def all_reduce(x: nn.Tensor, ranks: int) -> nn.Tensor:
+    """Sum a row-parallel layer's partial outputs over the tensor-parallel ranks (Disco's
+    `runtime.disco.allreduce`); nothing with one rank."""
+    return op.ccl_allreduce(x, "sum") if ranks > 1 else x
+
+
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig, dtype: str):
+    def __init__(self, config: ModelConfig, dtype: str, ranks: int = 1):
+        self.ranks = ranks
         self.num_q = config.num_attention_heads
         self.num_kv = config.num_key_value_heads
         self.head_dim = config.head_dim
@@ -50,27 +57,30 @@ class LlamaAttention(nn.Module):
         qkv = op.reshape(qkv, (batch, seq, self.num_q + 2 * self.num_kv, self.head_dim))
         out = cache.attention_with_fused_qkv(layer_id, qkv, self.num_q,
                                              sm_scale=self.head_dim**-0.5)
-        return self.o_proj(op.reshape(out, (batch, seq, self.num_q * self.head_dim)))
+        out = self.o_proj(op.reshape(out, (batch, seq, self.num_q * self.head_dim)))
+        return all_reduce(out, self.ranks)
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig, dtype: str):
+    def __init__(self, config: ModelConfig, dtype: str, ranks: int = 1):
+        self.ranks = ranks
         hidden, inner, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
         self.gate_proj = nn.Linear(hidden, inner, bias=bias, dtype=dtype)
         self.up_proj = nn.Linear(hidden, inner, bias=bias, dtype=dtype)
         self.down_proj = nn.Linear(inner, hidden, bias=bias, dtype=dtype)
 
     def forward(self, x: nn.Tensor) -> nn.Tensor:
-        return self.down_proj(op.silu(self.gate_proj(x)) * self.up_proj(x))
+        return all_reduce(self.down_proj(op.silu(self.gate_proj(x)) * self.up_proj(x)),
+                          self.ranks)
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, dtype: str):
+    def __init__(self, config: ModelConfig, dtype: str, ranks: int = 1):
         eps, hidden = config.rms_norm_eps, config.hidden_size
         self.input_layernorm = nn.RMSNorm(hidden, -1, eps, bias=False, dtype=dtype)
-        self.self_attn = LlamaAttention(config, dtype)
+        self.self_attn = LlamaAttention(config, dtype, ranks)
         self.post_attention_layernorm = nn.RMSNorm(hidden, -1, eps, bias=False, dtype=dtype)
-        self.mlp = LlamaMLP(config, dtype)
+        self.mlp = LlamaMLP(config, dtype, ranks)
 
     def forward(self, h: nn.Tensor, cache: PagedKVCache, layer_id: int) -> nn.Tensor:
         h = h + self.self_attn(self.input_layernorm(h), cache, layer_id)
@@ -78,10 +88,10 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig, dtype: str):
+    def __init__(self, config: ModelConfig, dtype: str, ranks: int = 1):
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype=dtype)
         self.layers = nn.ModuleList(
-            [LlamaDecoderLayer(config, dtype) for _ in range(config.num_hidden_layers)])
+            [LlamaDecoderLayer(config, dtype, ranks) for _ in range(config.num_hidden_layers)])
         self.norm = nn.RMSNorm(config.hidden_size, -1, config.rms_norm_eps, bias=False,
                                dtype=dtype)
 
@@ -92,14 +102,21 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """Entry functions over a paged KV cache; logits are always float32."""
+    """Entry functions over a paged KV cache; logits are always float32.
 
-    def __init__(self, config: ModelConfig, dtype: str, target, debug_layers: bool = False):
+    With `tensor_parallel` N > 1, `config` is one rank's local view
+    (`fmc.frontend.tensor_parallel.local_config`): its heads, KV heads and MLP slice; the
+    attention and MLP outputs are all-reduced, so every rank holds the full hidden state and
+    computes the (replicated) embeddings, norms and logits itself."""
+
+    def __init__(self, config: ModelConfig, dtype: str, target, debug_layers: bool = False,
+                 tensor_parallel: int = 1):
         self.config = config
+        self.tensor_parallel = tensor_parallel
         self.dtype = dtype
         self.target = target
         self.debug_layers = debug_layers
-        self.model = LlamaModel(config, dtype)
+        self.model = LlamaModel(config, dtype, tensor_parallel)
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False,
                                      dtype=dtype)

@@ -10,9 +10,7 @@ Heads are split contiguously, so rank r's query heads use exactly rank r's KV he
 Weights are sharded at the checkpoint level — `ShardedWeights` presents rank r's local
 tensors to the unchanged quantize/convert pipeline, run once per rank with `local_config` —
 so quantized weights are sharded consistently with their scales by construction.
-
-This module is the first part of issue #10 (the sharded model with all-reduce, the per-rank
-artifact layout and the CPU equivalence proof come next); nothing in the CLI uses it yet."""
+"""
 
 from __future__ import annotations
 
@@ -91,6 +89,35 @@ def unshard(parts: list[np.ndarray], sharding: Sharding) -> np.ndarray:
     if sharding.rank0_only or sharding.axis is None:
         return parts[0]
     return np.concatenate(parts, axis=sharding.axis)
+
+
+def param_sharding(param, local_shapes: dict[str, tuple[int, ...]], ranks: int) -> dict:
+    """How a stored parameter (`fmc.quant.convert.StoredParam`) relates across ranks, in the
+    stored layout (a quantized part's axes, not the checkpoint's), for the manifest:
+
+    - `{"axis": a}`: each rank holds a contiguous block along axis a of the whole tensor;
+      `"stacked": true` for a horizontally fused parameter (each rank stacks its blocks of
+      the members: split by the manifest's `fused_from` rows before concatenating);
+    - `{"axis": null}`: replicated; `"rank0_only": true`: rank 0 holds it, the others zeros;
+    - `{"axis": null, "per_rank": true}`: each rank's own, not a slice of a whole tensor —
+      e.g. per-row scales of a row-parallel weight, computed from the rank's columns."""
+    from fmc.quant import registry
+
+    member = param.members[0] if param.members else param
+    source = sharding_of(member.source)
+    if source.rank0_only or source.axis is None:
+        return source.describe()
+    local = tuple(local_shapes[member.source])
+    whole = list(local)
+    whole[source.axis] *= ranks
+    if member.scheme:
+        scheme = registry.get(member.scheme)
+        local = scheme.storage(local, member.source)[member.part].shape
+        whole = scheme.storage(tuple(whole), member.source)[member.part].shape
+    split = [axis for axis, (a, b) in enumerate(zip(local, whole, strict=True)) if a != b]
+    if not split:
+        return {"axis": None, "rank0_only": False, "per_rank": True}
+    return {"axis": split[0], "rank0_only": False, **({"stacked": True} if param.members else {})}
 
 
 class ShardedWeights:

@@ -67,7 +67,12 @@ def load_library(artifact: Path, manifest: dict[str, Any], device):
     return vm
 
 
-def load_params(artifact: Path, manifest: dict[str, Any], device) -> list[Any]:
+def tensor_parallel_ranks(manifest: dict[str, Any]) -> int:
+    return int(manifest.get("tensor_parallel", {}).get("ranks", 1))
+
+
+def load_params(artifact: Path, manifest: dict[str, Any], device, rank: int = 0) -> list[Any]:
+    """Rank `rank`'s parameters (a tensor-parallel artifact holds one set per rank)."""
     import tvm
 
     if not manifest["weights"]["present"]:
@@ -77,7 +82,7 @@ def load_params(artifact: Path, manifest: dict[str, Any], device) -> list[Any]:
     params = []
     try:
         for entry in manifest["params"]:
-            shard = entry["shard"]
+            shard = entry["ranks"][rank]["shard"] if "ranks" in entry else entry["shard"]
             if shard not in opened:
                 try:
                     opened[shard] = SafetensorsFile(artifact / shard)
@@ -105,8 +110,16 @@ def open_artifact(path: Path | str, device=None, verify: bool | None = None) -> 
     if should_verify(manifest, verify):
         verify_files(artifact, manifest)
     device = device or _device_for(manifest)
-    vm = load_library(artifact, manifest, device)
-    params = load_params(artifact, manifest, device)
+    ranks = tensor_parallel_ranks(manifest)
+    if ranks == 1:
+        vm = load_library(artifact, manifest, device)
+        params = load_params(artifact, manifest, device)
+    else:
+        from fmc.runtime.tensor_parallel import PerRank, RankGroup, register_collective
+
+        register_collective()  # before loading: the VM resolves global functions at load
+        vm = RankGroup([load_library(artifact, manifest, device) for _ in range(ranks)])
+        params = PerRank(load_params(artifact, manifest, device, r) for r in range(ranks))
     release_free_heap()
     return LoadedArtifact(artifact, manifest, vm, device, params)
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from fmc.errors import UsageError
 from fmc.model_config import ModelConfig
-from fmc.runtime.artifact import open_artifact
+from fmc.runtime.artifact import open_artifact, tensor_parallel_ranks
 from fmc.runtime.sampling import Sampler, SamplingParams
 from fmc.runtime.threads import configure_threads
 from fmc.runtime.tokenizer import StreamDecoder, TextTokenizer
@@ -24,7 +24,11 @@ class _Builtins:
     def __init__(self):
         import tvm
 
-        get = tvm.get_global_func
+        from fmc.runtime.tensor_parallel import broadcast
+
+        def get(name):  # a tensor-parallel engine's cache is one per rank
+            return broadcast(tvm.get_global_func(name))
+
         self.add_sequence = get("vm.builtin.kv_state_add_sequence")
         self.remove_sequence = get("vm.builtin.kv_state_remove_sequence")
         self.fork_sequence = get("vm.builtin.kv_state_fork_sequence")
@@ -76,7 +80,8 @@ class Engine:
                              f"{self.config.context_window}")
         self.prefill_chunk = runtime["prefill_chunk_size"]
         self.max_batch_size = max_batch_size
-        self._vm = self.artifact.vm
+        self._vm = self.artifact.vm  # a RankGroup for a tensor-parallel artifact
+        self.ranks = tensor_parallel_ranks(self.manifest)
         self._params = self.artifact.params
         self._device = self.artifact.device
         self._tvm = tvm
@@ -196,6 +201,10 @@ class Engine:
         from fmc.runtime.session import export_pages
 
         self._check_sequence(seq)
+        if self.ranks > 1:
+            raise UsageError(f"{self.path}: saving or offloading a sequence of a "
+                             f"tensor-parallel artifact ({self.ranks} ranks) is not supported "
+                             "yet: every rank holds its own heads' KV pages")
         return export_pages(self, seq)
 
     def import_sequence(self, metadata: str, groups: list[np.ndarray],
