@@ -46,7 +46,9 @@ def _schedule_one_matmul(schedule: s_tir.Schedule, name: str, following: list[st
     outer = schedule.fuse(*spatial) if len(spatial) > 1 else spatial[0]
     k_extent = _const_extent(schedule, reduction)
     partial = chunk = None
-    if k_extent is not None and k_extent % lanes == 0:
+    # (one chunk only — a rank's slice of a tiny model — needs no split: rfactor would
+    # leave a unit loop that the schedule drops)
+    if k_extent is not None and k_extent % lanes == 0 and k_extent > lanes:
         _, inner = schedule.split(reduction, factors=[None, lanes])
         partial = schedule.rfactor(inner, factor_axis=0)
         # rfactor leaves the final sum in a loop nest of its own: nest the partial sums
