@@ -90,6 +90,11 @@ def _check_structure(path: Path, manifest: dict[str, Any]) -> None:
     for key in ("context_window", "prefill_chunk_size", "page_size"):
         if _field(path, manifest, f"runtime.{key}", int) <= 0:
             raise ArtifactError(f"{path}: 'runtime.{key}' must be positive")
+    ranks = 1
+    if "tensor_parallel" in manifest:
+        ranks = _field(path, manifest, "tensor_parallel.ranks", int)
+        if ranks < 1:
+            raise ArtifactError(f"{path}: 'tensor_parallel.ranks' must be positive")
     for i, entry in enumerate(_field(path, manifest, "params", list)):
         where = {"e": entry}
         _field(path, where, "e.name", str)
@@ -99,6 +104,13 @@ def _check_structure(path: Path, manifest: dict[str, Any]) -> None:
             raise ArtifactError(f"{path}: params[{i}].shape must be a list of sizes")
         if present:
             _relative_file(path, _field(path, where, "e.shard", str), f"params[{i}].shard")
+        if ranks > 1 and present:
+            per_rank = _field(path, where, "e.ranks", list)
+            if len(per_rank) != ranks:
+                raise ArtifactError(f"{path}: params[{i}].ranks must list {ranks} ranks")
+            for rank, location in enumerate(per_rank):
+                _relative_file(path, _field(path, {"e": location}, "e.shard", str),
+                               f"params[{i}].ranks[{rank}].shard")
     try:
         ModelConfig.from_dict(_field(path, manifest, "model", dict)).validate(f"{path}: model")
     except InputError as exc:

@@ -22,7 +22,7 @@ BUILD_KEYS: dict[str, tuple[type, ...]] = {
     "model": (str,), "weights": (str,), "tokenizer": (str,), "target": (str,),
     "quant": (str,), "quant_overrides": (list,), "output": (str,),
     "context_window": (int,), "prefill_chunk": (int,), "shard_size": (str, int),
-    "disable_passes": (list,), "enable_passes": (list,),
+    "disable_passes": (list,), "enable_passes": (list,), "tensor_parallel": (int,),
 }
 DEFAULT_KEYS = {**{k: v for k, v in BUILD_KEYS.items() if k != "output"},
                 "output_dir": (str,)}

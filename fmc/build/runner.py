@@ -47,7 +47,8 @@ def compile_options(settings: dict[str, Any], cache: dict[str, Any] | None = Non
         context_window=settings.get("context_window"),
         prefill_chunk=settings.get("prefill_chunk", 512),
         disable_passes=list(settings.get("disable_passes", [])),
-        enable_passes=list(settings.get("enable_passes", [])), **extra, **(cache or {}))
+        enable_passes=list(settings.get("enable_passes", [])),
+        tensor_parallel=settings.get("tensor_parallel", 1), **extra, **(cache or {}))
 
 
 def stamp_key(settings: dict[str, Any]) -> str:

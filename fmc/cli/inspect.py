@@ -47,6 +47,7 @@ def inspect_command(
         "context_window": manifest["runtime"]["context_window"],
         "memory": memory,
         "entry_functions": manifest["entry_functions"],
+        "tensor_parallel": _tensor_parallel(manifest),
     }
     if json_out:
         emit_json(summary)
@@ -77,9 +78,39 @@ def inspect_command(
                             f"({memory['context_window']} tokens) + workspace "
                             f"{human_bytes(memory['workspace_bytes'])}"),
         ("entry functions", ", ".join(summary["entry_functions"])),
+        *([("tensor parallel", _describe_ranks(summary["tensor_parallel"], memory))]
+          if summary["tensor_parallel"] else []),
         ("versions", f"fmc {summary['fmc_version']}, TVM {summary['tvm_version']}, "
                      f"ABI {summary['abi_version']}"),
     ]
     for field, value in rows:
         table.add_row(field, value)
     stdout.print(table)
+
+
+def _tensor_parallel(manifest: dict) -> dict | None:
+    """Ranks, each rank's weight bytes (from its shards' tensors) and the collectives a
+    forward step issues; None for a single-device artifact."""
+    tp = manifest.get("tensor_parallel")
+    if tp is None:
+        return None
+    ranks = tp["ranks"]
+    per_rank = [sum(p["ranks"][r]["bytes"] for p in manifest["params"] if "ranks" in p)
+                for r in range(ranks)]
+    local = tp["local_model"]
+    return {"ranks": ranks, "weight_bytes_per_rank": per_rank,
+            "kv_cache_bytes_per_rank": manifest["memory"]["kv_cache_bytes"],
+            "heads_per_rank": f"{local['num_attention_heads']} q / "
+                              f"{local['num_key_value_heads']} kv",
+            "intermediate_size_per_rank": local["intermediate_size"],
+            "collectives_per_step": tp["collectives"]}
+
+
+def _describe_ranks(tp: dict, memory: dict) -> str:
+    weights = ", ".join(human_bytes(b) for b in tp["weight_bytes_per_rank"])
+    collectives = tp["collectives_per_step"]
+    return (f"{tp['ranks']} ranks; per rank: weights {weights}, KV cache "
+            f"{human_bytes(tp['kv_cache_bytes_per_rank'])}, heads {tp['heads_per_rank']}, "
+            f"MLP {tp['intermediate_size_per_rank']}; "
+            f"{collectives['allreduce_sum_per_step']} all-reduce(s) per step "
+            f"({collectives['function']}); memory estimate above is per rank")

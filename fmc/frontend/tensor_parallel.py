@@ -120,6 +120,29 @@ def param_sharding(param, local_shapes: dict[str, tuple[int, ...]], ranks: int) 
     return {"axis": split[0], "rank0_only": False, **({"stacked": True} if param.members else {})}
 
 
+def unshard_stored(entry: dict, parts: list[np.ndarray]) -> np.ndarray | None:
+    """The whole stored tensor from every rank's part, following a manifest parameter
+    entry's `sharding` (see `param_sharding`); None where each rank's tensor is its own."""
+    sharding = entry["sharding"]
+    if sharding.get("per_rank"):
+        return None
+    if sharding["axis"] is None:
+        return parts[0]
+    axis = sharding["axis"]
+    if not sharding.get("stacked"):
+        return np.concatenate(parts, axis=axis)
+    # A fused parameter: each rank stacks its block of every member; members' `rows` are
+    # checkpoint rows, scaled to the stored axis (row-interleaved storage holds rows/B).
+    rows = [member["rows"] for member in entry["fused_from"]]
+    scale = parts[0].shape[axis] / rows[-1][1]
+    members = []
+    for start, end in rows:
+        index = [slice(None)] * parts[0].ndim
+        index[axis] = slice(int(start * scale), int(end * scale))
+        members.append(np.concatenate([part[tuple(index)] for part in parts], axis=axis))
+    return np.concatenate(members, axis=axis)
+
+
 class ShardedWeights:
     """Rank `rank`'s view of a weight source: the same names, local shapes and data."""
 

@@ -169,22 +169,25 @@ def verify_artifact(path: Path | str) -> list[dict[str, Any]]:
             return "weights-free artifact: no tensors"
         indexes: dict[str, dict] = {}
         for entry in manifest["params"]:
-            shard = artifact / entry["shard"]
-            if entry["shard"] not in indexes:
-                try:
-                    opened = SafetensorsFile(shard)
-                except InputError as exc:
-                    raise ArtifactError(str(exc)) from None
-                indexes[entry["shard"]] = opened.index()
-                opened.close()
-            info = indexes[entry["shard"]].get(entry["name"])
-            if info is None:
-                raise ArtifactError(f"{shard}: tensor {entry['name']!r} missing")
-            if list(info.shape) != entry["shape"] or str(info.dtype) != entry["dtype"]:
-                raise ArtifactError(f"{shard}: tensor {entry['name']!r} is "
-                                    f"{info.dtype}{list(info.shape)}, manifest says "
-                                    f"{entry['dtype']}{entry['shape']}")
-        return f"{len(manifest['params'])} tensor(s) with the listed shapes and dtypes"
+            # every rank's copy of a tensor-parallel artifact's tensor has the listed shape
+            for name in [r["shard"] for r in entry.get("ranks", [])] or [entry["shard"]]:
+                if name not in indexes:
+                    try:
+                        opened = SafetensorsFile(artifact / name)
+                    except InputError as exc:
+                        raise ArtifactError(str(exc)) from None
+                    indexes[name] = opened.index()
+                    opened.close()
+                info = indexes[name].get(entry["name"])
+                if info is None:
+                    raise ArtifactError(f"{artifact / name}: tensor {entry['name']!r} missing")
+                if list(info.shape) != entry["shape"] or str(info.dtype) != entry["dtype"]:
+                    raise ArtifactError(f"{artifact / name}: tensor {entry['name']!r} is "
+                                        f"{info.dtype}{list(info.shape)}, manifest says "
+                                        f"{entry['dtype']}{entry['shape']}")
+        ranks = tensor_parallel_ranks(manifest)
+        return f"{len(manifest['params'])} tensor(s) with the listed shapes and dtypes" + \
+            (f" on each of {ranks} ranks" if ranks > 1 else "")
 
     def check_library():
         spec = manifest["target"].get("spec", manifest["target"]["name"])
