@@ -19,6 +19,9 @@ TINY_MODELS: dict[str, tuple[str, dict]] = {
         "original_max_position_embeddings": 32}, rope_theta=500000.0)),
     "qwen2-bias": ("Qwen2Config", dict(tie_word_embeddings=True, rope_theta=1000000.0)),
     "mistral": ("MistralConfig", dict(sliding_window=None)),
+    # GQA that splits over 4 ranks (2 query heads per KV head on each).
+    "llama-gqa-wide": ("LlamaConfig", dict(num_attention_heads=8, num_key_value_heads=4,
+                                           intermediate_size=128)),
     # Every reduction dimension a multiple of 64, so all quantization schemes apply.
     "llama-quant": ("LlamaConfig", dict(intermediate_size=128, tie_word_embeddings=True)),
 }

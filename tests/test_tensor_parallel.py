@@ -95,3 +95,170 @@ def test_splits_that_do_not_divide_name_the_key(tiny_checkpoint):
         check_divisible(config, 4)
     with pytest.raises(UsageError, match="must be ≥ 1"):
         check_divisible(config, 0)
+
+
+# -- the sharded artifact, end to end -----------------------------------------------------
+@pytest.fixture(scope="module")
+def tp_artifact(tiny_checkpoint, tiny_artifact, tmp_path_factory):
+    """(name, quant, ranks) → artifact compiled with --tensor-parallel ranks."""
+    from fmc.compiler import CompileOptions, compile_model
+
+    built = {}
+
+    def get(name: str, quant: str, ranks: int):
+        if ranks == 1:
+            return tiny_artifact(name, quant)
+        if (name, quant, ranks) not in built:
+            out = tmp_path_factory.mktemp("tp") / f"{name}-{quant}-tp{ranks}"
+            compile_model(CompileOptions(model=str(tiny_checkpoint(name)), output=out,
+                                         quant=quant, tensor_parallel=ranks))
+            built[name, quant, ranks] = out
+        return built[name, quant, ranks]
+
+    return get
+
+
+CASES = [("llama-gqa-untied", "q0f32", 2), ("llama-gqa-wide", "q0f32", 2),
+         ("llama-gqa-wide", "q0f32", 4), ("llama-mha", "q0f32", 4), ("qwen2-bias", "q0f32", 2),
+         ("llama-quant", "q4f16", 2)]
+
+
+@pytest.mark.parametrize("name, quant, ranks", CASES)
+def test_sharded_logits_equal_the_unsharded_model(tp_artifact, name, quant, ranks):
+    """The local-view program on `ranks` threads with fmc's all-reduce computes the logits of
+    the unsharded artifact: prefill, decode, and a batched step over two sequences."""
+    from fmc.runtime.engine import Engine
+
+    whole, sharded = Engine(tp_artifact(name, quant, 1)), Engine(tp_artifact(name, quant, ranks))
+    assert (whole.ranks, sharded.ranks) == (1, ranks)
+    layers = whole.config.num_hidden_layers
+    prompts = [[1, 5, 7, 9, 20, 33, 2, 11], [3, 4, 40]]
+
+    def close(a, b):
+        np.testing.assert_allclose(b, a, atol=2e-5, rtol=1e-5)
+
+    a = [whole.new_sequence() for _ in prompts]
+    b = [sharded.new_sequence() for _ in prompts]
+    for prompt, sa, sb in zip(prompts, a, b, strict=True):
+        calls = sharded._vm.collective.calls
+        close(whole.prefill(sa, prompt), sharded.prefill(sb, prompt))
+        assert sharded._vm.collective.calls - calls == 2 * layers  # one step: 2 per layer
+    for token in (6, 8, 12):
+        close(whole.decode(a[0], token), sharded.decode(b[0], token))
+    close(whole.decode_batch(a, [13, 14]), sharded.decode_batch(b, [13, 14]))
+
+
+@pytest.mark.parametrize("name, quant, ranks", [("llama-gqa-wide", "q0f32", 4),
+                                                ("llama-quant", "q4f16", 2)])
+def test_rank_shards_concatenate_to_the_unsharded_artifacts_tensors(tp_artifact, name, quant,
+                                                                    ranks):
+    """Every stored tensor (quantized codes, scales, fused q/k/v and gate/up, CPU
+    row-interleaved layout) rebuilt from the per-rank shards along the manifest's recorded
+    sharding is bit-identical to the unsharded artifact's."""
+    from safetensors.numpy import load_file
+
+    from fmc.artifacts.manifest import read_manifest
+    from fmc.frontend.tensor_parallel import unshard_stored
+
+    whole_dir, sharded_dir = tp_artifact(name, quant, 1), tp_artifact(name, quant, ranks)
+    whole = {e["name"]: load_file(whole_dir / e["shard"])[e["name"]]
+             for e in read_manifest(whole_dir)["params"]}
+    manifest = read_manifest(sharded_dir)
+    assert manifest["tensor_parallel"]["ranks"] == ranks
+    files = {}
+    kinds = set()
+    for entry in manifest["params"]:
+        assert [r["shard"].split("/")[1] for r in entry["ranks"]] == \
+            [f"rank-{r}" for r in range(ranks)]
+        parts = []
+        for location in entry["ranks"]:
+            if location["shard"] not in files:
+                files[location["shard"]] = load_file(sharded_dir / location["shard"])
+            parts.append(files[location["shard"]][entry["name"]])
+        assert all(list(p.shape) == entry["shape"] for p in parts)
+        rebuilt = unshard_stored(entry, parts)
+        assert rebuilt is not None, entry["name"]
+        np.testing.assert_array_equal(rebuilt, whole[entry["name"]], err_msg=entry["name"])
+        kinds.add((entry["sharding"]["axis"], entry["sharding"].get("stacked", False)))
+    assert kinds == {(None, False), (0, True), (1, False)}  # replicated, fused rows, columns
+
+
+def test_rank_shards_concatenate_to_the_checkpoint(tp_artifact, tiny_checkpoint):
+    """Unquantized: the rebuilt tensors are the checkpoint's (fused ones: their members)."""
+    from safetensors.numpy import load_file
+
+    from fmc.artifacts.manifest import read_manifest
+    from fmc.frontend.tensor_parallel import unshard_stored
+
+    directory = tp_artifact("llama-gqa-wide", "q0f32", 4)
+    checkpoint = open_model(str(tiny_checkpoint("llama-gqa-wide"))).weights
+    for entry in read_manifest(directory)["params"]:
+        parts = [load_file(directory / r["shard"])[entry["name"]] for r in entry["ranks"]]
+        sources = [m["source"] for m in entry.get("fused_from", [])] or [entry["source"]]
+        expected = np.concatenate([checkpoint.load(s) for s in sources], axis=0)
+        np.testing.assert_array_equal(unshard_stored(entry, parts), expected)
+
+
+def test_cli_reports_ranks_and_runs_the_sharded_artifact(tp_artifact, tiny_checkpoint,
+                                                         tmp_path):
+    """compile --dry-run and inspect give per-rank bytes; verify checks every rank; run
+    generates the unsharded artifact's tokens; a damaged rank shard is named."""
+    import json
+    import subprocess
+    import sys
+
+    def fmc(*args, check=True):
+        run = subprocess.run([sys.executable, "-m", "fmc", "--quiet", *args],
+                             capture_output=True, text=True)
+        assert not check or run.returncode == 0, run.stderr
+        return run
+
+    checkpoint = str(tiny_checkpoint("llama-gqa-wide"))
+    whole = tp_artifact("llama-gqa-wide", "q0f32", 1)
+    sharded = tp_artifact("llama-gqa-wide", "q0f32", 4)
+    plan = json.loads(fmc("compile", checkpoint, "--tp", "4", "-o", str(tmp_path / "x"),
+                          "--dry-run", "--json").stdout)
+    single = json.loads(fmc("compile", checkpoint, "-o", str(tmp_path / "x"),
+                            "--dry-run", "--json").stdout)
+    assert plan["memory"]["ranks"] == 4
+    assert plan["memory"]["kv_cache_bytes"] * 4 == single["memory"]["kv_cache_bytes"]
+    assert plan["tensor_parallel"]["collectives"]["allreduce_sum_per_step"] == 4
+    assert "params/rank-3/shard-00000.safetensors" in plan["files"]
+    assert not (tmp_path / "x").exists()
+
+    info = json.loads(fmc("inspect", str(sharded), "--json").stdout)["tensor_parallel"]
+    shards = [sharded / f"params/rank-{r}/shard-00000.safetensors" for r in range(4)]
+    from safetensors.numpy import load_file
+    assert info["weight_bytes_per_rank"] == [sum(a.nbytes for a in load_file(s).values())
+                                             for s in shards]
+    assert info["heads_per_rank"] == "2 q / 1 kv"
+    assert info["kv_cache_bytes_per_rank"] == plan["memory"]["kv_cache_bytes"]
+
+    assert "on each of 4 ranks" in fmc("verify", str(sharded)).stdout
+    args = ["--prompt", "w3 w4 w5", "--max-tokens", "8", "--ignore-eos", "--json"]
+    tokens = [json.loads(fmc("run", str(a), *args).stdout)["token_ids"] for a in (whole, sharded)]
+    assert tokens[0] == tokens[1]
+
+    damaged = tmp_path / "damaged"
+    import shutil
+    shutil.copytree(sharded, damaged)
+    shard = damaged / "params/rank-2/shard-00000.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    run = fmc("run", str(damaged), *args, check=False)
+    assert run.returncode == 5
+    assert "params/rank-2/shard-00000.safetensors: sha256 mismatch" in run.stderr
+
+
+def test_saving_a_sharded_sequence_is_refused(tp_artifact, tmp_path):
+    from fmc.runtime.engine import Engine
+
+    engine = Engine(tp_artifact("llama-gqa-untied", "q0f32", 2))
+    seq = engine.new_sequence()
+    engine.prefill(seq, [1, 2, 3])
+    with pytest.raises(UsageError, match="tensor-parallel artifact \\(2 ranks\\)"):
+        engine.save(seq, tmp_path / "s.fmcs")
+    with pytest.raises(UsageError, match="tensor-parallel"):
+        engine.offload(seq)
+    assert len(engine.decode(seq, 4)) == engine.config.vocab_size  # the engine still works
