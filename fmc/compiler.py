@@ -19,8 +19,12 @@ from fmc.compile_cache import key_of, open_cache, probe, step_starting_at
 from fmc.errors import UsageError
 from fmc.frontend import ModelSource, open_model
 from fmc.frontend.llama_model import DEBUG_ENTRY, ENTRY_FUNCTIONS, LlamaForCausalLM
-from fmc.frontend.tensor_parallel import (ShardedWeights, check_divisible, local_config,
-                                          param_sharding)
+from fmc.frontend.tensor_parallel import (
+    ShardedWeights,
+    check_divisible,
+    local_config,
+    param_sharding,
+)
 from fmc.lowering.pipeline import IRDumper, load_pass_plugin, resolve_disabled, run_phase
 from fmc.quant.convert import StoredParam, check_source, convert, plan_params
 from fmc.quant.modules import quantize_layers

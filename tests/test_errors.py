@@ -194,6 +194,9 @@ CASES = [
          lambda t, c, a: _compile(c, t, "--quant", "q4f17")),
     Case("unknown-target", 2, r"unknown target 'cdua' \(did you mean 'cuda'\?\)",
          lambda t, c, a: _compile(c, t, "--target", "cdua")),
+    Case("tensor-parallel-does-not-divide", 2, r"--tensor-parallel 3 does not divide "
+         r"num_attention_heads \(4\)",
+         lambda t, c, a: _compile(c, t, "--tensor-parallel", "3")),
     Case("group-size-does-not-divide", 4, r"tensor 'model\.[\w.]+\.weight': reduction "
          r"dimension 80 is not a multiple of q4f16's group size 32",
          lambda t, c, a: (_config(c, intermediate_size=80), _tensors(c, _resize_mlp(80)),

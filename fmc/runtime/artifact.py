@@ -104,6 +104,33 @@ def load_params(artifact: Path, manifest: dict[str, Any], device, rank: int = 0)
     return params
 
 
+def check_tensor_index(artifact: Path, manifest: dict[str, Any]) -> str:
+    """Every listed tensor is in its shard (every rank's, for a tensor-parallel artifact)
+    with the listed shape and dtype; reads the shards' headers only."""
+    if not manifest["weights"]["present"]:
+        return "weights-free artifact: no tensors"
+    indexes: dict[str, dict] = {}
+    for entry in manifest["params"]:
+        for name in [r["shard"] for r in entry.get("ranks", [])] or [entry["shard"]]:
+            if name not in indexes:
+                try:
+                    opened = SafetensorsFile(artifact / name)
+                except InputError as exc:
+                    raise ArtifactError(str(exc)) from None
+                indexes[name] = opened.index()
+                opened.close()
+            info = indexes[name].get(entry["name"])
+            if info is None:
+                raise ArtifactError(f"{artifact / name}: tensor {entry['name']!r} missing")
+            if list(info.shape) != entry["shape"] or str(info.dtype) != entry["dtype"]:
+                raise ArtifactError(f"{artifact / name}: tensor {entry['name']!r} is "
+                                    f"{info.dtype}{list(info.shape)}, manifest says "
+                                    f"{entry['dtype']}{entry['shape']}")
+    ranks = tensor_parallel_ranks(manifest)
+    return f"{len(manifest['params'])} tensor(s) with the listed shapes and dtypes" + \
+        (f" on each of {ranks} ranks" if ranks > 1 else "")
+
+
 def open_artifact(path: Path | str, device=None, verify: bool | None = None) -> LoadedArtifact:
     artifact = Path(path)
     manifest = read_manifest(artifact)
@@ -115,11 +142,15 @@ def open_artifact(path: Path | str, device=None, verify: bool | None = None) -> 
         vm = load_library(artifact, manifest, device)
         params = load_params(artifact, manifest, device)
     else:
-        from fmc.runtime.tensor_parallel import PerRank, RankGroup, register_collective
+        from fmc.runtime.tensor_parallel import DiscoRanks
 
-        register_collective()  # before loading: the VM resolves global functions at load
-        vm = RankGroup([load_library(artifact, manifest, device) for _ in range(ranks)])
-        params = PerRank(load_params(artifact, manifest, device, r) for r in range(ranks))
+        # Checked here: a failure inside a Disco worker ends the whole process.
+        load_library(artifact, manifest, device)  # ABI and parameter list
+        if not manifest["weights"]["present"]:
+            load_params(artifact, manifest, device)  # its error, before any worker starts
+        check_tensor_index(artifact, manifest)
+        vm = DiscoRanks(artifact, manifest, device)  # loads each rank's weights in its worker
+        params = vm.params
     release_free_heap()
     return LoadedArtifact(artifact, manifest, vm, device, params)
 
@@ -165,29 +196,7 @@ def verify_artifact(path: Path | str) -> list[dict[str, Any]]:
         return f"{count} file(s) match their sha256"
 
     def check_tensors():
-        if not manifest["weights"]["present"]:
-            return "weights-free artifact: no tensors"
-        indexes: dict[str, dict] = {}
-        for entry in manifest["params"]:
-            # every rank's copy of a tensor-parallel artifact's tensor has the listed shape
-            for name in [r["shard"] for r in entry.get("ranks", [])] or [entry["shard"]]:
-                if name not in indexes:
-                    try:
-                        opened = SafetensorsFile(artifact / name)
-                    except InputError as exc:
-                        raise ArtifactError(str(exc)) from None
-                    indexes[name] = opened.index()
-                    opened.close()
-                info = indexes[name].get(entry["name"])
-                if info is None:
-                    raise ArtifactError(f"{artifact / name}: tensor {entry['name']!r} missing")
-                if list(info.shape) != entry["shape"] or str(info.dtype) != entry["dtype"]:
-                    raise ArtifactError(f"{artifact / name}: tensor {entry['name']!r} is "
-                                        f"{info.dtype}{list(info.shape)}, manifest says "
-                                        f"{entry['dtype']}{entry['shape']}")
-        ranks = tensor_parallel_ranks(manifest)
-        return f"{len(manifest['params'])} tensor(s) with the listed shapes and dtypes" + \
-            (f" on each of {ranks} ranks" if ranks > 1 else "")
+        return check_tensor_index(artifact, manifest)
 
     def check_library():
         spec = manifest["target"].get("spec", manifest["target"]["name"])

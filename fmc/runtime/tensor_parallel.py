@@ -1,143 +1,207 @@
-"""A tensor-parallel artifact's ranks run in one process: fmc's CPU proof of the sharded
-program, and how `fmc run` executes such an artifact on a machine without several GPUs.
+"""Run a tensor-parallel artifact on TVM's Disco runtime: one worker per rank, each with
+its own VM, its own weights (`params/rank-R/`) and its own KV cache, driven in lockstep by
+one controller — what MLC-LLM does for multi-GPU models.
 
-Each rank has its own VM, its own weights (`params/rank-R/`) and its own KV cache; a step
-calls every rank's entry function in a thread of its own, and the library's collective
-calls (`runtime.disco.allreduce`, what Disco provides on GPUs: NCCL under a Disco session)
-land in `InProcessAllReduce`, which sums the ranks' tensors at a barrier. The compiled code
-is the same as under Disco; only the provider of the collective differs (docs/targets.md)."""
+On GPUs the workers' collectives are NCCL (`Session.init_ccl("nccl", …)`). The pinned CPU
+wheel ships Disco but no collective library for the CPU, so fmc provides one for threaded
+sessions: `runtime.disco..allreduce` and `runtime.disco..broadcast_from_worker0`, found by
+Disco under the name of a worker that never ran `init_ccl` (its CCL name is empty). That is
+the CPU proof of the sharded program: the library, the session, the weight loading and
+every KV-cache call are Disco's; only the provider of the sums differs (docs/targets.md)."""
 
 from __future__ import annotations
 
 import threading
-from concurrent.futures import ThreadPoolExecutor, wait
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fmc.errors import ArtifactError
+from fmc.errors import ArtifactError, UsageError
 
-ALLREDUCE = "runtime.disco.allreduce"
-REDUCE_SUM = 0  # Disco's ReduceKind::kSum, the shape argument's only entry
-# Entry functions whose results are each rank's own (the others return rank 0's outputs:
-# after the last all-reduce every rank computes the same logits).
-PER_RANK_RESULTS = {"create_kv_cache"}
-
-
-class PerRank(list):
-    """One value per rank, passed to each rank's call in its place."""
+REDUCE_SUM = 0  # Disco's ReduceKind::kSum
+LOAD_RANK_PARAMS = "fmc.runtime.load_rank_params"
+# Builtins whose result the controller reads (the others return objects that stay remote).
+VALUE_BUILTINS = {"vm.builtin.attention_kv_cache_get_sequence_length",
+                  "vm.builtin.attention_kv_cache_get_num_available_pages"}
 
 
-class InProcessAllReduce:
-    """Sum over the ranks of one group; each rank thread calls it with its own tensors."""
+def _worker_id() -> int:
+    import tvm
+
+    return int(tvm.get_global_func("runtime.disco.worker_id")()[0])
+
+
+def _load_rank_params(artifact: str, manifest_json: str) -> list:
+    """Runs in a worker: its rank's weights onto its device (registered in each worker)."""
+    import json
+
+    import tvm
+
+    from fmc.runtime.artifact import load_params
+
+    device = tvm.get_global_func("runtime.disco.device")()
+    return load_params(Path(artifact), json.loads(manifest_json), device, _worker_id())
+
+
+class CpuCollectives:
+    """Sum and broadcast over the worker threads of one threaded Disco session."""
 
     def __init__(self, ranks: int):
         self.ranks = ranks
         self.barrier = threading.Barrier(ranks)
         self.inputs: list[np.ndarray | None] = [None] * ranks
-        self.total: np.ndarray | None = None
-        self.calls = 0  # all-reduces completed (rank 0 counts), for tests and `inspect`
+        self.result: np.ndarray | None = None
+        self.allreduce_calls = 0  # completed all-reduces (tests count them per step)
 
-    def __call__(self, rank: int, source, kind, destination) -> None:
-        if int(kind[0]) != REDUCE_SUM:
-            raise ArtifactError(f"in-process collective: reduce kind {int(kind[0])} is not "
+    def _exchange(self, destination) -> None:
+        self.barrier.wait()
+        destination.copyfrom(self.result)
+        self.barrier.wait()  # nobody starts the next collective before every copy is done
+
+    def allreduce(self, source, kind, in_group, destination) -> None:
+        if int(kind) != REDUCE_SUM:
+            raise ArtifactError(f"fmc's CPU collectives: reduce kind {int(kind)} is not "
                                 "supported (fmc's libraries only sum)")
+        rank = _worker_id()
         self.inputs[rank] = source.numpy()
         self.barrier.wait()
         if rank == 0:
             stacked = np.stack(self.inputs)
-            # NCCL sums in the tensor's dtype; float16 partial sums are accumulated in float32
-            # here and rounded once, which is at least as accurate.
-            self.total = stacked.sum(axis=0, dtype=np.float32 if stacked.dtype == np.float16
-                                     else stacked.dtype).astype(stacked.dtype)
-            self.calls += 1
-        self.barrier.wait()
-        destination.copyfrom(self.total)
-        self.barrier.wait()  # nobody overwrites `inputs` before every rank has its copy
+            # float16 partial sums are accumulated in float32 and rounded once
+            wide = np.float32 if stacked.dtype == np.float16 else stacked.dtype
+            self.result = stacked.sum(axis=0, dtype=wide).astype(stacked.dtype)
+            self.allreduce_calls += 1
+        self._exchange(destination)
+
+    def broadcast_from_worker0(self, source, in_group, destination) -> None:
+        if _worker_id() == 0:
+            self.result = source.numpy()
+        self._exchange(destination)
 
 
-_current = threading.local()  # .group, .rank of the rank thread running a VM call
+# The collectives of each worker thread (threaded sessions of several engines may coexist).
+_by_thread: dict[int, CpuCollectives] = {}
+_joining: dict[int, CpuCollectives] = {}
+JOIN_COLLECTIVES = "fmc.runtime.join_cpu_collectives"
 
 
-def _dispatch_allreduce(source, kind, in_group, destination) -> None:
-    group = getattr(_current, "group", None)
-    if group is None:
-        raise ArtifactError(f"{ALLREDUCE} called outside a rank thread: tensor-parallel "
-                            "libraries run under fmc's rank group or TVM's Disco")
-    group.collective(_current.rank, source, kind, destination)
+def _join(token: int) -> None:
+    """Runs in each worker once: binds the worker's thread to its session's collectives."""
+    _by_thread[threading.get_ident()] = _joining[int(token)]
 
 
-_registered = False
+def _register_cpu_collectives() -> None:
+    import tvm_ffi
+
+    def allreduce(*args):
+        _by_thread[threading.get_ident()].allreduce(*args)
+
+    def broadcast(*args):
+        _by_thread[threading.get_ident()].broadcast_from_worker0(*args)
+
+    tvm_ffi.register_global_func("runtime.disco..allreduce", allreduce, override=True)
+    tvm_ffi.register_global_func("runtime.disco..broadcast_from_worker0", broadcast,
+                                 override=True)
+    tvm_ffi.register_global_func(JOIN_COLLECTIVES, _join, override=True)
 
 
-def register_collective() -> None:
-    """Provide `runtime.disco.allreduce` in this process (once): the CPU wheel has no Disco
-    CCL, and a process that runs Disco workers does not use this module."""
-    global _registered
-    if not _registered:
+def _disco_session_module():
+    """tvm.runtime.disco.session with its FFI functions bound: the wheel imports the module
+    before the library holding Disco is loaded, which leaves them unbound."""
+    import importlib
+
+    import tvm  # noqa: F401  (loads the runtime libraries)
+    import tvm_ffi
+
+    session = importlib.import_module("tvm.runtime.disco.session")
+    tvm_ffi.init_ffi_api("runtime.disco", "tvm.runtime.disco._ffi_api")
+    return session
+
+
+class _Remote:
+    """A builtin's result on the workers, read from worker 0 when the engine needs it."""
+
+    def __init__(self, dref):
+        self.dref = dref
+
+    def __int__(self) -> int:
+        return int(self.dref.debug_get_from_remote(0))
+
+
+class DiscoRanks:
+    """A Disco session over N ranks with the interface the Engine uses for one VM:
+    `ranks["prefill"](*args)` calls `prefill` on every worker, host tensors are broadcast,
+    remote values (parameters, KV caches, intermediate tensors) stay on the workers."""
+
+    def __init__(self, artifact: Path, manifest: dict[str, Any], device):
+        import json
+
+        import tvm
         import tvm_ffi
 
-        tvm_ffi.register_global_func(ALLREDUCE, _dispatch_allreduce, override=True)
-        _registered = True
+        self.ranks = int(manifest["tensor_parallel"]["ranks"])
+        session = _disco_session_module()
+        tvm_ffi.register_global_func(LOAD_RANK_PARAMS, _load_rank_params, override=True)
+        self.session = session.ThreadedSession(num_workers=self.ranks)
+        self.collectives = None
+        if device.dlpack_device_type() == tvm.cpu().dlpack_device_type():
+            _register_cpu_collectives()
+            self.collectives = CpuCollectives(self.ranks)
+            _joining[id(self.collectives)] = self.collectives
+            self.session.call_packed(self.session.get_global_func(JOIN_COLLECTIVES),
+                                     id(self.collectives))
+            placement = device
+        else:  # GPUs: worker r on device r, NCCL (CUDA) or RCCL (ROCm) between them
+            ccl = "nccl" if device.dlpack_device_type() == tvm.cuda().dlpack_device_type() \
+                else "rccl"
+            self.session.init_ccl(ccl, *range(self.ranks))
+            placement = None  # each worker's own device, set by init_ccl
+        library = artifact / manifest["library"]["file"]
+        self.module = self.session.load_vm_module(str(library), placement)
+        self.params = self.session.call_packed(self.session.get_global_func(LOAD_RANK_PARAMS),
+                                               str(artifact), json.dumps(manifest))
+        self._globals: dict[str, Any] = {}
+        self._tuple_getitem = self.session.get_global_func("vm.builtin.tuple_getitem")
 
+    def _arg(self, value):
+        import tvm
 
-class RankGroup:
-    """N ranks' VMs with the interface of one: `group["prefill"](*args)` runs every rank's
-    `prefill`, each with its own value of every `PerRank` argument. The VMs must be loaded
-    after `register_collective()`."""
-
-    def __init__(self, vms: list[Any]):
-        self.vms = vms
-        self.ranks = len(vms)
-        self.collective = InProcessAllReduce(self.ranks)
-        self._pool = ThreadPoolExecutor(self.ranks, thread_name_prefix="fmc-rank")
+        if isinstance(value, _Remote):
+            return value.dref
+        if isinstance(value, tvm.runtime.Tensor):
+            return self.session.broadcast(value)
+        return value
 
     def __getitem__(self, function: str):
-        return lambda *args: self.run(function, args)
+        entry = self.module[function]
+        return lambda *args: entry(*(self._arg(a) for a in args))
+
+    def builtin(self, name: str):
+        """A VM builtin run on every worker (KV-cache operations, reshape)."""
+        if name not in self._globals:
+            self._globals[name] = self.session.get_global_func(name)
+        function = self._globals[name]
+
+        def call(*args):
+            result = self.session.call_packed(function, *(self._arg(a) for a in args))
+            return _Remote(result) if name in VALUE_BUILTINS else result
+
+        return call
+
+    def first_output(self, outputs) -> np.ndarray:
+        """Element 0 of an entry function's result tuple (the logits), from worker 0: after
+        the last all-reduce every rank computes the same values."""
+        item = self.session.call_packed(self._tuple_getitem, outputs, 0)
+        return item.debug_get_from_remote(0).numpy()
 
     def set_instrument(self, callback) -> None:
-        self.vms[0].set_instrument(callback)  # rank 0's calls stand for the step
-
-    def run(self, function: str, args: tuple) -> Any:
-        def on_rank(rank: int):
-            _current.group, _current.rank = self, rank
-            try:
-                own = [a[rank] if isinstance(a, PerRank) else a for a in args]
-                return self.vms[rank][function](*own)
-            except BaseException:
-                self.collective.barrier.abort()  # the others stop waiting for this rank
-                raise
-            finally:
-                _current.group = None
-
-        futures = [self._pool.submit(on_rank, rank) for rank in range(self.ranks)]
-        try:
-            wait(futures)
-        except KeyboardInterrupt:
-            wait(futures)  # the step finishes on every rank before the caller rolls it back
-            raise
-        errors = [f.exception() for f in futures if f.exception() is not None]
-        if errors:
-            self.collective.barrier.reset()
-            # the failing rank's error, not the others' broken barrier
-            raise next((e for e in errors if "BrokenBarrier" not in repr(e)), errors[0])
-        results = [f.result() for f in futures]
-        return PerRank(results) if function in PER_RANK_RESULTS else results[0]
+        raise UsageError("profiling a tensor-parallel artifact is not supported: its calls "
+                         "run in the Disco workers")
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False)
-
-
-def broadcast(function):
-    """A KV-cache builtin applied to every rank's cache when given `PerRank` arguments;
-    returns rank 0's result (sequence lengths and page counts are the same on every rank)."""
-
-    def call(*args):
-        ranks = next((len(a) for a in args if isinstance(a, PerRank)), None)
-        if ranks is None:
-            return function(*args)
-        results = [function(*(a[r] if isinstance(a, PerRank) else a for a in args))
-                   for r in range(ranks)]
-        return results[0]
-
-    return call
+        self.session.shutdown()
+        if self.collectives is not None:
+            _joining.pop(id(self.collectives), None)
+            for thread in [t for t, c in _by_thread.items() if c is self.collectives]:
+                del _by_thread[thread]
