@@ -16,7 +16,7 @@ from fmc.artifacts import manifest as manifest_mod
 from fmc.artifacts.shards import DEFAULT_SHARD_BYTES, ShardWriter, sha256_file
 from fmc.artifacts.staging import StagingDir
 from fmc.compile_cache import key_of, open_cache, probe, step_starting_at
-from fmc.errors import UsageError
+from fmc.errors import InputError, UsageError
 from fmc.frontend import ModelSource, open_model
 from fmc.frontend.llama_model import DEBUG_ENTRY, ENTRY_FUNCTIONS, LlamaForCausalLM
 from fmc.frontend.tensor_parallel import (
@@ -145,9 +145,15 @@ def _quantize(state: CompileState, progress: Progress) -> None:
         if extra:
             log.warning("ignoring %d checkpoint tensor(s) the model does not use: %s",
                         len(extra), ", ".join(extra[:5]) + (" …" if len(extra) > 5 else ""))
-    state.layer_schemes, quantized = quantize_layers(model, state.plan, state.compute_dtype,
-                                                     model.output_layers(),
-                                                     state.target.row_block)
+    try:
+        state.layer_schemes, quantized = quantize_layers(
+            model, state.plan, state.compute_dtype, model.output_layers(),
+            state.target.row_block)
+    except InputError as exc:
+        if state.ranks == 1:
+            raise
+        raise InputError(f"{exc} (in one rank's 1/{state.ranks} slice: --tensor-parallel "
+                         f"{state.ranks})") from None
     mod, named = model.export_tvm(spec=model.get_default_spec())
     params = [(n, tuple(int(d) for d in p.shape), str(p.dtype)) for n, p in named]
     state.params = plan_params(params, quantized)

@@ -263,3 +263,29 @@ def test_saving_a_sharded_sequence_is_refused(tp_artifact, tmp_path):
     with pytest.raises(UsageError, match="tensor-parallel"):
         engine.offload(seq)
     assert len(engine.decode(seq, 4)) == engine.config.vocab_size  # the engine still works
+
+
+def test_the_documented_disco_loading_code_runs(tp_artifact):
+    """examples/disco_generate.py (the loading code of docs/targets.md: a Disco session, the
+    library on every worker, each worker loading its rank's weights, KV-cache calls through
+    the session) decodes the unsharded model's greedy tokens on 4 CPU ranks."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from fmc.runtime.engine import Engine
+
+    prompt = [1, 5, 7, 9]
+    engine = Engine(tp_artifact("llama-gqa-wide", "q0f32", 1))
+    seq = engine.new_sequence()
+    expected = [int(np.argmax(engine.prefill(seq, prompt)))]
+    while len(expected) < 8:
+        expected.append(int(np.argmax(engine.decode(seq, expected[-1]))))
+    script = Path(__file__).parent.parent / "examples" / "disco_generate.py"
+    run = subprocess.run([sys.executable, str(script), str(tp_artifact("llama-gqa-wide",
+                                                                        "q0f32", 4)),
+                          "--tokens", *map(str, prompt), "--new", "8", "--device", "cpu"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout) == expected

@@ -44,6 +44,17 @@ def _load_rank_params(artifact: str, manifest_json: str) -> list:
     return load_params(Path(artifact), json.loads(manifest_json), device, _worker_id())
 
 
+def _register_loader() -> None:
+    import tvm_ffi
+
+    tvm_ffi.register_global_func(LOAD_RANK_PARAMS, _load_rank_params, override=True)
+
+
+# Importing this module makes the loader callable by name in this process, and in the
+# workers of a ProcessSession after `session.import_python_module(__name__)`.
+_register_loader()
+
+
 class CpuCollectives:
     """Sum and broadcast over the worker threads of one threaded Disco session."""
 
@@ -106,7 +117,16 @@ def _register_cpu_collectives() -> None:
     tvm_ffi.register_global_func(JOIN_COLLECTIVES, _join, override=True)
 
 
-def _disco_session_module():
+def attach_cpu_collectives(session, ranks: int) -> CpuCollectives:
+    """Give a threaded Disco session on the CPU fmc's collectives (before it loads a VM)."""
+    _register_cpu_collectives()
+    collectives = CpuCollectives(ranks)
+    _joining[id(collectives)] = collectives
+    session.call_packed(session.get_global_func(JOIN_COLLECTIVES), id(collectives))
+    return collectives
+
+
+def disco_session_module():
     """tvm.runtime.disco.session with its FFI functions bound: the wheel imports the module
     before the library holding Disco is loaded, which leaves them unbound."""
     import importlib
@@ -141,20 +161,21 @@ class DiscoRanks:
         import tvm_ffi
 
         self.ranks = int(manifest["tensor_parallel"]["ranks"])
-        session = _disco_session_module()
-        tvm_ffi.register_global_func(LOAD_RANK_PARAMS, _load_rank_params, override=True)
+        on_cpu = device.dlpack_device_type() == tvm.cpu().dlpack_device_type()
+        ccl = None if on_cpu else \
+            "nccl" if device.dlpack_device_type() == tvm.cuda().dlpack_device_type() else "rccl"
+        if ccl and tvm.get_global_func(f"runtime.disco.{ccl}.init_ccl", allow_missing=True) \
+                is None:
+            raise ArtifactError(f"{artifact}: this TVM build has no {ccl.upper()} collectives "
+                                f"(the PyPI wheel ships none); running {self.ranks} ranks on "
+                                f"GPUs needs TVM built with USE_{ccl.upper()}=ON")
+        session = disco_session_module()
         self.session = session.ThreadedSession(num_workers=self.ranks)
         self.collectives = None
-        if device.dlpack_device_type() == tvm.cpu().dlpack_device_type():
-            _register_cpu_collectives()
-            self.collectives = CpuCollectives(self.ranks)
-            _joining[id(self.collectives)] = self.collectives
-            self.session.call_packed(self.session.get_global_func(JOIN_COLLECTIVES),
-                                     id(self.collectives))
+        if on_cpu:
+            self.collectives = attach_cpu_collectives(self.session, self.ranks)
             placement = device
         else:  # GPUs: worker r on device r, NCCL (CUDA) or RCCL (ROCm) between them
-            ccl = "nccl" if device.dlpack_device_type() == tvm.cuda().dlpack_device_type() \
-                else "rccl"
             self.session.init_ccl(ccl, *range(self.ranks))
             placement = None  # each worker's own device, set by init_ccl
         library = artifact / manifest["library"]["file"]
