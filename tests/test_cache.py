@@ -72,8 +72,9 @@ def test_each_step_misses_exactly_when_its_inputs_change(model, tmp_path, monkey
                        other_cpu / "params/shard-00000.safetensors", shallow=False)
     assert compile_(quant="q8f16")[1] == {"library": "miss", "weights": "miss"}
     # Another split: another library (the local view) and other shards; then both cached.
-    assert compile_(tensor_parallel=2)[1] == {"library": "miss", "weights": "miss"}
-    sharded, status = compile_(tensor_parallel=2)
+    compile_(quant="q0f32")
+    assert compile_(quant="q0f32", tensor_parallel=2)[1] == {"library": "miss", "weights": "miss"}
+    sharded, status = compile_(quant="q0f32", tensor_parallel=2)
     assert status == {"library": "hit", "weights": "hit"}
     assert (sharded / "params/rank-1/shard-00000.safetensors").is_file()
 

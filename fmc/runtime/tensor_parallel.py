@@ -158,7 +158,6 @@ class DiscoRanks:
         import json
 
         import tvm
-        import tvm_ffi
 
         self.ranks = int(manifest["tensor_parallel"]["ranks"])
         on_cpu = device.dlpack_device_type() == tvm.cpu().dlpack_device_type()
