@@ -83,6 +83,21 @@ def test_logits_match_transformers(reference, gguf_artifact):
     assert np.abs(ours - expected).max() <= 1e-4 * np.abs(expected).max()
 
 
+def test_tensor_parallel_3_gives_the_unsharded_model(smollm2_gguf, gguf_artifact,
+                                                     tmp_path_factory):
+    """SmolLM2 (9 heads, 3 KV heads, MLP 1536) split over 3 Disco ranks on the CPU: every
+    position's logits equal the unsharded artifact's, and so does a greedy continuation."""
+    out = tmp_path_factory.mktemp("smollm2-tp3") / "gguf-q0f32-tp3"
+    compile_model(CompileOptions(model=str(smollm2_gguf), output=out, tensor_parallel=3))
+    whole, sharded = fmc.load(gguf_artifact), fmc.load(out)
+    assert sharded.ranks == 3
+    ids = whole.tokenizer.encode("Paris is the capital and most populous city of France.")
+    expected = whole.logits(ids)
+    assert np.abs(sharded.logits(ids) - expected).max() <= 1e-5 * np.abs(expected).max()
+    assert list(sharded.generate_ids(ids, max_tokens=16, stop_at_eos=False)) == \
+        list(whole.generate_ids(ids, max_tokens=16, stop_at_eos=False))
+
+
 def test_gguf_and_hf_directory_give_the_same_logits(gguf_artifact, hf_dir_artifact):
     a, b = fmc.load(gguf_artifact), fmc.load(hf_dir_artifact)
     ids = a.tokenizer.encode("Once upon a time, in a small village,")
