@@ -147,6 +147,14 @@ def test_sharded_logits_equal_the_unsharded_model(tp_artifact, name, quant, rank
     for token in (6, 8, 12):
         close(whole.decode(a[0], token), sharded.decode(b[0], token))
     close(whole.decode_batch(a, [13, 14]), sharded.decode_batch(b, [13, 14]))
+    # fork and pop go to every rank's cache
+    fa, fb = whole.fork(a[0], at=5), sharded.fork(b[0], at=5)
+    close(whole.decode(fa, 15), sharded.decode(fb, 15))
+    whole.pop(a[1], 2)
+    sharded.pop(b[1], 2)
+    assert sharded.sequence_length(b[1]) == whole.sequence_length(a[1]) == 2
+    close(whole.decode(a[1], 16), sharded.decode(b[1], 16))
+    assert sharded.available_pages() == whole.available_pages()
 
 
 @pytest.mark.parametrize("name, quant, ranks", [("llama-gqa-wide", "q0f32", 4),
