@@ -12,6 +12,7 @@ every KV-cache call are Disco's; only the provider of the sums differs (docs/tar
 from __future__ import annotations
 
 import threading
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +127,13 @@ def attach_cpu_collectives(session, ranks: int) -> CpuCollectives:
     return collectives
 
 
+def _forget(collectives: CpuCollectives) -> None:
+    """Unbind a closed or collected session's worker threads from its collectives."""
+    _joining.pop(id(collectives), None)
+    for thread in [t for t, c in _by_thread.items() if c is collectives]:
+        del _by_thread[thread]
+
+
 def disco_session_module():
     """tvm.runtime.disco.session with its FFI functions bound: the wheel imports the module
     before the library holding Disco is loaded, which leaves them unbound."""
@@ -173,6 +181,7 @@ class DiscoRanks:
         self.collectives = None
         if on_cpu:
             self.collectives = attach_cpu_collectives(self.session, self.ranks)
+            weakref.finalize(self, _forget, self.collectives)
             placement = device
         else:  # GPUs: worker r on device r, NCCL (CUDA) or RCCL (ROCm) between them
             self.session.init_ccl(ccl, *range(self.ranks))
@@ -222,6 +231,4 @@ class DiscoRanks:
     def close(self) -> None:
         self.session.shutdown()
         if self.collectives is not None:
-            _joining.pop(id(self.collectives), None)
-            for thread in [t for t, c in _by_thread.items() if c is self.collectives]:
-                del _by_thread[thread]
+            _forget(self.collectives)
