@@ -297,3 +297,24 @@ def test_the_documented_disco_loading_code_runs(tp_artifact):
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout) == expected
+
+
+def test_processes_with_sharded_engines_exit_cleanly(tp_artifact, tmp_path):
+    """Disco workers still busy when a process ends abort it (exit 134): an error right
+    after loading (chat --session, refused for sharded artifacts) and a script that ends with
+    a live engine both exit with their own code."""
+    import subprocess
+    import sys
+
+    artifact = tp_artifact("llama-gqa-untied", "q0f32", 2)
+    chat = subprocess.run([sys.executable, "-m", "fmc", "chat", str(artifact), "--session",
+                           str(tmp_path / "s.fmcs")], input="hi\n", capture_output=True,
+                          text=True, timeout=300)
+    assert chat.returncode == 2, chat.stderr
+    assert "tensor-parallel artifacts (2 ranks) do not support yet" in chat.stderr
+    script = (f"import fmc; e = fmc.load({str(artifact)!r}); s = e.new_sequence(); "
+              "e.prefill(s, [1, 2, 3])")
+    for _ in range(3):
+        run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                             timeout=300)
+        assert run.returncode == 0 and "terminate" not in run.stderr, run.stderr

@@ -181,7 +181,6 @@ class DiscoRanks:
         self.collectives = None
         if on_cpu:
             self.collectives = attach_cpu_collectives(self.session, self.ranks)
-            weakref.finalize(self, _forget, self.collectives)
             placement = device
         else:  # GPUs: worker r on device r, NCCL (CUDA) or RCCL (ROCm) between them
             self.session.init_ccl(ccl, *range(self.ranks))
@@ -192,6 +191,10 @@ class DiscoRanks:
                                                str(artifact), json.dumps(manifest))
         self._globals: dict[str, Any] = {}
         self._tuple_getitem = self.session.get_global_func("vm.builtin.tuple_getitem")
+        # Closed when collected or at exit, whichever comes first: a worker still busy when
+        # the process ends aborts it.
+        self._finalizer = weakref.finalize(self, _shut_down, self.session, self.ranks,
+                                           self.collectives)
 
     def _arg(self, value):
         import tvm
@@ -229,6 +232,17 @@ class DiscoRanks:
                          "run in the Disco workers")
 
     def close(self) -> None:
-        self.session.shutdown()
-        if self.collectives is not None:
-            _forget(self.collectives)
+        """Stop the workers (idempotent)."""
+        self._finalizer()
+
+
+def _shut_down(session, ranks: int, collectives: CpuCollectives | None) -> None:
+    import importlib
+
+    # Every worker finishes its queue first: shutdown itself does not wait.
+    sync = importlib.import_module("tvm.runtime.disco._ffi_api").SessionSyncWorker
+    for worker in range(ranks):
+        sync(session, worker)
+    session.shutdown()
+    if collectives is not None:
+        _forget(collectives)
