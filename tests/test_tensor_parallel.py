@@ -260,17 +260,45 @@ def test_cli_reports_ranks_and_runs_the_sharded_artifact(tp_artifact, tiny_check
     assert "params/rank-2/shard-00000.safetensors: sha256 mismatch" in run.stderr
 
 
-def test_saving_a_sharded_sequence_is_refused(tp_artifact, tmp_path):
+def test_save_restore_and_offload_move_every_ranks_pages(tp_artifact, tmp_path):
+    """Each rank's KV pages (its own heads) are exported by its worker and imported back by
+    the same rank: a restored sequence continues exactly as the saved one does, a
+    brought-back one as one never interrupted; offloading frees the pages on every rank."""
     from fmc.runtime.engine import Engine
 
-    engine = Engine(tp_artifact("llama-gqa-untied", "q0f32", 2))
+    artifact = tp_artifact("llama-gqa-wide", "q0f32", 2)
+    prompt = list(range(3, 40))  # 37 tokens: three pages of 16
+    reference = Engine(artifact)
+    uninterrupted = reference.new_sequence()
+    reference.prefill(uninterrupted, prompt)
+
+    engine = Engine(artifact)
     seq = engine.new_sequence()
-    engine.prefill(seq, [1, 2, 3])
-    with pytest.raises(UsageError, match="tensor-parallel artifact \\(2 ranks\\)"):
-        engine.save(seq, tmp_path / "s.fmcs")
-    with pytest.raises(UsageError, match="tensor-parallel"):
-        engine.offload(seq)
-    assert len(engine.decode(seq, 4)) == engine.config.vocab_size  # the engine still works
+    engine.prefill(seq, prompt)
+    engine.save(seq, tmp_path / "s.fmcs", {"note": "tp"})
+    expected = engine.decode(seq, 5)
+    restored = Engine(artifact)
+    again, extra = restored.restore(tmp_path / "s.fmcs")
+    assert (restored.last_import, extra) == ("copied", {"note": "tp"})
+    np.testing.assert_array_equal(restored.decode(again, 5), expected)
+
+    def close(a, b):
+        np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-5)
+
+    close(expected, reference.decode(uninterrupted, 5))
+    free = engine.available_pages()
+    engine.offload(seq)
+    assert engine.available_pages() - free == 3
+    engine.bring_back(seq)
+    assert engine.last_import == "copied" and engine.available_pages() == free
+    close(engine.decode(seq, 6), reference.decode(uninterrupted, 6))
+
+    other = engine.new_sequence()  # with another live sequence the pages are recomputed
+    engine.prefill(other, [1, 2])
+    engine.offload(seq)
+    engine.bring_back(seq)
+    assert engine.last_import == "recomputed"
+    close(engine.decode(seq, 7), reference.decode(uninterrupted, 7))
 
 
 def test_the_documented_disco_loading_code_runs(tp_artifact):
@@ -301,17 +329,18 @@ def test_the_documented_disco_loading_code_runs(tp_artifact):
 
 def test_processes_with_sharded_engines_exit_cleanly(tp_artifact, tmp_path):
     """Disco workers still busy when a process ends abort it (exit 134): an error right
-    after loading (chat --session, refused for sharded artifacts) and a script that ends with
-    a live engine both exit with their own code."""
+    after loading (a prompt longer than the context) and a script that ends with a live
+    engine both exit with their own code."""
     import subprocess
     import sys
 
     artifact = tp_artifact("llama-gqa-untied", "q0f32", 2)
-    chat = subprocess.run([sys.executable, "-m", "fmc", "chat", str(artifact), "--session",
-                           str(tmp_path / "s.fmcs")], input="hi\n", capture_output=True,
-                          text=True, timeout=300)
-    assert chat.returncode == 2, chat.stderr
-    assert "tensor-parallel artifacts (2 ranks) do not support yet" in chat.stderr
+    prompt = " ".join(f"w{i}" for i in range(40))
+    run = subprocess.run([sys.executable, "-m", "fmc", "run", str(artifact), "--prompt",
+                          prompt, "--context-window", "16"], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 2, run.stderr
+    assert "the context window holds 16" in run.stderr
     script = (f"import fmc; e = fmc.load({str(artifact)!r}); s = e.new_sequence(); "
               "e.prefill(s, [1, 2, 3])")
     for _ in range(3):

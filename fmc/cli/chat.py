@@ -33,16 +33,12 @@ def chat_command(
     """Chat: one user message per line on stdin, the reply streamed to stdout. Ctrl-C stops
     the current reply; end of input (Ctrl-D) ends the conversation (saved with --session)."""
     import fmc
-    from fmc.errors import UsageError
     from fmc.runtime.chat import Conversation
     from fmc.runtime.sampling import SamplingParams
 
     setup_logging(quiet or json_out)
     sampling = SamplingParams(temperature, top_p, seed, top_k, repetition_penalty)
     engine = fmc.load(artifact, verify=verify, context_window=context_window, threads=threads)
-    if session is not None and engine.ranks > 1:  # refused now, not after the conversation
-        raise UsageError(f"{artifact}: --session needs saving KV pages, which "
-                         f"tensor-parallel artifacts ({engine.ranks} ranks) do not support yet")
     if session is not None and session.exists():
         conversation = Conversation.resume(engine, session, sampling)
         if not (quiet or json_out):

@@ -198,10 +198,6 @@ class Engine:
         from fmc.runtime.session import export_pages
 
         self._check_sequence(seq)
-        if self.ranks > 1:
-            raise UsageError(f"{self.path}: saving or offloading a sequence of a "
-                             f"tensor-parallel artifact ({self.ranks} ranks) is not supported "
-                             "yet: every rank holds its own heads' KV pages")
         return export_pages(self, seq)
 
     def import_sequence(self, metadata: str, groups: list[np.ndarray],

@@ -3,7 +3,8 @@ restore, `fmc chat --session`).
 
 TVM's paged KV cache exports a sequence as page groups (one per layer: [1, pages, 2,
 kv_heads, page_size, head_dim] holding the rotated keys and the values) plus a JSON
-description, and imports them into a new sequence. A session file is a safetensors file:
+description, and imports them into a new sequence (a tensor-parallel engine: every rank's
+groups, stacked along a leading axis). A session file is a safetensors file:
 the groups as tensors `group.N`, and in its metadata the format and version, the artifact it
 belongs to (library and weight hashes, ABI), the cache's JSON description, the token history
 and any extra JSON (chat messages). Loading checks all of it before touching the cache."""
@@ -38,37 +39,63 @@ def artifact_identity(manifest: dict[str, Any]) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
-def export_pages(engine: Engine, seq: int) -> tuple[str, list[np.ndarray], list[int]]:
-    import tvm
+class _PageBuffers:
+    """Where page groups travel between the cache and the host: one device tensor, or with
+    tensor parallelism one per rank (each holds its own KV heads), stacked on the host
+    along a leading rank axis."""
 
+    def __init__(self, engine: Engine):
+        import tvm
+
+        self.tvm, self.device = tvm, engine._device
+        self.ranks = engine._vm if engine.ranks > 1 else None
+
+    def shape(self, described: list[int]) -> list[int]:
+        return [self.ranks.ranks, *described] if self.ranks else list(described)
+
+    def empty(self, shape: list[int], dtype: str):
+        if self.ranks:
+            return self.ranks.empty(shape, dtype)
+        return self.tvm.runtime.empty(shape, dtype, self.device)
+
+    def to_host(self, tensor) -> np.ndarray:
+        return self.ranks.gather(tensor) if self.ranks else tensor.numpy()
+
+    def from_host(self, array: np.ndarray):
+        if self.ranks:
+            return self.ranks.scatter(array)
+        return self.tvm.runtime.tensor(np.ascontiguousarray(array), self.device)
+
+
+def export_pages(engine: Engine, seq: int) -> tuple[str, list[np.ndarray], list[int]]:
     b = engine._kv_builtins
+    buffers = _PageBuffers(engine)
     b.fork_sequence(engine.kv_cache, seq, CHECKPOINT_SEQ, -1)
     try:
         metadata = str(b.checkpoint_metadata(engine.kv_cache, CHECKPOINT_SEQ))
         groups = []
         for group in json.loads(metadata)["groups"]:
-            out = tvm.runtime.empty(group["shape"], group["dtype"], engine._device)
+            out = buffers.empty(group["shape"], group["dtype"])
             b.export_page_group(engine.kv_cache, CHECKPOINT_SEQ, group["group_index"], out)
-            groups.append(out.numpy())
+            groups.append(buffers.to_host(out))
     finally:
         b.remove_sequence(engine.kv_cache, CHECKPOINT_SEQ)
     return metadata, groups, list(engine.history[seq])
 
 
 def import_pages(engine: Engine, seq: int, metadata: str, groups: list[np.ndarray]) -> None:
-    import tvm
-
     b = engine._kv_builtins
+    buffers = _PageBuffers(engine)
     described = json.loads(metadata)["groups"]
     if len(described) != len(groups) or any(
-            list(g.shape) != d["shape"] or str(g.dtype) != d["dtype"]
+            list(g.shape) != buffers.shape(d["shape"]) or str(g.dtype) != d["dtype"]
             for g, d in zip(groups, described, strict=False)):
         raise ArtifactError("the saved KV pages do not match their description")
     b.prepare_import(engine.kv_cache, CHECKPOINT_SEQ, metadata)
     try:
         for group, array in zip(described, groups, strict=True):
             b.import_page_group(engine.kv_cache, CHECKPOINT_SEQ, group["group_index"],
-                                tvm.runtime.tensor(np.ascontiguousarray(array), engine._device))
+                                buffers.from_host(array))
         b.finish_import(engine.kv_cache, CHECKPOINT_SEQ)
         b.fork_sequence(engine.kv_cache, CHECKPOINT_SEQ, seq, -1)
     finally:

@@ -24,7 +24,8 @@ REDUCE_SUM = 0  # Disco's ReduceKind::kSum
 LOAD_RANK_PARAMS = "fmc.runtime.load_rank_params"
 # Builtins whose result the controller reads (the others return objects that stay remote).
 VALUE_BUILTINS = {"vm.builtin.attention_kv_cache_get_sequence_length",
-                  "vm.builtin.attention_kv_cache_get_num_available_pages"}
+                  "vm.builtin.attention_kv_cache_get_num_available_pages",
+                  "vm.builtin.attention_kv_cache_get_checkpoint_metadata"}
 
 
 def _worker_id() -> int:
@@ -156,6 +157,9 @@ class _Remote:
     def __int__(self) -> int:
         return int(self.dref.debug_get_from_remote(0))
 
+    def __str__(self) -> str:
+        return str(self.dref.debug_get_from_remote(0))
+
 
 class DiscoRanks:
     """A Disco session over N ranks with the interface the Engine uses for one VM:
@@ -186,6 +190,7 @@ class DiscoRanks:
             self.session.init_ccl(ccl, *range(self.ranks))
             placement = None  # each worker's own device, set by init_ccl
         library = artifact / manifest["library"]["file"]
+        self._placement = placement
         self.module = self.session.load_vm_module(str(library), placement)
         self.params = self.session.call_packed(self.session.get_global_func(LOAD_RANK_PARAMS),
                                                str(artifact), json.dumps(manifest))
@@ -220,6 +225,24 @@ class DiscoRanks:
             return _Remote(result) if name in VALUE_BUILTINS else result
 
         return call
+
+    def empty(self, shape: list[int], dtype: str):
+        """A tensor of `shape` on every worker (each rank's KV pages, for example)."""
+        return self.session.empty(shape, dtype, self._placement)
+
+    def gather(self, tensor) -> np.ndarray:
+        """Every rank's copy of a per-worker tensor, stacked along a new leading axis."""
+        return np.stack([tensor.debug_get_from_remote(rank).numpy()
+                         for rank in range(self.ranks)])
+
+    def scatter(self, stacked: np.ndarray):
+        """The inverse of `gather`: rank r's tensor is `stacked[r]`."""
+        import tvm
+
+        tensor = self.empty(list(stacked.shape[1:]), str(stacked.dtype))
+        for rank in range(self.ranks):
+            tensor.debug_copy_from(rank, tvm.runtime.tensor(np.ascontiguousarray(stacked[rank])))
+        return tensor
 
     def first_output(self, outputs) -> np.ndarray:
         """Element 0 of an entry function's result tuple (the logits), from worker 0: after
