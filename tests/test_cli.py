@@ -194,6 +194,9 @@ def test_doctor_reports_versions_cache_and_toolchains(capsys, tmp_path, monkeypa
     assert report["cpu"]["default_threads"] >= 1 and report["cpu"]["llvm_cpu"]
     assert {"cpu", "cuda", "metal", "vulkan"} <= set(report["targets"])
     assert report["targets"]["cpu"]["ready"]  # g++ is a test prerequisite
+    # the PyPI wheel's Disco has no NCCL: what a multi-GPU user must know before running
+    assert report["tensor_parallel_collectives"] == {"nccl": False, "rccl": False,
+                                                     "fmc-cpu": True}
     code, stdout, _ = run_cli(capsys, "doctor")
     assert code == 0 and "cache:" in stdout and "cpu" in stdout
 

@@ -22,6 +22,7 @@ def _version(package: str) -> str | None:
 def diagnose() -> dict:
     from fmc.frontend.source import DEFAULT_MODEL_PACKAGE
     from fmc.paths import cache_dir
+    from fmc.runtime.tensor_parallel import collectives_available
     from fmc.runtime.threads import default_threads
     from fmc.targets.cpu import host_cpu
     from fmc.targets.registry import families, get
@@ -43,6 +44,8 @@ def diagnose() -> dict:
                           is not None},
         "optional": {name: _version(name) for name in ("transformers", "torch")},
         "targets": targets,
+        # tensor-parallel artifacts run on Disco; GPUs need one of these in the TVM build
+        "tensor_parallel_collectives": collectives_available(),
     }
 
 
@@ -70,6 +73,9 @@ def doctor_command(
     stdout.print(f"default model package {model['package']}: {state}", highlight=False)
     optional = ", ".join(f"{k} {v or 'missing'}" for k, v in report["optional"].items())
     stdout.print(f"for fmc compare: {optional}", highlight=False)
+    collectives = report["tensor_parallel_collectives"]
+    stdout.print("tensor parallel (Disco) collectives: " + ", ".join(
+        f"{name} {'yes' if ok else 'no'}" for name, ok in collectives.items()), highlight=False)
     for name, target in report["targets"].items():
         tools = ", ".join(f"{tool} {info['version'] or 'found'}" if info["path"]
                           else f"{tool} missing ({info['install']})"

@@ -135,6 +135,15 @@ def _forget(collectives: CpuCollectives) -> None:
         del _by_thread[thread]
 
 
+def collectives_available() -> dict[str, bool]:
+    """Which collective libraries this TVM build gives Disco (for `fmc doctor`); fmc's CPU
+    collectives are always there."""
+    import tvm
+
+    return {ccl: tvm.get_global_func(f"runtime.disco.{ccl}.init_ccl", allow_missing=True)
+            is not None for ccl in ("nccl", "rccl")} | {"fmc-cpu": True}
+
+
 def disco_session_module():
     """tvm.runtime.disco.session with its FFI functions bound: the wheel imports the module
     before the library holding Disco is loaded, which leaves them unbound."""
