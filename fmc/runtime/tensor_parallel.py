@@ -21,6 +21,7 @@ import numpy as np
 from fmc.errors import ArtifactError, UsageError
 
 REDUCE_SUM = 0  # Disco's ReduceKind::kSum
+BARRIER_TIMEOUT_S = 300.0
 LOAD_RANK_PARAMS = "fmc.runtime.load_rank_params"
 # Builtins whose result the controller reads (the others return objects that stay remote).
 VALUE_BUILTINS = {"vm.builtin.attention_kv_cache_get_sequence_length",
@@ -62,7 +63,9 @@ class CpuCollectives:
 
     def __init__(self, ranks: int):
         self.ranks = ranks
-        self.barrier = threading.Barrier(ranks)
+        # A rank that never arrives (its worker failed) ends the wait with an error instead
+        # of hanging the process; no step spends minutes between two collectives.
+        self.barrier = threading.Barrier(ranks, timeout=BARRIER_TIMEOUT_S)
         self.inputs: list[np.ndarray | None] = [None] * ranks
         self.result: np.ndarray | None = None
         self.allreduce_calls = 0  # completed all-reduces (tests count them per step)
