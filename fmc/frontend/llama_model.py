@@ -112,7 +112,6 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, config: ModelConfig, dtype: str, target, debug_layers: bool = False,
                  tensor_parallel: int = 1):
         self.config = config
-        self.tensor_parallel = tensor_parallel
         self.dtype = dtype
         self.target = target
         self.debug_layers = debug_layers

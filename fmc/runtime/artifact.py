@@ -37,11 +37,49 @@ def should_verify(manifest: dict[str, Any], verify: bool | None) -> bool:
     return size <= VERIFY_BY_DEFAULT_BYTES
 
 
+class LocalVM:
+    """The artifact's VM on one device, behind the interface the Engine drives and
+    `fmc.runtime.tensor_parallel.DiscoRanks` shares for N ranks: entry functions by name, VM
+    builtins, an entry's first output on the host, and device tensors to and from the host
+    (KV page groups)."""
+
+    ranks = 1
+
+    def __init__(self, vm, device):
+        import tvm
+
+        self.vm, self.device, self._tvm = vm, device, tvm
+
+    def __getitem__(self, function: str):
+        return self.vm[function]
+
+    def set_instrument(self, callback) -> None:
+        self.vm.set_instrument(callback)
+
+    def builtin(self, name: str):
+        return self._tvm.get_global_func(name)
+
+    def first_output(self, outputs) -> np.ndarray:
+        return outputs[0].numpy()
+
+    def empty(self, shape: list[int], dtype: str):
+        return self._tvm.runtime.empty(shape, dtype, self.device)
+
+    def host_shape(self, shape: list[int]) -> list[int]:
+        return list(shape)
+
+    def to_host(self, tensor) -> np.ndarray:
+        return tensor.numpy()
+
+    def from_host(self, array: np.ndarray):
+        return self._tvm.runtime.tensor(np.ascontiguousarray(array), self.device)
+
+
 @dataclass
 class LoadedArtifact:
     path: Path
     manifest: dict[str, Any]
-    vm: Any
+    vm: Any  # LocalVM, or DiscoRanks for a tensor-parallel artifact
     device: Any
     params: list[Any]
 
@@ -139,7 +177,7 @@ def open_artifact(path: Path | str, device=None, verify: bool | None = None) -> 
     device = device or _device_for(manifest)
     ranks = tensor_parallel_ranks(manifest)
     if ranks == 1:
-        vm = load_library(artifact, manifest, device)
+        vm = LocalVM(load_library(artifact, manifest, device), device)
         params = load_params(artifact, manifest, device)
     else:
         from fmc.runtime.tensor_parallel import DiscoRanks

@@ -12,7 +12,7 @@ import numpy as np
 
 from fmc.errors import UsageError
 from fmc.model_config import ModelConfig
-from fmc.runtime.artifact import open_artifact, tensor_parallel_ranks
+from fmc.runtime.artifact import open_artifact
 from fmc.runtime.sampling import Sampler, SamplingParams
 from fmc.runtime.threads import configure_threads
 from fmc.runtime.tokenizer import StreamDecoder, TextTokenizer
@@ -21,11 +21,9 @@ from fmc.runtime.tokenizer import StreamDecoder, TextTokenizer
 class _Builtins:
     """The VM's KV-cache functions, looked up once."""
 
-    def __init__(self, ranks=None):
-        import tvm
-
-        # A tensor-parallel engine runs them on every Disco worker (each rank's cache).
-        get = ranks.builtin if ranks is not None else tvm.get_global_func
+    def __init__(self, vm):
+        # (a tensor-parallel engine's run on every Disco worker, on each rank's cache)
+        get = vm.builtin
         self.add_sequence = get("vm.builtin.kv_state_add_sequence")
         self.remove_sequence = get("vm.builtin.kv_state_remove_sequence")
         self.fork_sequence = get("vm.builtin.kv_state_fork_sequence")
@@ -77,13 +75,13 @@ class Engine:
                              f"{self.config.context_window}")
         self.prefill_chunk = runtime["prefill_chunk_size"]
         self.max_batch_size = max_batch_size
-        self._vm = self.artifact.vm  # DiscoRanks for a tensor-parallel artifact
-        self.ranks = tensor_parallel_ranks(self.manifest)
+        self._vm = self.artifact.vm  # LocalVM, or DiscoRanks for a tensor-parallel artifact
+        self.ranks = self._vm.ranks
         self._params = self.artifact.params
         self._device = self.artifact.device
         self._tvm = tvm
         self._shape = ShapeTuple
-        self._kv_builtins = _Builtins(self._vm if self.ranks > 1 else None)
+        self._kv_builtins = _Builtins(self._vm)
         self.kv_cache = self._vm["create_kv_cache"](
             ShapeTuple([max_batch_size]), ShapeTuple([self.context_window]),
             ShapeTuple([self.prefill_chunk]), ShapeTuple([runtime["page_size"]]))
@@ -142,7 +140,7 @@ class Engine:
                     b.popn(self.kv_cache, seq, length)
             raise
         b.end_forward(self.kv_cache)
-        return self._vm.first_output(out) if self.ranks > 1 else out[0].numpy()
+        return self._vm.first_output(out)
 
     def new_sequence(self) -> int:
         seq = next(self._sequence_ids)

@@ -39,37 +39,9 @@ def artifact_identity(manifest: dict[str, Any]) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
-class _PageBuffers:
-    """Where page groups travel between the cache and the host: one device tensor, or with
-    tensor parallelism one per rank (each holds its own KV heads), stacked on the host
-    along a leading rank axis."""
-
-    def __init__(self, engine: Engine):
-        import tvm
-
-        self.tvm, self.device = tvm, engine._device
-        self.ranks = engine._vm if engine.ranks > 1 else None
-
-    def shape(self, described: list[int]) -> list[int]:
-        return [self.ranks.ranks, *described] if self.ranks else list(described)
-
-    def empty(self, shape: list[int], dtype: str):
-        if self.ranks:
-            return self.ranks.empty(shape, dtype)
-        return self.tvm.runtime.empty(shape, dtype, self.device)
-
-    def to_host(self, tensor) -> np.ndarray:
-        return self.ranks.gather(tensor) if self.ranks else tensor.numpy()
-
-    def from_host(self, array: np.ndarray):
-        if self.ranks:
-            return self.ranks.scatter(array)
-        return self.tvm.runtime.tensor(np.ascontiguousarray(array), self.device)
-
-
 def export_pages(engine: Engine, seq: int) -> tuple[str, list[np.ndarray], list[int]]:
     b = engine._kv_builtins
-    buffers = _PageBuffers(engine)
+    buffers = engine._vm  # device tensors to and from the host, one per rank if sharded
     b.fork_sequence(engine.kv_cache, seq, CHECKPOINT_SEQ, -1)
     try:
         metadata = str(b.checkpoint_metadata(engine.kv_cache, CHECKPOINT_SEQ))
@@ -85,10 +57,10 @@ def export_pages(engine: Engine, seq: int) -> tuple[str, list[np.ndarray], list[
 
 def import_pages(engine: Engine, seq: int, metadata: str, groups: list[np.ndarray]) -> None:
     b = engine._kv_builtins
-    buffers = _PageBuffers(engine)
+    buffers = engine._vm
     described = json.loads(metadata)["groups"]
     if len(described) != len(groups) or any(
-            list(g.shape) != buffers.shape(d["shape"]) or str(g.dtype) != d["dtype"]
+            list(g.shape) != buffers.host_shape(d["shape"]) or str(g.dtype) != d["dtype"]
             for g, d in zip(groups, described, strict=False)):
         raise ArtifactError("the saved KV pages do not match their description")
     b.prepare_import(engine.kv_cache, CHECKPOINT_SEQ, metadata)

@@ -174,7 +174,7 @@ class _Remote:
 
 
 class DiscoRanks:
-    """A Disco session over N ranks with the interface the Engine uses for one VM:
+    """A Disco session over N ranks with the interface of `fmc.runtime.artifact.LocalVM`:
     `ranks["prefill"](*args)` calls `prefill` on every worker, host tensors are broadcast,
     remote values (parameters, KV caches, intermediate tensors) stay on the workers."""
 
@@ -242,13 +242,17 @@ class DiscoRanks:
         """A tensor of `shape` on every worker (each rank's KV pages, for example)."""
         return self.session.empty(shape, dtype, self._placement)
 
-    def gather(self, tensor) -> np.ndarray:
+    def host_shape(self, shape: list[int]) -> list[int]:
+        """What `to_host` makes of a per-worker tensor of `shape`."""
+        return [self.ranks, *shape]
+
+    def to_host(self, tensor) -> np.ndarray:
         """Every rank's copy of a per-worker tensor, stacked along a new leading axis."""
         return np.stack([tensor.debug_get_from_remote(rank).numpy()
                          for rank in range(self.ranks)])
 
-    def scatter(self, stacked: np.ndarray):
-        """The inverse of `gather`: rank r's tensor is `stacked[r]`."""
+    def from_host(self, stacked: np.ndarray):
+        """The inverse of `to_host`: rank r's tensor is `stacked[r]`."""
         import tvm
 
         tensor = self.empty(list(stacked.shape[1:]), str(stacked.dtype))
