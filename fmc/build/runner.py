@@ -41,7 +41,8 @@ def compile_options(settings: dict[str, Any], cache: dict[str, Any] | None = Non
     extra = {"shard_bytes": parse_size(str(shard))} if shard is not None else {}
     return CompileOptions(
         model=settings.get("model"), output=settings["output"],
-        target=settings.get("target", "cpu"), quant=settings.get("quant", "q0f32"),
+        target=settings.get("target", "cpu"), quant=settings.get("quant"),
+        quant_recipe=settings.get("quant_recipe"), calib=settings.get("calib"),
         quant_overrides=list(settings.get("quant_overrides", [])),
         weights=settings.get("weights"), tokenizer=settings.get("tokenizer"), force=True,
         context_window=settings.get("context_window"),

@@ -28,7 +28,15 @@ def compile_command(
     target_json: str = typer.Option(None, "--target-json",
                                     help="A raw TVM target as JSON (experts); replaces "
                                          "--target."),
-    quant: str = typer.Option("q0f32", "--quant", "-q", help="Quantization scheme."),
+    quant: str = typer.Option(
+        None, "--quant", "-q", help="Scheme, recipe (q4k_m, q5k_m) or gguf (keep a GGUF "
+        "input's own types). Default: gguf for a GGUF input, else q0f32."),
+    quant_recipe: Path = typer.Option(
+        None, "--quant-recipe", help="TOML recipe file choosing a scheme per tensor "
+        "(docs/quantization.md); replaces --quant."),
+    calib: Path = typer.Option(
+        None, "--calib", help="Text file: run the float model over it and weight each "
+        "quantizer's error by the activations' mean square per input channel."),
     quant_override: list[str] = typer.Option(
         [], "--quant-override", help="PATTERN=SCHEME for matching layers (repeatable)."),
     quant_plugin: list[str] = typer.Option(
@@ -76,8 +84,9 @@ def compile_command(
     setup_logging(quiet or json_out)
     options = CompileOptions(
         model=model, output=output, target=target, quant=quant,
-        quant_overrides=list(quant_override), quant_plugins=list(quant_plugin), weights=weights,
-        tokenizer=tokenizer, force=force,
+        quant_recipe=str(quant_recipe) if quant_recipe else None,
+        calib=str(calib) if calib else None, quant_overrides=list(quant_override),
+        quant_plugins=list(quant_plugin), weights=weights, tokenizer=tokenizer, force=force,
         shard_bytes=parse_size(shard_size), context_window=context_window,
         prefill_chunk=prefill_chunk, dump_ir=dump_ir, disable_passes=list(disable_pass),
         enable_passes=list(enable_pass),

@@ -17,6 +17,9 @@ def ppl_command(
     text: Path = typer.Option(..., "--text", help="UTF-8 text file to score."),
     context: int = typer.Option(512, "--context", "-c", help="Window length in tokens."),
     max_chunks: int = typer.Option(None, "--max-chunks", help="Score at most this many."),
+    kl_base: Path = typer.Option(
+        None, "--kl-base", help="Artifact of the unquantized model: also report the KL "
+        "divergence from its distributions and the same-top-token rate."),
     verify: bool = verify_option(),
     threads: int = typer.Option(None, "--threads", help="CPU threads."),
     quiet: bool = quiet_option(),
@@ -34,11 +37,18 @@ def ppl_command(
         raise InputError(f"{text}: cannot read as UTF-8 text ({exc})") from None
     engine = fmc.load(artifact, verify=verify, threads=threads, context_window=max(context, 1))
     tokens = engine.tokenizer.encode(content)
+    base = None
+    if kl_base is not None:
+        base = fmc.load(kl_base, verify=verify, threads=threads,
+                        context_window=max(context, 1))
+        if base.manifest["model"]["vocab_size"] != engine.manifest["model"]["vocab_size"]:
+            raise InputError(f"{kl_base}: --kl-base has a different vocabulary than "
+                             f"{artifact}")
 
     def report(done, total, value):
         log.info("chunk %d/%d: running perplexity %.4f", done, total, value)
 
-    result = perplexity(engine, tokens, context, max_chunks, progress=report)
+    result = perplexity(engine, tokens, context, max_chunks, progress=report, base=base)
     result.update(artifact=str(artifact), text=str(text),
                   quantization=engine.manifest["quantization"]["default"])
     if json_out:
@@ -47,3 +57,8 @@ def ppl_command(
         stdout.print(f"perplexity {result['perplexity']:.4f} over {result['scored_tokens']} "
                      f"scored tokens ({result['chunks']} windows of {context}; "
                      f"{result['seconds']:.1f} s)")
+        if base is not None:
+            stdout.print(f"KL divergence from {kl_base}: {result['kl_divergence']:.6f} ± "
+                         f"{result['kl_divergence_stderr']:.6f} nats; same top token "
+                         f"{100 * result['same_top_token']:.2f} %; base perplexity "
+                         f"{result['base_perplexity']:.4f}")

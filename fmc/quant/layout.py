@@ -39,13 +39,15 @@ class RowInterleaved(QuantScheme):
         self.base, self.block = base, block
         self.row_granularity = block
         self.name = f"{base.name}{SEPARATOR}{block}"
-        for attribute in ("compute_dtype", "bits_per_weight", "output_scheme", "gguf_types"):
+        for attribute in ("compute_dtype", "bits_per_weight", "output_scheme", "gguf_types",
+                          "block_size", "fallback"):
             setattr(self, attribute, getattr(base, attribute))
         self.description = f"{base.description}; rows interleaved in blocks of {block}"
 
     def fits(self, shape: tuple[int, ...]) -> bool:
-        """Whether a weight of `shape` can be stored this way (rows divisible by the block)."""
-        return shape[0] % self.block == 0
+        """Whether a weight of `shape` can be stored this way (rows divisible by the row
+        block, reduction axis by the scheme's block)."""
+        return shape[0] % self.block == 0 and self.base.fits(shape)
 
     def storage(self, shape, tensor):
         return [StorageTensor(part.name, (part.shape[0] // self.block, *part.shape[1:],
@@ -60,8 +62,10 @@ class RowInterleaved(QuantScheme):
         rows = np.moveaxis(array, -1, 1)
         return rows.reshape(array.shape[0] * self.block, *array.shape[1:-1])
 
-    def quantize(self, weight):
-        return [self._interleave(a) for a in self.base.quantize(weight)]
+    def quantize(self, weight, importance=None):
+        parts = self.base.quantize(weight) if importance is None \
+            else self.base.quantize(weight, importance)
+        return [self._interleave(a) for a in parts]
 
     def dequantize(self, stored):
         return self.base.dequantize([self._deinterleave(a) for a in stored])

@@ -90,7 +90,9 @@ class _Quantizer(nn.Mutator):
 
     def visit_module(self, name: str, node: nn.Module):
         if isinstance(node, (nn.Linear, nn.Embedding)):
-            scheme = self.plan.scheme_for(name, name in self.output_layers)
+            shape = (node.out_features, node.in_features) if isinstance(node, nn.Linear) \
+                else (node.num, node.dim)
+            scheme = self.plan.scheme_for(name, name in self.output_layers, shape)
             self.layers[name] = scheme.name
             if scheme.is_identity(node.weight.dtype):
                 return node

@@ -1,6 +1,8 @@
-"""nf4: QLoRA's NormalFloat4 — 16-value code book, blocksize 64, absmax scale per block.
+"""nf4: QLoRA's NormalFloat4 — 16-value code book, blocksize 64, one scale per block.
 
-Code indices are packed 8 per uint32 along the reduction axis; float16 absmax per 64 values.
+Code indices are packed 8 per uint32 along the reduction axis; one float16 scale per 64
+values, chosen to minimise the weighted squared error (fmc.quant.search; QLoRA takes the
+absmax), then each weight takes the nearest code.
 Reference: Dettmers et al. 2023, "QLoRA" (code book from bitsandbytes' create_normal_map)."""
 
 from __future__ import annotations
@@ -8,9 +10,8 @@ from __future__ import annotations
 import numpy as np
 from tvm import te, tirx
 
+from fmc.quant import search
 from fmc.quant.packing import (
-    absmax_scales,
-    divide_by_scales,
     grouped,
     int4_storage,
     nibble,
@@ -43,15 +44,19 @@ class NormalFloat4(QuantScheme):
     name = "nf4"
     compute_dtype = "float16"
     bits_per_weight = 4 + 16 / BLOCK
-    description = f"NormalFloat4 code book (QLoRA), block {BLOCK}, float16 absmax scales"
+    description = f"NormalFloat4 code book (QLoRA), block {BLOCK}, float16 scales"
+    block_size = BLOCK
     output_scheme = "q8f16"
 
     def storage(self, shape, tensor):
         return int4_storage(shape, BLOCK, tensor, self.name, "float16")
 
-    def quantize(self, weight):
-        scales = absmax_scales(weight, BLOCK, 1, "float16")
-        normalized = divide_by_scales(weight, scales, BLOCK)
+    def quantize(self, weight, importance=None):
+        blocks, w = search.weighted_blocks(weight, BLOCK, importance)
+        scales = search.grid_search(blocks, w, lambda y: CODE_BOOK[np.searchsorted(
+            _MIDPOINTS, y)], 1.0, 1.0).astype(np.float16)
+        divisor = np.broadcast_to(scales.astype(np.float32)[..., None], blocks.shape)
+        normalized = np.divide(blocks, divisor, out=np.zeros_like(blocks), where=divisor != 0)
         codes = np.searchsorted(_MIDPOINTS, normalized).astype(np.uint8)
         return [pack_nibbles(codes.reshape(weight.shape)), scales]
 

@@ -1,5 +1,7 @@
-"""Shared layout helpers: 4-bit codes packed 8 per uint32 along the reduction axis (element j
-of a row in nibble j % 8 of word j // 8, low nibble first), and per-group scales."""
+"""Shared layout helpers: codes packed into uint32 words along the reduction axis — 4-bit
+codes 8 per word (element j of a row in nibble j % 8 of word j // 8, low nibble first), and
+generally b-bit fields 32/b per word (the 5th bits of Q5 codes, the top 2 bits of Q6_K's) —
+and per-group scales."""
 
 from __future__ import annotations
 
@@ -10,7 +12,6 @@ from fmc.errors import InputError
 from fmc.quant.scheme import StorageTensor
 
 NIBBLES_PER_WORD = 8
-_SHIFTS = np.arange(NIBBLES_PER_WORD, dtype=np.uint32) * 4
 
 
 def check_groups(shape: tuple[int, ...], group: int, tensor: str, scheme: str) -> None:
@@ -23,43 +24,66 @@ def check_groups(shape: tuple[int, ...], group: int, tensor: str, scheme: str) -
                          f"multiple of {scheme}'s group size {group}")
 
 
+def pack_fields(codes: np.ndarray, width: int) -> np.ndarray:
+    """Unsigned codes [rows, K] of `width` bits → uint32 [rows, K·width/32]: element j in
+    field j % (32/width) of word j // (32/width), lowest field first."""
+    per_word = 32 // width
+    rows, k = codes.shape
+    words = codes.astype(np.uint32).reshape(rows, k // per_word, per_word)
+    shifts = np.arange(per_word, dtype=np.uint32) * width
+    return np.bitwise_or.reduce(words << shifts, axis=-1).astype(np.uint32)
+
+
+def unpack_fields(words: np.ndarray, width: int) -> np.ndarray:
+    """uint32 [rows, W] → uint8 codes [rows, W·32/width] (inverse of `pack_fields`)."""
+    per_word = 32 // width
+    rows, count = words.shape
+    shifts = np.arange(per_word, dtype=np.uint32) * width
+    codes = (words[:, :, None] >> shifts) & np.uint32((1 << width) - 1)
+    return codes.reshape(rows, count * per_word).astype(np.uint8)
+
+
+def field(words, row, k, width: int) -> tirx.PrimExpr:
+    """TE/TIR expression for the `width`-bit code `k` of `row` in packed `words` (uint32)."""
+    per_word = 32 // width
+    shift = (k % per_word * width).astype("uint32")
+    return (words[row, k // per_word] >> shift) & tirx.const((1 << width) - 1, "uint32")
+
+
 def pack_nibbles(codes: np.ndarray) -> np.ndarray:
     """uint8 codes [rows, K] (0..15) → uint32 [rows, K/8]."""
-    rows, k = codes.shape
-    words = codes.astype(np.uint32).reshape(rows, k // NIBBLES_PER_WORD, NIBBLES_PER_WORD)
-    return np.bitwise_or.reduce(words << _SHIFTS, axis=-1).astype(np.uint32)
+    return pack_fields(codes, 4)
 
 
 def unpack_nibbles(words: np.ndarray) -> np.ndarray:
     """uint32 [rows, K/8] → uint8 codes [rows, K]."""
-    rows, count = words.shape
-    codes = (words[:, :, None] >> _SHIFTS) & 0xF
-    return codes.reshape(rows, count * NIBBLES_PER_WORD).astype(np.uint8)
+    return unpack_fields(words, 4)
 
 
 def nibble(words, row, k) -> tirx.PrimExpr:
     """TE/TIR expression for code `k` of `row` in packed `words` (as uint32)."""
-    shift = (k % NIBBLES_PER_WORD * 4).astype("uint32")
-    return (words[row, k // NIBBLES_PER_WORD] >> shift) & tirx.const(0xF, "uint32")
+    return field(words, row, k, 4)
+
+
+def split_five_bit(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """5-bit codes [rows, K] → (low nibbles packed [rows, K/8], 5th bits packed [rows, K/32])."""
+    return pack_nibbles(codes & 0xF), pack_fields(codes >> 4, 1)
+
+
+def join_five_bit(low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """Inverse of `split_five_bit`: uint8 codes [rows, K]."""
+    return unpack_nibbles(low) | (unpack_fields(high, 1) << 4)
+
+
+def five_bit(low, high, row, k) -> tirx.PrimExpr:
+    """TE/TIR expression for 5-bit code `k` of `row` stored by `split_five_bit`."""
+    return nibble(low, row, k) | (field(high, row, k, 1) << 4)
 
 
 def grouped(weight: np.ndarray, group: int) -> np.ndarray:
     """[rows, K] → [rows, K/group, group] view."""
     rows, k = weight.shape
     return weight.reshape(rows, k // group, group)
-
-
-def absmax_scales(weight: np.ndarray, group: int, levels: int, dtype: str) -> np.ndarray:
-    """Per-group scale absmax/levels, rounded to the stored dtype [rows, K/group]."""
-    return (np.abs(grouped(weight, group)).max(axis=-1) / levels).astype(dtype)
-
-
-def divide_by_scales(weight: np.ndarray, scales: np.ndarray, group: int) -> np.ndarray:
-    """w / scale per group as [rows, K/group, group] float32; 0 where a group's scale is 0
-    (an all-zero group, whose codes then encode zero)."""
-    blocks = grouped(weight.astype(np.float32, copy=False), group)
-    divisor = np.broadcast_to(scales.astype(np.float32)[..., None], blocks.shape)
-    return np.divide(blocks, divisor, out=np.zeros_like(blocks), where=divisor != 0)
 
 
 def int4_storage(shape: tuple[int, ...], group: int, tensor: str, scheme: str,
@@ -99,10 +123,12 @@ def dequantize_offset_int4_te(stored, zero: int, group: int, out_dtype: str):
 
 
 def split_ggml_blocks(blocks: np.ndarray, shape: tuple[int, int], group: int,
-                      block_bytes: int) -> tuple[np.ndarray, np.ndarray]:
-    """GGUF rows of blocks that start with an fp16 scale (Q4_0, Q8_0) → (scales float16
-    [rows, K/group], payload bytes uint8 [rows, K/group, block_bytes − 2])."""
+                      block_bytes: int, header: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """GGUF rows of blocks that start with `header` fp16 values (Q4_0, Q8_0: d; Q4_1,
+    Q5_1: d and m) → (those values float16 [rows, K/group] when header is 1, else
+    [rows, K/group, header]; payload bytes uint8 [rows, K/group, rest])."""
     rows, k = shape
     raw = blocks.reshape(rows, k // group, block_bytes)
-    scales = np.ascontiguousarray(raw[..., :2]).view(np.float16)[..., 0]
-    return np.ascontiguousarray(scales), raw[..., 2:]
+    values = np.ascontiguousarray(raw[..., :2 * header]).view(np.float16)
+    values = np.ascontiguousarray(values[..., 0] if header == 1 else values)
+    return values, raw[..., 2 * header:]

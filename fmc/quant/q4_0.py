@@ -1,16 +1,17 @@
 """q4_0: llama.cpp's Q4_0 — int4, group 32, float16 scale d, value = (q − 8)·d.
 
-Quantizes as llama.cpp does (d = signed-absmax / −8, q = min(15, ⌊w/d + 8.5⌋)) and imports GGUF
-Q4_0 tensors losslessly, repacking llama.cpp's block nibble order into fmc's uint32 layout."""
+Each block's d minimises the weighted squared error (fmc.quant.search; llama.cpp's own
+reference takes d = signed absmax / −8), then q = clamp(round(w/d) + 8, 0, 15). GGUF Q4_0
+tensors import losslessly, llama.cpp's block nibble order repacked into fmc's uint32 layout."""
 
 from __future__ import annotations
 
 import numpy as np
 
+from fmc.quant import search
 from fmc.quant.packing import (
     dequantize_offset_int4,
     dequantize_offset_int4_te,
-    grouped,
     int4_storage,
     pack_nibbles,
     split_ggml_blocks,
@@ -29,19 +30,17 @@ class GGMLQ4_0(QuantScheme):
     bits_per_weight = 4 + 16 / GROUP
     description = f"llama.cpp Q4_0: int4, group {GROUP}, float16 scale, zero point {ZERO}"
     gguf_types = ("Q4_0",)
+    block_size = GROUP
     output_scheme = "q8f16"
 
     def storage(self, shape, tensor):
         return int4_storage(shape, GROUP, tensor, self.name, "float16")
 
-    def quantize(self, weight):
-        blocks = grouped(weight.astype(np.float32), GROUP)
-        index = np.abs(blocks).argmax(axis=-1)[..., None]
-        signed_max = np.take_along_axis(blocks, index, axis=-1)[..., 0]
-        d = signed_max / -ZERO
-        inverse = np.divide(1.0, d, out=np.zeros_like(d), where=d != 0)
-        codes = np.minimum(15, np.trunc(blocks * inverse[..., None] + 8.5)).astype(np.uint8)
-        return [pack_nibbles(codes.reshape(weight.shape)), d.astype(np.float16)]
+    def quantize(self, weight, importance=None):
+        blocks, w = search.weighted_blocks(weight, GROUP, importance)
+        d = search.symmetric(blocks, w, -ZERO, ZERO - 1).astype(np.float16)
+        codes = search.codes_for(blocks, d, -ZERO, ZERO - 1) + ZERO
+        return [pack_nibbles(codes.astype(np.uint8).reshape(weight.shape)), d]
 
     def dequantize(self, stored):
         return dequantize_offset_int4(stored, ZERO, GROUP)

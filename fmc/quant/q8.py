@@ -1,20 +1,16 @@
-"""q8f16: symmetric int8, group 32, float16 scale = absmax/127, value = q·scale.
+"""q8f16: symmetric int8, group 32, float16 scale, value = q·scale, q in −127..127.
 
-Identical to llama.cpp's Q8_0 block (fp16 d, 32 int8), so GGUF Q8_0 tensors import
-losslessly: the stored values dequantize bit for bit as `gguf` dequantizes them."""
+The layout of llama.cpp's Q8_0 block (fp16 d, 32 int8), so GGUF Q8_0 tensors import
+losslessly: the stored values dequantize bit for bit as `gguf` dequantizes them. The scale
+minimises the weighted squared error (fmc.quant.search; llama.cpp takes absmax/127)."""
 
 from __future__ import annotations
 
 import numpy as np
 from tvm import te
 
-from fmc.quant.packing import (
-    absmax_scales,
-    check_groups,
-    divide_by_scales,
-    grouped,
-    split_ggml_blocks,
-)
+from fmc.quant import search
+from fmc.quant.packing import check_groups, grouped, split_ggml_blocks
 from fmc.quant.registry import register
 from fmc.quant.scheme import QuantScheme, StorageTensor
 
@@ -27,8 +23,9 @@ class Int8(QuantScheme):
     name = "q8f16"
     compute_dtype = "float16"
     bits_per_weight = 8 + 16 / GROUP
-    description = f"symmetric int8, group {GROUP}, float16 absmax/127 scales (= GGUF Q8_0)"
+    description = f"symmetric int8, group {GROUP}, float16 scales (the GGUF Q8_0 layout)"
     gguf_types = ("Q8_0",)
+    block_size = GROUP
 
     def storage(self, shape, tensor):
         check_groups(shape, GROUP, tensor, self.name)
@@ -36,11 +33,11 @@ class Int8(QuantScheme):
         return [StorageTensor("q_weight", (rows, k), "int8"),
                 StorageTensor("q_scale", (rows, k // GROUP), "float16")]
 
-    def quantize(self, weight):
-        scales = absmax_scales(weight, GROUP, LEVELS, "float16")
-        scaled = divide_by_scales(weight, scales, GROUP)
-        codes = np.clip(np.rint(scaled), -LEVELS, LEVELS).astype(np.int8)
-        return [codes.reshape(weight.shape), scales]
+    def quantize(self, weight, importance=None):
+        blocks, w = search.weighted_blocks(weight, GROUP, importance)
+        scales = search.symmetric(blocks, w, -LEVELS, LEVELS).astype(np.float16)
+        codes = search.codes_for(blocks, scales, -LEVELS, LEVELS)
+        return [codes.astype(np.int8).reshape(weight.shape), scales]
 
     def dequantize(self, stored):
         codes, scales = stored

@@ -9,6 +9,9 @@ from fmc.plugins import import_builtins, import_file
 from fmc.quant.scheme import QuantScheme
 
 SCHEMES: dict[str, QuantScheme] = {}
+# Modules of fmc.quant that are not schemes (every other module registers one or more).
+INFRASTRUCTURE = {"registry", "scheme", "plan", "modules", "convert", "packing", "layout",
+                  "search", "kquant", "recipe", "calibration"}
 
 
 def register(scheme: QuantScheme) -> QuantScheme:
@@ -20,8 +23,7 @@ def register(scheme: QuantScheme) -> QuantScheme:
 
 
 def _load_builtins() -> None:
-    import_builtins("fmc.quant", {"registry", "scheme", "plan", "modules", "convert", "packing",
-                                  "layout"})
+    import_builtins("fmc.quant", INFRASTRUCTURE)
 
 
 def load_plugin(path: str | Path) -> list[str]:
@@ -44,6 +46,16 @@ def get(name: str) -> QuantScheme:
     if base not in SCHEMES:
         raise unknown_choice("quantization scheme", name, list(SCHEMES))
     return SCHEMES[base] if block is None else interleave(SCHEMES[base], block)
+
+
+def by_gguf_type() -> dict[str, QuantScheme]:
+    """GGML type name → the scheme that stores it losslessly (built-ins first)."""
+    _load_builtins()
+    found: dict[str, QuantScheme] = {}
+    for scheme in SCHEMES.values():
+        for type_name in scheme.gguf_types:
+            found.setdefault(type_name, scheme)
+    return found
 
 
 def all_schemes() -> dict[str, QuantScheme]:

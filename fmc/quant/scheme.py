@@ -34,14 +34,23 @@ class QuantScheme:
     gguf_types: tuple[str, ...] = ()
     # `quantize` takes whole multiples of this many rows (row-interleaved layouts: the block).
     row_granularity: int = 1
+    # The reduction axis must be a multiple of this (the group or super-block size).
+    block_size: int = 1
+    # Scheme for a weight whose reduction axis `block_size` does not divide (the K-quants
+    # fall back as llama.cpp does); None: such a weight is an error naming the tensor.
+    fallback: str | None = None
 
     def storage(self, shape: tuple[int, ...], tensor: str) -> list[StorageTensor]:
         """The arrays a weight of `shape` [rows, reduction] is stored as; `tensor` names the
         weight in errors (e.g. a group size that does not divide the reduction axis)."""
         raise NotImplementedError
 
-    def quantize(self, weight: np.ndarray) -> list[np.ndarray]:
-        """Quantize one float32 weight to arrays matching `storage` (same order)."""
+    def quantize(self, weight: np.ndarray, importance: np.ndarray | None = None
+                 ) -> list[np.ndarray]:
+        """Quantize one float32 weight [rows, K] to arrays matching `storage` (same order).
+        `importance` [K] (from --calib: mean square of each input channel's activations) says
+        how much each column's error counts; None: all alike. A plugin may omit the
+        parameter; it is then never passed."""
         raise NotImplementedError
 
     def dequantize(self, stored: list[np.ndarray]) -> np.ndarray:
@@ -58,6 +67,11 @@ class QuantScheme:
         a type in `gguf_types`; their dequantization must equal gguf's bit for bit."""
         raise NotImplementedError
 
+    def fits(self, shape: tuple[int, ...]) -> bool:
+        """Whether a [rows, K] weight can be stored with this scheme (K divisible by the
+        block)."""
+        return len(shape) == 2 and shape[1] % self.block_size == 0
+
     def is_identity(self, dtype: str) -> bool:
         """True when storing with this scheme is a plain `dtype` parameter (no dequantize)."""
         return False
@@ -65,4 +79,5 @@ class QuantScheme:
     def describe(self) -> dict:
         return {"name": self.name, "description": self.description,
                 "compute_dtype": self.compute_dtype, "bits_per_weight": self.bits_per_weight,
-                "output_scheme": self.output_scheme, "gguf_lossless": list(self.gguf_types)}
+                "output_scheme": self.output_scheme, "gguf_lossless": list(self.gguf_types),
+                "block_size": self.block_size, "fallback": self.fallback}

@@ -2,7 +2,10 @@
 
 The token stream is cut into non-overlapping windows of `context` tokens; each window is
 evaluated from scratch and only its second half is scored (every scored token has at least
-context/2 tokens of history), exactly as `llama-perplexity -c N` does."""
+context/2 tokens of history), exactly as `llama-perplexity -c N` does. Given a base engine
+(the same model unquantized), it also reports the KL divergence of the model's next-token
+distributions from the base's over the same scored positions, and how often both pick the
+same top token — as `llama-perplexity --kl-divergence` does."""
 
 from __future__ import annotations
 
@@ -14,17 +17,29 @@ import numpy as np
 from fmc.errors import UsageError
 
 
-def log_softmax_at(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """log p(target) for each row of float logits, computed in float64."""
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise log-probabilities of float logits, computed in float64."""
     rows = logits.astype(np.float64)
     peak = rows.max(axis=-1, keepdims=True)
-    log_norm = np.log(np.exp(rows - peak).sum(axis=-1)) + peak[:, 0]
-    return rows[np.arange(len(targets)), targets] - log_norm
+    return rows - (np.log(np.exp(rows - peak).sum(axis=-1, keepdims=True)) + peak)
+
+
+def log_softmax_at(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """log p(target) for each row of float logits, computed in float64."""
+    return log_softmax(logits)[np.arange(len(targets)), targets]
+
+
+def kl_divergence(base_logits: np.ndarray, logits: np.ndarray) -> np.ndarray:
+    """KL(base ‖ model) per row, in nats."""
+    base = log_softmax(base_logits)
+    return (np.exp(base) * (base - log_softmax(logits))).sum(axis=-1)
 
 
 def perplexity(engine, tokens: list[int], context: int = 512, max_chunks: int | None = None,
-               bos_token: int | None = None, progress=None) -> dict:
-    """Returns {"perplexity", "chunks", "scored_tokens", "tokens", "seconds"}."""
+               bos_token: int | None = None, progress=None, base=None) -> dict:
+    """Returns {"perplexity", "chunks", "scored_tokens", "tokens", "seconds"}; with a `base`
+    engine also "kl_divergence" (mean over scored tokens, nats, with its standard error),
+    "same_top_token" (fraction) and "base_perplexity"."""
     if context < 4:
         raise UsageError(f"--context must be at least 4, got {context}")
     chunks = len(tokens) // context
@@ -35,6 +50,7 @@ def perplexity(engine, tokens: list[int], context: int = 512, max_chunks: int | 
                          f"{context}")
     first = context // 2
     total_nll, scored = 0.0, 0
+    base_nll, divergences, same_top = 0.0, [], 0
     start_time = time.perf_counter()
     for index in range(chunks):
         window = list(tokens[index * context:(index + 1) * context])
@@ -44,8 +60,21 @@ def perplexity(engine, tokens: list[int], context: int = 512, max_chunks: int | 
         targets = np.asarray(window[first + 1:])
         total_nll -= float(log_softmax_at(logits, targets).sum())
         scored += len(targets)
+        if base is not None:
+            reference = base.logits(window, positions=list(range(first, context - 1)))
+            base_nll -= float(log_softmax_at(reference, targets).sum())
+            divergences.append(kl_divergence(reference, logits))
+            same_top += int((reference.argmax(-1) == logits.argmax(-1)).sum())
         if progress is not None:
             progress(index + 1, chunks, math.exp(total_nll / scored))
-    return {"perplexity": math.exp(total_nll / scored), "chunks": chunks,
-            "scored_tokens": scored, "tokens": len(tokens), "context": context,
-            "seconds": time.perf_counter() - start_time}
+    result = {"perplexity": math.exp(total_nll / scored), "chunks": chunks,
+              "scored_tokens": scored, "tokens": len(tokens), "context": context,
+              "seconds": time.perf_counter() - start_time}
+    if base is not None:
+        kl = np.concatenate(divergences)
+        result.update(base_perplexity=math.exp(base_nll / scored),
+                      kl_divergence=float(kl.mean()),
+                      kl_divergence_stderr=float(kl.std(ddof=1) / math.sqrt(len(kl)))
+                      if len(kl) > 1 else 0.0,
+                      same_top_token=same_top / scored)
+    return result
