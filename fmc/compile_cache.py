@@ -135,7 +135,13 @@ def _weights_record(state: CompileState, cache: BuildCache) -> dict[str, Any]:
             "quant_plugins": [_digest(cache, f) for f in state.options.quant_plugins],
             "allow_nonfinite": state.options.allow_nonfinite,
             "tensor_parallel": state.ranks,
-            "shard_bytes": state.options.shard_bytes}
+            "shard_bytes": state.options.shard_bytes,
+            # --calib: the text and the tokenizer that cuts it decide the statistics
+            "calibration": [_digest(cache, state.options.calib),
+                            sorted([name, _digest(cache, p) if isinstance(p, Path) else
+                                    hashlib.sha256(p).hexdigest()]
+                                   for name, p in state.source.tokenizer.items())]
+            if state.options.calib else None}
 
 
 def _weights_files(state: CompileState) -> dict[str, Path]:
@@ -143,11 +149,12 @@ def _weights_files(state: CompileState) -> dict[str, Path]:
 
 
 def _weights_meta(state: CompileState) -> dict[str, Any]:
-    return {"tensors": state.tensors, "shards": state.shards}
+    return {"tensors": state.tensors, "shards": state.shards, "calibration": state.calibration}
 
 
 def _weights_restore(state: CompileState, meta: dict[str, Any]) -> None:
     state.tensors, state.shards = meta["tensors"], meta["shards"]
+    state.calibration = meta.get("calibration")
 
 
 def _model_name(state: CompileState) -> str:

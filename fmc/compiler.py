@@ -18,12 +18,14 @@ from fmc.artifacts.staging import StagingDir
 from fmc.compile_cache import key_of, open_cache, probe, step_starting_at
 from fmc.errors import InputError, UsageError
 from fmc.frontend import ModelSource, open_model
+from fmc.frontend.calibration import Calibration, calibrate
 from fmc.frontend.llama_model import DEBUG_ENTRY, ENTRY_FUNCTIONS, LlamaForCausalLM
 from fmc.frontend.tensor_parallel import (
     ShardedWeights,
     check_divisible,
     local_config,
     param_sharding,
+    shard_importance,
 )
 from fmc.lowering.pipeline import IRDumper, load_pass_plugin, resolve_disabled, run_phase
 from fmc.quant.convert import StoredParam, check_source, convert, plan_params
@@ -99,6 +101,7 @@ class CompileState:
     manifest: dict[str, Any] = field(default_factory=dict)
     validation: dict[str, Any] = field(default_factory=dict)  # what Target.validate checked
     entry_functions: tuple[str, ...] = ENTRY_FUNCTIONS
+    calibration: dict[str, Any] | None = None  # what --calib measured (for the manifest)
     cache: Any = None  # a BuildCache, or None
     cache_status: dict[str, str] = field(default_factory=dict)  # step → "hit" | "miss"
 
@@ -225,13 +228,17 @@ def _weights(state: CompileState, progress: Progress) -> None:
         return
     total = len(state.params) * state.ranks
     stats: dict[str, int] = {}
+    measured = _calibrate(state, progress) if state.options.calib else None
     state.tensors, state.shards = [], []
     done = 0
     for rank in range(state.ranks):
         subdir = f"rank-{rank}" if state.ranks > 1 else None
         writer = ShardWriter(state.staging.path, state.options.shard_bytes, subdir)
+        importance = {} if measured is None else {
+            name: shard_importance(name, vector, rank, state.ranks)
+            for name, vector in measured.importance.items()}
         for name, array in convert(state.rank_weights(rank), state.params,
-                                   state.options.allow_nonfinite, stats):
+                                   state.options.allow_nonfinite, stats, importance):
             writer.add(name, array)
             done += 1
             progress("tensor", done=done, total=total, name=name)
@@ -243,6 +250,18 @@ def _weights(state: CompileState, progress: Progress) -> None:
         state.shards += shards
     if stats.get("lossless"):
         log.info("imported %d tensor(s) losslessly from GGUF blocks", stats["lossless"])
+
+
+def _calibrate(state: CompileState, progress: Progress) -> Calibration:
+    """Run the float model over the --calib text (whole model, before any sharding)."""
+    start = time.perf_counter()
+    measured = calibrate(state.config, state.source.weights, state.source.tokenizer,
+                         state.options.calib,
+                         lambda done, total: progress("calibrate", done=done, total=total))
+    state.calibration = measured.describe()
+    log.info("calibration: %d tokens of %s through the float model in %.1f s", measured.tokens,
+             state.options.calib, time.perf_counter() - start)
+    return measured
 
 
 def _package(state: CompileState, progress: Progress) -> None:
@@ -326,7 +345,8 @@ def build_manifest(state: CompileState) -> dict[str, Any]:
         "library": {"file": state.library, "sha256": sha256_file(library_path),
                     "bytes": library_path.stat().st_size},
         "quantization": {**state.plan.describe(), "layers": state.layer_schemes,
-                         "row_block": state.target.row_block},
+                         "row_block": state.target.row_block,
+                         **({"calibration": state.calibration} if state.calibration else {})},
         "compute_dtype": state.compute_dtype,
         "model": state.config.to_dict(),
         "runtime": {"context_window": state.context_window,
@@ -474,6 +494,7 @@ def input_files(state: CompileState) -> list[Path]:
              *(p for p in state.source.tokenizer.values() if isinstance(p, Path)),
              *map(Path, options.quant_plugins), *map(Path, options.pass_plugins),
              *([Path(options.quant_recipe)] if options.quant_recipe else []),
+             *([Path(options.calib)] if options.calib else []),
              *(parse_override(text)[2] for text in options.override_kernels)]
     return sorted({Path(f).resolve() for f in files})
 

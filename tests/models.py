@@ -24,6 +24,8 @@ TINY_MODELS: dict[str, tuple[str, dict]] = {
                                            intermediate_size=128)),
     # Every reduction dimension a multiple of 64, so all quantization schemes apply.
     "llama-quant": ("LlamaConfig", dict(intermediate_size=128, tie_word_embeddings=True)),
+    # Every reduction dimension a multiple of 256: the K-quants' super-block.
+    "llama-kquant": ("LlamaConfig", dict(hidden_size=256, intermediate_size=512)),
 }
 
 
@@ -76,9 +78,31 @@ GGUF_LAYER_NAMES = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q"
                     "mlp.down_proj": "ffn_down"}
 
 
+# GGML types gguf-py dequantizes but cannot quantize: the tests write random valid blocks.
+RANDOM_BLOCK_TYPES = {"Q4_K", "Q5_K", "Q6_K", "Q2_K", "Q3_K"}
+
+
+def random_blocks(qtype, rows: int, k: int, seed: int = 0):
+    """Random bytes shaped as GGUF blocks of `qtype` for a [rows, k] tensor, with every float16
+    scale field set to a small finite value (the rest — codes, packed sub-scales — random)."""
+    import gguf
+    import numpy as np
+
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    rng = np.random.default_rng(seed)
+    data = rng.integers(0, 256, (rows * k // block, size), dtype=np.uint8)
+    small = np.frombuffer(np.float16(3e-4).tobytes(), np.uint8)
+    offsets = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "Q2_K": (80, 82),
+               "Q3_K": (108,)}[qtype.name]
+    for offset in offsets:
+        data[:, offset:offset + 2] = small
+    return data.reshape(rows, -1)
+
+
 def write_gguf_from_checkpoint(checkpoint: Path, path: Path, quant_types: dict | None = None):
     """Convert a tiny llama checkpoint to GGUF as llama.cpp does (names, Q/K permutation,
-    metadata, a byte-level vocabulary); `quant_types` maps GGUF names to GGML types."""
+    metadata, a byte-level vocabulary); `quant_types` maps GGUF names to GGML types (types in
+    RANDOM_BLOCK_TYPES get random blocks instead of the checkpoint's values)."""
     import json
 
     import gguf
@@ -124,6 +148,9 @@ def write_gguf_from_checkpoint(checkpoint: Path, path: Path, quant_types: dict |
         qtype = quant_types.get(gname)
         if qtype is None:
             writer.add_tensor(gname, np.ascontiguousarray(array, dtype=np.float32))
+        elif qtype.name in RANDOM_BLOCK_TYPES:
+            data = random_blocks(qtype, *array.shape, seed=len(gname))
+            writer.add_tensor(gname, data, raw_shape=data.shape, raw_dtype=qtype)
         else:
             data = gguf.quants.quantize(np.ascontiguousarray(array, dtype=np.float32), qtype)
             writer.add_tensor(gname, data, raw_shape=data.shape, raw_dtype=qtype)

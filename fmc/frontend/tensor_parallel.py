@@ -84,6 +84,14 @@ def shard(array: np.ndarray, sharding: Sharding, rank: int, ranks: int) -> np.nd
     return np.ascontiguousarray(array[tuple(index)])
 
 
+def shard_importance(name: str, importance: np.ndarray, rank: int, ranks: int) -> np.ndarray:
+    """Rank `rank`'s part of a weight's per-input-channel importance: split like the weight's
+    input axis (row-parallel layers), else whole."""
+    if sharding_of(name).axis == 1:
+        return shard(importance, Sharding(axis=0), rank, ranks)
+    return importance
+
+
 def unshard(parts: list[np.ndarray], sharding: Sharding) -> np.ndarray:
     """The full tensor from every rank's part (the inverse of `shard`)."""
     if sharding.rank0_only or sharding.axis is None:

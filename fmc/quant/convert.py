@@ -3,6 +3,7 @@ at a time."""
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -79,22 +80,37 @@ def _check_finite(weights: WeightSource, name: str, arrays: list[np.ndarray],
                              "NaN/Inf value(s) (pass --allow-nonfinite to compile anyway)")
 
 
-def quantize_rows(scheme, tensor: np.ndarray) -> list[np.ndarray]:
-    """`scheme.quantize` over blocks of rows (schemes are row-independent by contract)."""
+def takes_importance(scheme) -> bool:
+    """Whether the scheme's quantizer accepts `importance` (a plugin may not)."""
+    base = getattr(scheme, "base", scheme)
+    return "importance" in inspect.signature(base.quantize).parameters
+
+
+def quantize_rows(scheme, tensor: np.ndarray, importance: np.ndarray | None = None
+                  ) -> list[np.ndarray]:
+    """`scheme.quantize` over blocks of rows (schemes are row-independent by contract);
+    `importance` [K] is passed on when given."""
     rows = tensor.shape[0]
     granularity = scheme.row_granularity
     step = max(1, ROW_BLOCK_BYTES // max(1, tensor[0].size * 4) // granularity) * granularity
+
+    def quantize(block):
+        block = np.asarray(block, dtype=np.float32)
+        return scheme.quantize(block) if importance is None \
+            else scheme.quantize(block, importance=importance)
+
     if step >= rows:
-        return scheme.quantize(np.asarray(tensor, dtype=np.float32))
-    parts = [scheme.quantize(np.asarray(tensor[i:i + step], dtype=np.float32))
-             for i in range(0, rows, step)]
+        return quantize(tensor)
+    parts = [quantize(tensor[i:i + step]) for i in range(0, rows, step)]
     return [np.concatenate(column) for column in zip(*parts, strict=True)]
 
 
 def _stored_parts(weights: WeightSource, plan: StoredParam, allow_nonfinite: bool,
-                  stats: dict[str, int]) -> list[np.ndarray]:
+                  stats: dict[str, int], importance: dict[str, np.ndarray]
+                  ) -> list[np.ndarray]:
     """The arrays one source tensor becomes: GGUF blocks repacked without loss when the
-    scheme supports their type, else load → check → quantize (or cast)."""
+    scheme supports their type, else load → check → quantize (or cast), the quantizer
+    weighting each input channel by `importance` when the calibration measured it."""
     scheme = registry.get(plan.scheme) if plan.scheme else None
     raw = getattr(weights, "raw", None)
     if scheme is not None and scheme.gguf_types and raw is not None:
@@ -106,7 +122,14 @@ def _stored_parts(weights: WeightSource, plan: StoredParam, allow_nonfinite: boo
             return parts
     tensor = weights.load(plan.source)
     _check_finite(weights, plan.source, [tensor], allow_nonfinite)
-    return [tensor] if scheme is None else quantize_rows(scheme, tensor)
+    if scheme is None:
+        return [tensor]
+    column = importance.get(plan.source)
+    if column is not None and not takes_importance(scheme):
+        log.warning("scheme %s ignores the calibration (its quantize takes no importance)",
+                    scheme.name)
+        column = None
+    return quantize_rows(scheme, tensor, column)
 
 
 def _leaves(plan: StoredParam) -> list[StoredParam]:
@@ -114,11 +137,15 @@ def _leaves(plan: StoredParam) -> list[StoredParam]:
 
 
 def convert(weights: WeightSource, plans: list[StoredParam], allow_nonfinite: bool = False,
-            stats: dict[str, int] | None = None) -> Iterator[tuple[str, np.ndarray]]:
+            stats: dict[str, int] | None = None,
+            importance: dict[str, np.ndarray] | None = None
+            ) -> Iterator[tuple[str, np.ndarray]]:
     """Yield (param name, stored array) in parameter order. Only the source tensors of the
     current parameter (a horizontally fused one has several) are held in memory.
-    `stats` (if given) counts tensors imported losslessly from GGUF blocks."""
+    `stats` (if given) counts tensors imported losslessly from GGUF blocks; `importance`
+    maps a source tensor to its input channels' activation energy (--calib)."""
     stats = {} if stats is None else stats
+    importance = importance or {}
     cache: dict[str, list[np.ndarray]] = {}
     for plan in plans:
         leaves = _leaves(plan)
@@ -128,7 +155,8 @@ def convert(weights: WeightSource, plans: list[StoredParam], allow_nonfinite: bo
         pieces = []
         for leaf in leaves:
             if leaf.source not in cache:
-                cache[leaf.source] = _stored_parts(weights, leaf, allow_nonfinite, stats)
+                cache[leaf.source] = _stored_parts(weights, leaf, allow_nonfinite, stats,
+                                                   importance)
             array = cache[leaf.source][leaf.part]
             if leaf.scheme is None:
                 array = array.astype(leaf.dtype, copy=False)

@@ -123,16 +123,17 @@ class QuantPlan:
         `shape`, a scheme whose block does not divide its reduction axis is replaced by its
         declared fallback (Q4_K → Q5_0, as llama.cpp does); with no fallback the scheme is
         kept and its storage names the tensor in the error."""
-        if self.default is None:
+        matching = [rule for rule in (*self.recipe_rules, *self.overrides)
+                    if rule.matches(layer, self.num_layers)]
+        if matching:
+            chosen = matching[-1].scheme
+        elif self.default is None:
             chosen = self._stored_type_scheme(layer)
         else:
             chosen = self.default
             if is_output:
                 name = self.output.name if self.output else self.default.output_scheme
                 chosen = registry.get(name) if name else chosen
-        for rule in (*self.recipe_rules, *self.overrides):
-            if rule.matches(layer, self.num_layers):
-                chosen = rule.scheme
         return chosen if shape is None else fitted(chosen, shape)
 
     def describe(self) -> dict:

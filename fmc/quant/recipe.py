@@ -154,9 +154,9 @@ def load(path: Path, builtin: bool = False) -> Recipe:
             raise InputError(f"{origin}: {where}unknown key {sorted(extra)[0]!r} (expected "
                              "match, scheme, layers)")
         layers = text(rule, "layers", where, required=False)
+        selector = LayerSelector(layers, f"{origin}: rule {number}") if layers else None
         parsed.append(RecipeRule(text(rule, "match", where), text(rule, "scheme", where),
-                                 LayerSelector(layers, f"{origin}: {where}") if layers
-                                 else None))
+                                 selector))
     return Recipe(name=text(data, "name", "", required=False) or path.stem,
                   default=text(data, "default", ""),
                   output=text(data, "output", "", required=False), rules=tuple(parsed),
