@@ -159,3 +159,18 @@ def write_gguf_from_checkpoint(checkpoint: Path, path: Path, quant_types: dict |
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+# --quant-override list giving the "llama-kquant" tiny model one weight matrix in every
+# built-in scheme (base --quant q4f16): one compile exercises every scheme's kernels.
+EVERY_SCHEME = {
+    "layers.0.self_attn.q_proj": "q4_1", "layers.0.self_attn.k_proj": "q5_0",
+    "layers.0.self_attn.v_proj": "q5_1", "layers.0.self_attn.o_proj": "q4k",
+    "layers.0.mlp.gate_proj": "q5k", "layers.0.mlp.up_proj": "q6k",
+    "layers.0.mlp.down_proj": "q0bf16", "layers.1.self_attn.q_proj": "nf4",
+    "layers.1.self_attn.k_proj": "q4_0", "layers.1.self_attn.v_proj": "q8f16",
+    "layers.1.self_attn.o_proj": "q4f32", "layers.1.mlp.gate_proj": "q0f16",
+    "layers.1.mlp.up_proj": "q4k", "layers.1.mlp.down_proj": "q5k",
+    "lm_head": "q6k", "embed_tokens": "q4_1",
+}
+EVERY_SCHEME_OVERRIDES = [f"{layer}={scheme}" for layer, scheme in EVERY_SCHEME.items()]

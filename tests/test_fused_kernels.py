@@ -1,5 +1,6 @@
-"""Each scheme's fused dequantize→matmul kernel, compiled alone through fmc's pipeline, equals
-numpy's dequantize(W) @ x — for a GEMV (one row) and a GEMM (several rows)."""
+"""Each scheme's fused dequantize→matmul kernel, compiled alone through fmc's CPU pipeline,
+equals numpy's dequantize(W) @ x — for a GEMV (one row) and a GEMM (several rows), in the
+scheme's own layout and in the CPU's row-interleaved one."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import pytest
 from fmc.quant import get
 from fmc.quant.modules import QuantizedLinear
 
-SCHEMES = ["q4f16", "q4f32", "q8f16", "q4_0", "nf4", "q0f16"]
-K, N = 128, 48
+SCHEMES = ["q4f16", "q4f32", "q8f16", "q4_0", "q4_1", "q5_0", "q5_1", "nf4", "q4k", "q5k",
+           "q6k", "q0f16", "q0bf16"]
+K, N = 512, 48
 
 
 def compile_linear(scheme_name: str):
@@ -51,19 +53,20 @@ def compile_linear(scheme_name: str):
 
 
 @pytest.mark.parametrize("scheme_name", SCHEMES)
-@pytest.mark.parametrize("rows", [1, 5])
-def test_fused_kernel_equals_numpy(scheme_name, rows):
+@pytest.mark.parametrize("layout", ["", "_rows16"])
+def test_fused_kernel_equals_numpy(scheme_name, layout):
     import tvm
 
-    scheme = get(scheme_name)
+    scheme = get(scheme_name + layout)
     rng = np.random.default_rng(0)
     weight = rng.standard_normal((N, K)).astype(np.float32)
     stored = scheme.quantize(weight)
-    vm, shapes, kernels = compile_linear(scheme_name)
+    vm, shapes, kernels = compile_linear(scheme_name + layout)
     assert [list(s.shape) for s in stored] == [list(map(int, s)) for s in shapes]
     assert not any(k.startswith("dequantize") for k in kernels), kernels  # fused away
-    x = rng.standard_normal((1, rows, K)).astype(np.float32)
     args = [tvm.runtime.tensor(a, tvm.cpu()) for a in stored]
-    out = vm["forward"](tvm.runtime.tensor(x, tvm.cpu()), args).numpy()
-    expected = x @ scheme.dequantize(stored).T
-    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-4)
+    for rows in (1, 5):  # decode's GEMV and prefill's GEMM
+        x = rng.standard_normal((1, rows, K)).astype(np.float32)
+        out = vm["forward"](tvm.runtime.tensor(x, tvm.cpu()), args).numpy()
+        expected = x @ scheme.dequantize(stored).T
+        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-4)

@@ -7,6 +7,8 @@ attention kernel with consistent page tables), not executed here (docs/targets.m
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -20,7 +22,7 @@ pytestmark = pytest.mark.skipif(GLSLC.path() is None, reason="needs glslc")
 SHAPE_VALUES = 3  # every symbolic dimension (batch_size, seq_len, …)
 
 
-def unscheduled_kernels(model: str) -> dict:
+def unscheduled_kernels(model: str, overrides: list[str] | None = None) -> dict:
     """The tiny model's kernels as the vulkan build has them just before GPU scheduling."""
     import tvm
     from tvm import tirx
@@ -38,7 +40,8 @@ def unscheduled_kernels(model: str) -> dict:
     try:
         pipeline.register_pass(PassSpec("capture", "lower", "test", lambda ctx: Capture()),
                                before="schedule")
-        build_ir(CompileOptions(model=model, target="vulkan", quant="q4f16"))
+        build_ir(CompileOptions(model=model, target="vulkan", quant="q4f16",
+                                quant_overrides=overrides or []))
     finally:
         pipeline.PIPELINE[:] = saved
     return captured
@@ -53,15 +56,18 @@ def runnable(func) -> bool:
     return bool(func.params) and all(hasattr(p.ty, "shape") for p in func.params)
 
 
-def random_arrays(func, env, rng) -> dict[str, np.ndarray]:
+def random_arrays(func, env, rng, float_scale: float = 1.0) -> dict[str, np.ndarray]:
     from fmc.targets.vulkan_runner import evaluate
 
     arrays = {}
     for param in func.params:
         shape = [evaluate(d, env) for d in param.ty.shape]
         dtype = str(param.ty.dtype)
-        if dtype.startswith("float"):
-            arrays[param.name] = rng.standard_normal(shape).astype(dtype)
+        if dtype == "uint16":  # bfloat16 weight bits (q0bf16): finite values only
+            values = rng.standard_normal(shape).astype(np.float32)
+            arrays[param.name] = (values.view(np.uint32) >> 16).astype(np.uint16)
+        elif dtype.startswith("float"):
+            arrays[param.name] = (float_scale * rng.standard_normal(shape)).astype(dtype)
         elif dtype in ("int32", "int64"):  # positions and gather indices: keep them in range
             arrays[param.name] = rng.integers(0, SHAPE_VALUES, shape).astype(dtype)
         else:
@@ -124,13 +130,14 @@ def device():
     device.close()
 
 
-def relative_errors(name, func, device, rng, perturb: str | None = None) -> dict[str, float]:
+def relative_errors(name, func, device, rng, perturb: str | None = None,
+                    float_scale: float = 1.0) -> dict[str, float]:
     """Max |vulkan - cpu| / max(1, max |cpu|) per buffer of one kernel (optionally with one
     input changed for the Vulkan run only: a negative control)."""
     from fmc.targets.vulkan_runner import run_shader
 
     env = symbolic_dims(func)
-    arrays = random_arrays(func, env, rng)
+    arrays = random_arrays(func, env, rng, float_scale)
     expected = run_on_cpu(name, func, arrays)
     if perturb is not None:
         arrays = {**arrays, perturb: arrays[perturb] + np.ones_like(arrays[perturb])}
@@ -171,6 +178,32 @@ def test_every_runnable_kernel_matches_the_cpu_build(kernels, device):
     kv_cache_kernels = ("batch_", "tree_attn", "tir_", "compact_kv", "copy_single_page",
                         "fused_rope")
     assert all(n.startswith(kv_cache_kernels) for n in skipped), skipped
+
+
+def test_every_schemes_kernels_match_the_cpu_build(tiny_checkpoint, device):
+    """The fused dequantize→GEMV/GEMM kernels of every built-in scheme (one weight matrix
+    each in the tiny K-quant model) run on lavapipe like the CPU build."""
+    from models import EVERY_SCHEME, EVERY_SCHEME_OVERRIDES
+
+    kernels = unscheduled_kernels(str(tiny_checkpoint("llama-kquant")), EVERY_SCHEME_OVERRIDES)
+    rng = np.random.default_rng(0)
+    checked, failures = set(), []
+    for name, func in sorted(kernels.items()):
+        # kernel names: "[fused_]dequantize_SCHEME[N][_…]" (N: TVM's de-duplication)
+        scheme = next((s for s in sorted(set(EVERY_SCHEME.values()), key=len, reverse=True)
+                       if re.search(rf"dequantize_{s}\d*(_NT|_fused|$)", name)), None)
+        if scheme is None or not runnable(func):
+            continue
+        # Small inputs: K-quant sub-scales (up to 63) times random float16 super-scales
+        # would overflow the float16 GEMV otherwise.
+        for buffer_name, error in relative_errors(name, func, device, rng,
+                                                  float_scale=1 / 64).items():
+            if not error <= tolerance(func):
+                failures.append(f"{name}/{buffer_name}: {error:.2e}")
+        checked.add(scheme)
+    assert failures == []
+    # q0f16 is the compute dtype on Vulkan: a plain matmul, no dequantize
+    assert checked == set(EVERY_SCHEME.values()) - {"q0f16"}
 
 
 def test_the_comparison_catches_a_wrong_result(kernels, device):

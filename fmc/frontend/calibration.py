@@ -57,7 +57,9 @@ def windows_of(text: str, tokenizer_json: str, bos: int | None, origin: str
     windows = [([bos] if bos is not None else []) + ids[i:i + step]
                for i in range(0, len(ids), step)][:MAX_WINDOWS]
     if len(windows) > 1 and len(windows[-1]) < len(windows[0]):
-        windows.pop()  # every window full, so the pass runs them as one batch
+        # The text's last tokens as a full window (overlapping the one before), so every
+        # window has one length and the pass runs them as one batch.
+        windows[-1] = ([bos] if bos is not None else []) + ids[-step:]
     if len(windows[0]) < 16 if windows else True:
         raise InputError(f"{origin}: the calibration text has {len(ids)} tokens; at least 16 "
                          "are needed")

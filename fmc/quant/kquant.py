@@ -7,9 +7,11 @@ as GGUF packs them:
 - sub-block j < 4: sc = byte[j] & 63, m = byte[j + 4] & 63;
 - j ≥ 4: sc = (byte[j + 4] & 15) | (byte[j − 4] >> 6) << 4,
          m  = (byte[j + 4] >> 4) | (byte[j] >> 6) << 4.
-fmc stores those 12 bytes as they are ([rows, K/256·12] uint8), d and dmin as [rows, K/256]
-float16, and the codes in fmc's packed words (low 4 bits [rows, K/8]; Q5_K's 5th bits
-[rows, K/32]), so bits per weight equal GGUF's (4.5 and 5.5).
+fmc stores those 12 bytes unchanged as three little-endian uint32 words per super-block — bytes
+0–3, 4–7 and 8–11 in three [rows, K/256] arrays, so a kernel reads each array at one point per
+super-block (dlight's GEMV analysis, among others, needs single-point reads) — d and dmin as
+[rows, K/256] float16, and the codes in fmc's packed words (low 4 bits [rows, K/8]; Q5_K's 5th
+bits [rows, K/32]), so bits per weight equal GGUF's (4.5 and 5.5).
 
 Quantizing (no importance matrix needed): per sub-block, scale and minimum from
 fmc.quant.search.affine (ggml's make_qkx2_quants, weights rms + |x|); the eight scales and
@@ -59,29 +61,38 @@ def unpack_scales(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return sc, m
 
 
-def scale_min_te(packed, row, k) -> tuple[tirx.PrimExpr, tirx.PrimExpr]:
-    """(sc, m) of the sub-block holding element `k` of `row`, as uint32 expressions. Both
-    branches only read bytes of the element's own super-block (no out-of-range index is ever
-    formed), then a select picks one."""
-    base = k // SUPER * SCALE_BYTES
+def to_words(packed: np.ndarray) -> list[np.ndarray]:
+    """12 packed bytes per super-block [rows, S·12] → three uint32 arrays [rows, S] (bytes
+    0–3, 4–7, 8–11, little-endian)."""
+    rows = packed.shape[0]
+    words = np.ascontiguousarray(packed.reshape(rows, -1, 3, 4)).view("<u4")[..., 0]
+    return [np.ascontiguousarray(words[:, :, i]).astype(np.uint32) for i in range(3)]
+
+
+def from_words(words: list[np.ndarray]) -> np.ndarray:
+    """Inverse of `to_words`: uint8 [rows, S·12]."""
+    stacked = np.stack([w.astype("<u4") for w in words], axis=-1)  # [rows, S, 3]
+    return np.ascontiguousarray(stacked).view(np.uint8).reshape(stacked.shape[0], -1)
+
+
+def scale_min_te(words, row, k) -> tuple[tirx.PrimExpr, tirx.PrimExpr]:
+    """(sc, m) of the sub-block holding element `k` of `row`, as uint32 expressions over the
+    three packed-scale word arrays; each array is read at the element's super-block only."""
+    block = k // SUPER
     sub = k // SUB % SUBS
-    part = sub % 4
-
-    def byte(offset):
-        return packed[row, base + part + offset].astype("uint32")
-
-    six = tirx.const(63, "uint32")
+    shift = (sub % 4 * 8).astype("uint32")
+    low, mid, top = ((w[row, block] >> shift) & tirx.const(255, "uint32") for w in words)
+    six, four = tirx.const(63, "uint32"), tirx.const(15, "uint32")
     low_half = sub < 4
-    sc = tirx.Select(low_half, byte(0) & six,
-                     (byte(8) & tirx.const(15, "uint32")) | ((byte(0) >> 6) << 4))
-    m = tirx.Select(low_half, byte(4) & six, (byte(8) >> 4) | ((byte(4) >> 6) << 4))
+    sc = tirx.Select(low_half, low & six, (top & four) | ((low >> 6) << 4))
+    m = tirx.Select(low_half, mid & six, (top >> 4) | ((mid >> 6) << 4))
     return sc, m
 
 
 def quantize_affine(weight: np.ndarray, importance, nmax: int
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Q4_K/Q5_K quantization of a [rows, K] weight: (codes [rows, K] in 0..nmax,
-    packed scales [rows, K/256·12], d, dmin float16 [rows, K/256])."""
+    packed scale bytes [rows, K/256·12], d, dmin float16 [rows, K/256])."""
     rows, k = weight.shape
     blocks, w = search.weighted_blocks(weight, SUB, importance)
     flat, flat_w = blocks.reshape(-1, SUB), w.reshape(-1, SUB)
@@ -164,36 +175,36 @@ class AffineKQuant(QuantScheme):
         rows, k = shape
         high = [StorageTensor("q_high", (rows, k // 32), "uint32")] if self.bits == 5 else []
         return [StorageTensor("q_weight", (rows, k // 8), "uint32"), *high,
-                StorageTensor("q_scales", (rows, k // SUPER * SCALE_BYTES), "uint8"),
+                *(StorageTensor(f"q_scales{i}", (rows, k // SUPER), "uint32") for i in range(3)),
                 StorageTensor("q_d", (rows, k // SUPER), "float16"),
                 StorageTensor("q_dmin", (rows, k // SUPER), "float16")]
 
     def _pack(self, codes, packed, d, dmin):
         if self.bits == 5:
             low, high = split_five_bit(codes)
-            return [low, high, packed, d, dmin]
-        return [pack_nibbles(codes), packed, d, dmin]
+            return [low, high, *to_words(packed), d, dmin]
+        return [pack_nibbles(codes), *to_words(packed), d, dmin]
 
     def _codes(self, stored):
-        if self.bits == 5:
-            return join_five_bit(stored[0], stored[1]), stored[2:]
-        return unpack_nibbles(stored[0]), stored[1:]
+        """(codes [rows, K], packed scale bytes, d, dmin) from the stored arrays."""
+        codes = join_five_bit(stored[0], stored[1]) if self.bits == 5 \
+            else unpack_nibbles(stored[0])
+        return codes, from_words(stored[-5:-2]), stored[-2], stored[-1]
 
     def quantize(self, weight, importance=None):
         return self._pack(*quantize_affine(weight, importance, self.nmax))
 
     def dequantize(self, stored):
-        codes, (packed, d, dmin) = self._codes(stored)
-        return dequantize_affine(codes, packed, d, dmin)
+        return dequantize_affine(*self._codes(stored))
 
     def dequantize_te(self, stored, out_dtype):
         words = stored[0]
-        packed, d, dmin = stored[-3:]
+        scale_words, (d, dmin) = stored[-5:-2], stored[-2:]
         rows, k = words.shape[0], words.shape[1] * 8
 
         def value(i, j):
             code = five_bit(words, stored[1], i, j) if self.bits == 5 else nibble(words, i, j)
-            sc, m = scale_min_te(packed, i, j)
+            sc, m = scale_min_te(scale_words, i, j)
             scale = d[i, j // SUPER].astype(out_dtype) * sc.astype(out_dtype)
             depth = dmin[i, j // SUPER].astype(out_dtype) * m.astype(out_dtype)
             return scale * code.astype(out_dtype) - depth

@@ -37,6 +37,8 @@ BINARY = {"Add": "+", "Sub": "-", "Mul": "*", "EQ": "==", "NE": "!=", "LT": "<",
           "BitwiseAnd": "&", "BitwiseOr": "|", "BitwiseXor": "^"}
 GLSL_RESERVED = {"input", "output", "sample", "buffer", "shared", "filter", "active", "common",
                  "partition", "texture", "image", "main", "in", "out", "inout", "uniform"}
+VECTOR_COMPARE = {"==": "equal", "!=": "notEqual", "<": "lessThan", "<=": "lessThanEqual",
+                  ">": "greaterThan", ">=": "greaterThanEqual"}
 THREAD_BUILTINS = {"blockIdx": "gl_WorkGroupID", "threadIdx": "gl_LocalInvocationID"}
 
 
@@ -198,8 +200,9 @@ class GLSLEmitter:
         return self.var(node)
 
     def _binary(self, node, op: str) -> str:
-        if _lanes(var_dtype(node.a)) > 1 and op in ("==", "!=", "<", "<=", ">", ">="):
-            self.fail("vector comparison")
+        if _lanes(var_dtype(node.a)) > 1 and op in VECTOR_COMPARE:
+            # GLSL compares vectors with functions that return a bvec
+            return f"{VECTOR_COMPARE[op]}({self.expr(node.a)}, {self.expr(node.b)})"
         return f"({self.expr(node.a)} {op} {self.expr(node.b)})"
 
     def _e_Div(self, node) -> str:
@@ -249,8 +252,12 @@ class GLSLEmitter:
         return f"(~{self.expr(node.a)})"
 
     def _e_Select(self, node) -> str:
-        if _lanes(var_dtype(node)) > 1:
-            self.fail("vector select")
+        if _lanes(var_dtype(node)) > 1:  # lane-wise: mix(false value, true value, bvec)
+            condition = self.expr(node.condition)
+            if _lanes(var_dtype(node.condition)) == 1:
+                condition = f"{self.use_type(f'boolx{_lanes(var_dtype(node))}')}({condition})"
+            return f"mix({self.expr(node.false_value)}, {self.expr(node.true_value)}, " \
+                   f"{condition})"
         return f"({self.expr(node.condition)} ? {self.expr(node.true_value)} : " \
                f"{self.expr(node.false_value)})"
 
@@ -325,8 +332,9 @@ class GLSLEmitter:
             return f"({self.expr(args[0])} {symbol} {self.expr(args[1])})"
         if op == "tirx.bitwise_not":
             return f"(~{self.expr(args[0])})"
-        if op == "tirx.reinterpret":
-            source, target = str(var_dtype(args[0])), var_dtype(node)
+        if op == "tirx.reinterpret":  # (vectors too: the functions work lane-wise)
+            source = str(var_dtype(args[0])).partition("x")[0]
+            target = str(var_dtype(node)).partition("x")[0]
             functions = {("float32", "uint32"): "floatBitsToUint",
                          ("float32", "int32"): "floatBitsToInt",
                          ("uint32", "float32"): "uintBitsToFloat",
