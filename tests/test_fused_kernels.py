@@ -17,7 +17,10 @@ SCHEMES = ["q4f16", "q4f32", "q8f16", "q4_0", "q4_1", "q5_0", "q5_1", "nf4", "q4
 K, N = 512, 48
 
 
-def compile_linear(scheme_name: str):
+def build_linear(scheme_name: str, target_name: str = "cpu", rows: int | str = "rows"):
+    """One quantized linear layer (x [1, rows, K] · Wᵀ; rows symbolic, or 1 for a decode
+    GEMV) through fmc's fuse and lower phases and relax.build for a target: (executable,
+    parameter shapes, kernels)."""
     import tvm
     from tvm import relax
     from tvm.relax.frontend import nn
@@ -25,31 +28,42 @@ def compile_linear(scheme_name: str):
     from fmc.lowering.pipeline import IRDumper, run_phase
     from fmc.targets import get as get_target
 
-    target = get_target("cpu")
+    target = get_target(target_name)
+    dtype = target.compute_dtype(get(scheme_name).compute_dtype)
 
     class Model(nn.Module):
         def __init__(self):
             self.proj = QuantizedLinear(nn.Linear(K, N, bias=False), get(scheme_name), "proj",
-                                        "float32")
+                                        dtype)
 
         def forward(self, x: nn.Tensor):
             return self.proj(x)
 
     model = Model()
-    spec = {"forward": {"x": nn.spec.Tensor([1, "rows", K], "float32"),
+    spec = {"forward": {"x": nn.spec.Tensor([1, rows, K], dtype),
                         "$": {"param_mode": "packed", "effect_mode": "none"}}}
     mod, params = model.export_tvm(spec=nn.spec.ModuleSpec.from_raw(spec, model))
     ctx = types.SimpleNamespace(target=target, entry_functions=("forward",), params=[],
                                 options=types.SimpleNamespace(override_kernels=[]),
-                                compute_dtype="float32")
+                                compute_dtype=dtype)
+    target.prepare()
     for phase in ("fuse", "lower"):
-        mod = run_phase(phase, mod, ctx, set(), IRDumper(None))
+        mod = run_phase(phase, mod, ctx, target.default_disabled_passes(), IRDumper(None))
     kernels = [gv.name_hint for gv, f in mod.functions_items()
                if isinstance(f, tvm.tirx.PrimFunc)]
     with target.tvm_target():
-        executable = relax.build(mod, target=target.tvm_target(), relax_pipeline=None)
-    vm = relax.VirtualMachine(executable, tvm.cpu())
-    return vm, [p.shape for _, p in params], kernels
+        executable = relax.build(mod, target=target.tvm_target(), relax_pipeline=None,
+                                 **target.build_options())
+    return executable, [p.shape for _, p in params], kernels
+
+
+def compile_linear(scheme_name: str):
+    """`build_linear` for the CPU, loaded into a VM."""
+    import tvm
+    from tvm import relax
+
+    executable, shapes, kernels = build_linear(scheme_name)
+    return relax.VirtualMachine(executable, tvm.cpu()), shapes, kernels
 
 
 @pytest.mark.parametrize("scheme_name", SCHEMES)

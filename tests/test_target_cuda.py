@@ -55,6 +55,23 @@ def test_library_holds_every_default_arch_and_ptx(cuda_artifact, tmp_path):
     assert target["tvm_target"]["arch"] == "sm_75"  # codegen legal for the oldest arch
 
 
+def test_every_schemes_fused_kernels_build_a_fatbin(tmp_path):
+    """Each built-in scheme's fused dequantize → GEMV (decode; dlight's GEMV rule) and → GEMM
+    (prefill) kernel compiles to SASS (one arch, to keep this quick)."""
+    from test_fused_kernels import SCHEMES, build_linear
+
+    for scheme in SCHEMES:
+        for rows in (1, "rows"):
+            executable, _, kernels = build_linear(scheme, "cuda:sm_80", rows)
+            library = tmp_path / f"{scheme}-{rows}.so"
+            executable.export_library(str(library))
+            (fatbin,) = extract_fatbins(library.read_bytes())
+            path = tmp_path / f"{scheme}-{rows}.fatbin"
+            path.write_bytes(fatbin)
+            assert listed("elf", path) == {"sm_80"}, scheme
+            assert any(k.startswith("fused_dequantize") for k in kernels), (scheme, kernels)
+
+
 def test_arch_list_is_configurable(tiny_checkpoint, tmp_path):
     out = tmp_path / "two-archs"
     compile_model(CompileOptions(model=str(tiny_checkpoint("llama-mha")), output=out,

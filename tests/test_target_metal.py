@@ -69,6 +69,22 @@ def test_every_generated_kernel_type_checks(metal_kernels):
     assert check_msl(metal_kernels, CLANG.path()) == []
 
 
+def test_every_schemes_fused_kernels_type_check():
+    """Each built-in scheme's fused dequantize → GEMV (decode) and → GEMM (prefill) kernel,
+    generated for Metal, type-checks."""
+    from test_fused_kernels import SCHEMES, build_linear
+
+    kernels = {}
+    for scheme in SCHEMES:
+        for rows in (1, "rows"):
+            executable, _, _ = build_linear(scheme, "metal", rows)
+            for name, source in split_kernels(metal_source(executable)).items():
+                kernels[f"{scheme}_{rows}_{name}"] = source
+    assert all(any(k.startswith(f"{s}_") and "dequantize" in k for k in kernels)
+               for s in SCHEMES)
+    assert check_msl(kernels, CLANG.path()) == []
+
+
 @pytest.mark.parametrize("break_it, expected", [
     (lambda src: src.replace("simd_shuffle_down(", "simd_shufle_down(", 1), "simd_shufle_down"),
     (lambda src: src.replace("threadgroup_barrier(mem_flags::mem_threadgroup)",
