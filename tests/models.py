@@ -79,7 +79,7 @@ GGUF_LAYER_NAMES = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q"
 
 
 # GGML types gguf-py dequantizes but cannot quantize: the tests write random valid blocks.
-RANDOM_BLOCK_TYPES = {"Q4_K", "Q5_K", "Q6_K", "Q2_K", "Q3_K"}
+RANDOM_BLOCK_TYPES = {"Q4_K", "Q5_K", "Q6_K", "Q2_K", "Q3_K", "IQ4_NL"}
 
 
 def random_blocks(qtype, rows: int, k: int, seed: int = 0):
@@ -93,7 +93,7 @@ def random_blocks(qtype, rows: int, k: int, seed: int = 0):
     data = rng.integers(0, 256, (rows * k // block, size), dtype=np.uint8)
     small = np.frombuffer(np.float16(3e-4).tobytes(), np.uint8)
     offsets = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "Q2_K": (80, 82),
-               "Q3_K": (108,)}[qtype.name]
+               "Q3_K": (108,), "IQ4_NL": (0,)}[qtype.name]
     for offset in offsets:
         data[:, offset:offset + 2] = small
     return data.reshape(rows, -1)

@@ -3,8 +3,6 @@ gives, they reach the quantizers, and they are recorded in the manifest and the 
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch

@@ -112,6 +112,15 @@ def _gguf_with_q8_1(tmp: Path, checkpoint: Path) -> Path:
         gguf.quants.quantize = original
 
 
+def _gguf_with(tmp: Path, checkpoint: Path, tensor: str, type_name: str) -> Path:
+    """The checkpoint as GGUF with one tensor stored in `type_name` (random valid blocks)."""
+    import gguf
+    from models import write_gguf_from_checkpoint
+
+    return write_gguf_from_checkpoint(checkpoint, tmp / "typed.gguf",
+                                      {tensor: gguf.GGMLQuantizationType[type_name]})
+
+
 def _artifact_copy(tmp: Path, artifact: Path) -> Path:
     return Path(shutil.copytree(artifact, tmp / "artifact"))
 
@@ -201,6 +210,22 @@ CASES = [
          r"dimension 80 is not a multiple of q4f16's group size 32",
          lambda t, c, a: (_config(c, intermediate_size=80), _tensors(c, _resize_mlp(80)),
                           _compile(c, t, "--quant", "q4f16"))[2]),
+    Case("quant-recipe-invalid", 4, r"recipe\.toml: unknown quantization scheme 'q9'",
+         lambda t, c, a: ((t / "recipe.toml").write_text('default = "q9"\n'),
+                          _compile(c, t, "--quant-recipe", str(t / "recipe.toml")))[1]),
+    Case("quant-recipe-bad-layers", 4, r"recipe\.toml: rule 1: layers = 'i \*\* 2' is not a "
+         r"layer expression",
+         lambda t, c, a: ((t / "recipe.toml").write_text(
+             'default = "q4f16"\n[[rule]]\nmatch = "mlp.*"\nlayers = "i ** 2"\nscheme = '
+             '"q8f16"\n'), _compile(c, t, "--quant-recipe", str(t / "recipe.toml")))[1]),
+    Case("quant-gguf-not-gguf", 2, r"--quant gguf keeps a GGUF input's own types; .* is not a "
+         r"GGUF file", lambda t, c, a: _compile(c, t, "--quant", "gguf")),
+    Case("gguf-type-without-scheme", 4, r"tensor 'model\.layers\.0\.mlp\.down_proj\.weight': "
+         r"GGUF type IQ4_NL has no fmc scheme to keep it in \(--quant gguf\); choose one "
+         r"with --quant-override",
+         lambda t, c, a: _compile(_gguf_with(t, c, "blk.0.ffn_down.weight", "IQ4_NL"), t)),
+    Case("calib-unreadable", 4, r"nope\.txt: cannot read the calibration text",
+         lambda t, c, a: _compile(c, t, "--quant", "q4f16", "--calib", str(t / "nope.txt"))),
     Case("output-exists", 6, r"out: already exists \(pass --force",
          lambda t, c, a: ((t / "out").mkdir(), _compile(c, t))[1]),
     Case("output-not-writable", 6, r"blocker: is a file, so .*out cannot be created under it",

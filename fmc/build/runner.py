@@ -19,7 +19,7 @@ from fmc.artifacts.lock import file_lock
 from fmc.build.config import Build
 from fmc.errors import OutputError
 
-PATH_KEYS = ("model", "weights", "tokenizer")
+PATH_KEYS = ("model", "weights", "tokenizer", "quant_recipe", "calib")
 
 
 def resolve(build: Build, base: Path) -> dict[str, Any]:
@@ -60,8 +60,11 @@ def stamp_key(settings: dict[str, Any]) -> str:
 
     source = open_model(settings.get("model"), settings.get("weights"),
                         settings.get("tokenizer"))
+    extra = [Path(settings[key]) for key in ("quant_recipe", "calib")
+             if settings.get(key) and Path(settings[key]).exists()]
     files = sorted({Path(p).resolve() for p in [
-        *source.input_files, *(p for p in source.tokenizer.values() if isinstance(p, Path))]})
+        *source.input_files, *(p for p in source.tokenizer.values() if isinstance(p, Path)),
+        *extra]})
     inputs = [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
     record = {"settings": settings, "fmc": fmc.__version__, "tvm": tvm.__version__,
               "inputs": inputs}

@@ -1,4 +1,5 @@
-"""`fmc quant list`: the registered quantization schemes and their storage layouts."""
+"""`fmc quant list`: the registered quantization schemes, their storage layouts, and the
+built-in recipes."""
 
 from __future__ import annotations
 
@@ -16,9 +17,10 @@ def list_command(
     quiet: bool = quiet_option(),
     json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
 ) -> None:
-    """List schemes: bits per weight, storage layout, output-layer default."""
+    """List schemes (bits per weight, storage layout, output-layer default) and recipes."""
     setup_logging(quiet or json_out)
     from fmc.quant import all_schemes, load_plugin
+    from fmc.quant import recipe as recipes
 
     for path in plugin:
         load_plugin(path)
@@ -27,18 +29,35 @@ def list_command(
     for scheme in all_schemes().values():
         layout = ", ".join(f"{t.name} {t.dtype}[N, {_fraction(t.shape[1], example)}]"
                            for t in scheme.storage((example, example), "example"))
-        rows.append({**scheme.describe(), "storage": layout})
+        rows.append({"kind": "scheme", **scheme.describe(), "storage": layout})
+    recipe_rows = []
+    for name in recipes.builtin_names():
+        recipe = recipes.builtin(name)
+        recipe_rows.append({"kind": "recipe", "name": name, "description": recipe.description,
+                            "default": recipe.default, "output": recipe.output,
+                            "rules": [f"{r.match}={r.scheme}" + (f" if {r.layers.text}"
+                                                                 if r.layers else "")
+                                      for r in recipe.rules]})
     if json_out:
-        emit_json(rows)
+        emit_json(rows + recipe_rows)
         return
     table = Table(title="quantization schemes")
     for column in ("name", "bits/weight", "storage of an [N, K] weight", "output layer",
                    "lossless GGUF"):
         table.add_column(column)
     for row in rows:
-        table.add_row(row["name"], f"{row['bits_per_weight']:.2f}", row["storage"],
+        fallback = f" (else {row['fallback']})" if row["fallback"] else ""
+        table.add_row(row["name"], f"{row['bits_per_weight']:g}", row["storage"] + fallback,
                       row["output_scheme"] or "same", ", ".join(row["gguf_lossless"]) or "-")
     stdout.print(table)
+    recipe_table = Table(title="recipes (--quant NAME; your own: --quant-recipe FILE)")
+    for column in ("name", "default", "output layer", "rules"):
+        recipe_table.add_column(column)
+    for row in recipe_rows:
+        recipe_table.add_row(row["name"], row["default"], row["output"] or "default's",
+                             "; ".join(row["rules"]))
+    stdout.print(recipe_table)
+    stdout.print("gguf: keep a GGUF input's own tensor types (the default for GGUF inputs)")
 
 
 def _fraction(size: int, k: int) -> str:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
 
-from fmc.errors import InputError, UsageError
+from fmc.errors import InputError, UsageError, unknown_choice
 from fmc.quant import recipe as recipes
 from fmc.quant import registry
 from fmc.quant.scheme import QuantScheme
@@ -65,8 +65,12 @@ class QuantPlan:
         recipe = recipes.load(Path(recipe_file)) if recipe_file else None
         if recipe is None and default == FROM_GGUF:
             return cls(None, pairs)
-        if recipe is None and default not in registry.all_schemes():
+        schemes = registry.all_schemes()
+        if recipe is None and default not in schemes and registry.split_name(default)[1] is None:
             recipe = recipes.builtin(default)
+            if recipe is None:
+                raise unknown_choice("quantization scheme", default,
+                                     [*schemes, *recipes.builtin_names(), FROM_GGUF])
         if recipe is None:
             return cls(registry.get(default), pairs)
         origin = str(recipe.file) if recipe.file else f"recipe {recipe.name}"

@@ -37,9 +37,16 @@ def load_plugin(path: str | Path) -> list[str]:
     return added
 
 
+def split_name(name: str) -> tuple[str, int | None]:
+    """`q4f16_rows16` → ("q4f16", 16); a plain name → (name, None)."""
+    from fmc.quant.layout import split_name as split
+
+    return split(name)
+
+
 def get(name: str) -> QuantScheme:
     """A scheme by name; `NAME_rowsB` is NAME stored row-interleaved (fmc.quant.layout)."""
-    from fmc.quant.layout import interleave, split_name
+    from fmc.quant.layout import interleave
 
     _load_builtins()
     base, block = (name, None) if name in SCHEMES else split_name(name)

@@ -2,7 +2,7 @@
 
 TVM's CUDA codegen lives in `libtvm_runtime_cuda.so`, which links `libcuda.so.1`; when the
 driver is absent, `import tvm` skips that library silently and a CUDA build would then embed
-CUDA *source* compiled at load time (shared/docs/gpu-target-notes.md). Building needs only
+CUDA *source* compiled at load time (docs/targets.md, CUDA). Building needs only
 the library's symbols, so fmc loads a stub `libcuda.so.1` (every entry point returns
 CUDA_ERROR_NO_DEVICE) and then TVM's CUDA runtime. On a machine with a driver the real one
 is used and nothing is stubbed."""

@@ -1,7 +1,7 @@
 """Lowered device TIR → GLSL 4.50 compute shaders (fmc's Vulkan route; the pinned TVM wheel
 has no SPIR-V codegen). One shader per kernel; glslc turns it into SPIR-V.
 
-The shader follows the ABI of TVM's Vulkan runtime (shared/docs/vulkan-notes.md): buffer
+The shader follows the ABI of TVM's Vulkan runtime (docs/targets.md, Vulkan): buffer
 parameters are storage buffers at set 0, binding i in argument order; scalar parameters
 follow in 8-byte push-constant slots; the workgroup size is the kernel's constant threadIdx
 extents and the host dispatches the blockIdx extents. A construct the emitter does not know

@@ -1,5 +1,5 @@
 """TVM's serialised Vulkan module and the library blob that carries it, written by fmc (the
-pinned wheel has no Vulkan codegen or runtime). Byte layouts: shared/docs/vulkan-notes.md,
+pinned wheel has no Vulkan codegen or runtime). Byte layouts (docs/targets.md, Vulkan),
 from TVM's `src/backend/vulkan` and tvm-ffi's `library_module.cc`. Little-endian throughout;
 strings and byte strings are u64 length + bytes, arrays and maps u64 count + items."""
 

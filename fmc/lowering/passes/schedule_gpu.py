@@ -1,5 +1,6 @@
 """GPU kernel schedules from TVM's dlight rules, with the two workarounds the 0.27 wheel needs
-(shared/docs/tvm-field-notes.md): no tensor-core tensorization, no Metal simdgroup matmul."""
+(docs/targets.md): no tensor-core tensorization (Schedule.tensorize crashes), no Metal
+simdgroup matmul."""
 
 from __future__ import annotations
 
