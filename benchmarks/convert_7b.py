@@ -1,18 +1,18 @@
-"""Bounded-memory conversion: a 7B-shaped random fp16 Llama checkpoint → q4f16 artifact.
+"""Bounded-memory conversion: a 7B-shaped random fp16 Llama checkpoint → quantized artifacts.
 
-    python benchmarks/convert_7b.py [--keep]
+    python benchmarks/convert_7b.py [--quant q4f16 q4k_m …] [--keep]
 
 Writes a checkpoint with the `llama-7b` preset's shapes (6.74 B weights, ~13.5 GB fp16) in
-Hugging Face's sharded safetensors layout under benchmarks/.cache/llama7b-random/, then runs
-`fmc compile llama-7b --weights … --quant q4f16` in a child process and reports its wall time
-and peak RSS (getrusage of the child). Random values are fp16 bit patterns with a bounded
-exponent (|w| < 2^-5): conversion cost does not depend on the values."""
+Hugging Face's sharded safetensors layout under benchmarks/.cache/llama7b-random/, then for
+each scheme or recipe runs `fmc compile llama-7b --weights … --quant Q` in a fresh child
+process and reports its wall time and peak RSS (getrusage of that child alone). Random
+values are fp16 bit patterns with a bounded exponent (|w| < 2^-5). Results accumulate per
+scheme in benchmarks/results/convert_7b.json."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import struct
 import subprocess
@@ -25,7 +25,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent
 CACHE = ROOT / ".cache"
 CHECKPOINT = CACHE / "llama7b-random"
-OUTPUT = CACHE / "llama7b-q4f16"
+OUTPUT = CACHE / "llama7b-quantized"
 RESULTS = ROOT / "results" / "convert_7b.json"
 SHARD_BYTES = 5 * 10**9  # like HF's default 5 GB shards
 
@@ -99,30 +99,51 @@ def make_checkpoint() -> None:
         {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
 
 
+# Run in a fresh interpreter per scheme, so RUSAGE_CHILDREN is that one compile's peak.
+MEASURE = """
+import resource, subprocess, sys, time
+start = time.perf_counter()
+subprocess.run(sys.argv[1:], check=True)
+print(time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+"""
+
+
+def convert(quant: str) -> dict:
+    output = OUTPUT.with_name(f"{OUTPUT.name}-{quant}")
+    command = [sys.executable, "-m", "fmc.cli", "compile", "llama-7b", "--weights",
+               str(CHECKPOINT), "--quant", quant, "-o", str(output), "--force", "--no-cache",
+               "--quiet"]
+    done = subprocess.run([sys.executable, "-c", MEASURE, *command], check=True,
+                          capture_output=True, text=True)
+    seconds, peak_kib = done.stdout.split()
+    artifact_bytes = sum(p.stat().st_size for p in output.rglob("*") if p.is_file())
+    return {"compile_seconds": float(seconds), "peak_rss_bytes": int(peak_kib) * 1024,
+            "artifact_bytes": artifact_bytes, "output": output}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--keep", action="store_true", help="keep the checkpoint and artifact")
+    parser.add_argument("--quant", nargs="+", default=["q4f16", "q4k_m"])
+    parser.add_argument("--keep", action="store_true", help="keep the checkpoint and artifacts")
     args = parser.parse_args()
     start = time.perf_counter()
     make_checkpoint()
     generated = time.perf_counter() - start
     checkpoint_bytes = sum(p.stat().st_size for p in CHECKPOINT.glob("*.safetensors"))
-    start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "fmc.cli", "compile", "llama-7b", "--weights",
-                    str(CHECKPOINT), "--quant", "q4f16", "-o", str(OUTPUT), "--force"],
-                   check=True)
-    seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-    artifact_bytes = sum(p.stat().st_size for p in OUTPUT.rglob("*") if p.is_file())
-    result = {"checkpoint_bytes": checkpoint_bytes, "artifact_bytes": artifact_bytes,
-              "compile_seconds": seconds, "peak_rss_bytes": peak,
-              "checkpoint_generation_seconds": generated}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
-    print(json.dumps(result, indent=1, sort_keys=True))
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    results = {k: v for k, v in results.items() if isinstance(v, dict)}  # per scheme
+    for quant in args.quant:
+        measured = convert(quant)
+        output = measured.pop("output")
+        results[quant] = {**measured, "checkpoint_bytes": checkpoint_bytes,
+                          "checkpoint_generation_seconds": generated}
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+        print(quant, json.dumps(results[quant], sort_keys=True), flush=True)
+        if not args.keep:
+            shutil.rmtree(output, ignore_errors=True)
     if not args.keep:
         shutil.rmtree(CHECKPOINT, ignore_errors=True)
-        shutil.rmtree(OUTPUT, ignore_errors=True)
 
 
 if __name__ == "__main__":

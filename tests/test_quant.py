@@ -20,8 +20,8 @@ from fmc.frontend.safetensors_reader import SafetensorsFile
 from fmc.quant import all_schemes, get, load_plugin
 
 EXAMPLE_PLUGIN = Path(__file__).parent.parent / "examples" / "quant_plugin_int3.py"
-BUILTIN_SCHEMES = {"q0f32", "q0f16", "q4f16", "q4f32", "q4_0", "q4_1", "q5_0", "q5_1",
-                   "q8f16", "nf4", "q4k", "q5k", "q6k"}
+BUILTIN_SCHEMES = {"q0f32", "q0f16", "q0bf16", "q4f16", "q4f32", "q4_0", "q4_1", "q5_0",
+                   "q5_1", "q8f16", "nf4", "q4k", "q5k", "q6k"}
 QLORA_NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
              -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
              0.07958029955625534, 0.16093020141124725, 0.24611230194568634,
@@ -274,3 +274,22 @@ def test_quant_list_cli(capsys):
     assert {"q0f32", "q0f16", "q4f16", "q4f32", "q8f16", "nf4", "q4_0"} <= set(rows)
     assert rows["q4f16"]["storage"] == "q_weight uint32[N, K/8], q_scale float16[N, K/32]"
     assert rows["q8f16"]["gguf_lossless"] == ["Q8_0"]
+
+
+def test_every_scheme_in_one_model_equals_transformers(tiny_checkpoint, tmp_path):
+    """The K-quant tiny model with one weight matrix in every built-in scheme (including the
+    tied-off output head and the embedding) equals transformers on its dequantized weights."""
+    from models import EVERY_SCHEME, EVERY_SCHEME_OVERRIDES
+
+    checkpoint = tiny_checkpoint("llama-kquant")
+    out = tmp_path / "every"
+    compile_model(CompileOptions(model=str(checkpoint), output=out, quant="q4f16",
+                                 quant_overrides=EVERY_SCHEME_OVERRIDES))
+    layers = json.loads((out / "manifest.json").read_text())["quantization"]["layers"]
+    for layer, scheme in EVERY_SCHEME.items():
+        assert layers[next(k for k in layers if k.endswith(layer))] == scheme, layer
+    # q0f32 is the CPU's compute dtype (no dequantize); q4f16 shares q4f32's kernels
+    assert set(EVERY_SCHEME.values()) == BUILTIN_SCHEMES - {"q0f32", "q4f16"}
+    ours = fmc.load(out).logits(IDS)
+    expected = hf_logits_with(checkpoint, dequantized_state(out), IDS)
+    assert np.abs(ours - expected).max() <= 1e-5 * np.abs(expected).max()

@@ -34,7 +34,7 @@ def reference(smollm2_gguf):
 @pytest.fixture(scope="module")
 def gguf_artifact(smollm2_gguf, tmp_path_factory):
     out = tmp_path_factory.mktemp("smollm2") / "gguf-q0f32"
-    compile_model(CompileOptions(model=str(smollm2_gguf), output=out))
+    compile_model(CompileOptions(model=str(smollm2_gguf), output=out, quant="q0f32"))
     return out
 
 

@@ -105,17 +105,19 @@ def dequantize_offset_int4(stored: list[np.ndarray], zero: int, group: int) -> n
 def dequantize_offset_int4_te(stored, zero: int, group: int, out_dtype: str):
     """The same as a TE compute named `dequantize`.
 
-    In float32 it is written code·scale − zero·scale: both products are exact (4-bit code,
-    float16 scale), so the one rounding of the difference gives (code − zero)·scale bit for
-    bit, and the CPU does it in one FMA with zero·scale hoisted per group. In float16 the
-    products would round: there it stays (code − zero)·scale."""
+    With float16 scales and float32 output it is written code·scale − zero·scale: both
+    products are exact (4-bit code, 11-bit scale), so the one rounding of the difference gives
+    (code − zero)·scale bit for bit, and the CPU does it in one FMA with zero·scale hoisted per
+    group. With float32 scales the products would round (q4f32), and in float16 too: there it
+    stays (code − zero)·scale."""
     words, scales = stored
     rows, k = words.shape[0], words.shape[1] * NIBBLES_PER_WORD
+    exact_products = out_dtype == "float32" and str(scales.dtype) == "float16"
 
     def value(i, j):
         code = nibble(words, i, j).astype(out_dtype)
         scale = scales[i, j // group].astype(out_dtype)
-        if out_dtype == "float32":
+        if exact_products:
             return code * scale - scale * float(zero)
         return (code - zero) * scale
 
