@@ -56,6 +56,7 @@ class CompileOptions:
     quant: str | None = None
     quant_recipe: str | None = None  # a recipe file (replaces `quant`)
     calib: str | None = None  # a text file: activation statistics weight the quantizers' error
+    cpu_dot: str | None = None  # "float" | "int8"; None: int8 where the CPU has VNNI
     quant_overrides: list[str] = field(default_factory=list)
     quant_plugins: list[str] = field(default_factory=list)  # files registering schemes
     pass_plugins: list[str] = field(default_factory=list)  # files registering passes
@@ -403,6 +404,7 @@ def _new_state(options: CompileOptions) -> CompileState:
         target = from_json(options.target_json)
     else:
         target = get_target(options.target)
+    target.configure_dot(options.cpu_dot)
     for plugin in options.quant_plugins:
         load_plugin(plugin)
     for plugin in options.pass_plugins:

@@ -6,16 +6,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import gguf
 import numpy as np
 import pytest
 import torch
-from models import write_gguf_from_checkpoint
 
 import fmc
 from fmc.compiler import CompileOptions, compile_model
 from fmc.errors import InputError
-from fmc.frontend.gguf_file import unpermute_rows
 from fmc.frontend.safetensors_reader import SafetensorsFile
 from fmc.quant import all_schemes, get, load_plugin
 
@@ -178,9 +175,10 @@ def hf_logits_with(checkpoint, state, ids):
 
 IDS = [5, 9, 100, 3, 44, 150, 7, 7, 12]
 # Logit error of each scheme against the fp32 model on the tiny random checkpoint, as
-# max|Δ| / max|logit|. Measured (2026-11-25): q8f16 0.021, nf4 0.23, q4f16 0.31, q4f32 0.31,
-# q4_0 0.33 — random tiny weights are harsher than trained ones; bounds are 1.5× those.
-QUALITY_BOUND = {"q8f16": 0.032, "nf4": 0.35, "q4f16": 0.47, "q4f32": 0.47, "q4_0": 0.5}
+# max|Δ| / max|logit|. Measured (2026-11-25, absmax scales): q8f16 0.021, q4f16 0.31 —
+# random tiny weights are harsher than trained ones; bounds are 1.5× those. Every other
+# scheme's kernels are checked against transformers by the every-scheme model below.
+QUALITY_BOUND = {"q8f16": 0.032, "q4f16": 0.47}
 
 
 @pytest.mark.parametrize("name", sorted(QUALITY_BOUND))
@@ -235,35 +233,6 @@ def test_plugin_that_registers_nothing_is_an_error(tmp_path):
     plugin.write_text("x = 1\n")
     with pytest.raises(InputError, match="registers no quantization scheme"):
         load_plugin(plugin)
-
-
-def test_gguf_q4_0_and_q8_0_import_losslessly(tiny_checkpoint, tmp_path):
-    checkpoint = tiny_checkpoint("llama-gqa-untied")
-    q4, q8 = gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q8_0
-    types = {f"blk.{i}.{part}.weight": q4 for i in range(2)
-             for part in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up",
-                          "ffn_down")}
-    types.update({"token_embd.weight": q8, "output.weight": q8})
-    path = write_gguf_from_checkpoint(checkpoint, tmp_path / "q.gguf", types)
-    out = tmp_path / "lossless"
-    compile_model(CompileOptions(model=str(path), output=out, quant="q4_0",
-                                 quant_overrides=["embed_tokens=q8f16"]))
-    state = dequantized_state(out)
-    reader = {t.name: t for t in gguf.GGUFReader(path).tensors}
-    heads = {"attn_q": 4, "attn_k": 2}
-    for gname, qtype in types.items():
-        expected = gguf.quants.dequantize(reader[gname].data, qtype)
-        part = gname.split(".")[-2]
-        if part in heads:
-            expected = unpermute_rows(expected, heads[part])
-        from fmc.frontend.gguf_file import hf_name
-
-        np.testing.assert_array_equal(state[hf_name(gname)], expected, err_msg=gname)
-    # Compiling the dequantized floats gives the same model.
-    floats = tmp_path / "floats"
-    compile_model(CompileOptions(model=str(path), output=floats, quant="q0f32"))
-    a, b = fmc.load(out).logits(IDS), fmc.load(floats).logits(IDS)
-    assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
 
 
 def test_quant_list_cli(capsys):

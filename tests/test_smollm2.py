@@ -73,9 +73,25 @@ def test_greedy_32_tokens_equal_transformers(reference, gguf_artifact):
     assert ours == theirs, (tokenizer.decode(ours), tokenizer.decode(theirs))
 
 
-def test_logits_match_transformers(reference, gguf_artifact):
+@pytest.fixture(scope="module")
+def kept_types_artifact(smollm2_gguf, tmp_path_factory):
+    """The default compile of the GGUF: every tensor kept in its stored type (Q4_1, Q8_0)."""
+    out = tmp_path_factory.mktemp("smollm2") / "gguf-kept"
+    compile_model(CompileOptions(model=str(smollm2_gguf), output=out))
+    return out
+
+
+@pytest.mark.parametrize("artifact", ["gguf_artifact", "kept_types_artifact"])
+def test_logits_match_transformers(reference, artifact, request):
+    """Dequantized to float32 (q0f32) or kept in the file's Q4_1/Q8_0 blocks (the default):
+    both equal transformers running the same GGUF."""
     tokenizer, model = reference
-    engine = fmc.load(gguf_artifact)
+    engine = fmc.load(request.getfixturevalue(artifact))
+    if artifact == "kept_types_artifact":
+        layers = engine.manifest["quantization"]["layers"]
+        assert engine.manifest["quantization"]["default"] == "gguf"
+        assert layers["model.layers.0.mlp.up_proj"] == "q4_1"
+        assert layers["model.embed_tokens"] == "q8f16"
     ids = tokenizer("Paris is the capital and most populous city of France.")["input_ids"]
     with torch.no_grad():
         expected = model(torch.tensor([ids])).logits[0].numpy()
@@ -88,7 +104,8 @@ def test_tensor_parallel_3_gives_the_unsharded_model(smollm2_gguf, gguf_artifact
     """SmolLM2 (9 heads, 3 KV heads, MLP 1536) split over 3 Disco ranks on the CPU: every
     position's logits equal the unsharded artifact's, and so does a greedy continuation."""
     out = tmp_path_factory.mktemp("smollm2-tp3") / "gguf-q0f32-tp3"
-    compile_model(CompileOptions(model=str(smollm2_gguf), output=out, tensor_parallel=3))
+    compile_model(CompileOptions(model=str(smollm2_gguf), output=out, quant="q0f32",
+                                 tensor_parallel=3))
     whole, sharded = fmc.load(gguf_artifact), fmc.load(out)
     assert sharded.ranks == 3
     ids = whole.tokenizer.encode("Paris is the capital and most populous city of France.")
@@ -128,16 +145,15 @@ def _prompt_of(tokenizer, tokens: int) -> str:
     return " ".join(words[:low])
 
 
-def test_memory_estimate_matches_measured_peak_of_fmc_run(smollm2_gguf, tmp_path):
+def test_memory_estimate_matches_measured_peak_of_fmc_run(kept_types_artifact):
     """The manifest's estimate (weights + KV cache for the full context + one prefill chunk's
     activations) against `fmc run`'s measured peak resident memory for a prompt that fills
-    the context, within the ±15 % docs/cli.md states. q4f16, where the KV cache and the
-    activations are over half of the total."""
+    the context, within the ±15 % docs/cli.md states. 4-bit weights (the file's Q4_1), where
+    the KV cache and the activations are over half of the total."""
     import subprocess
     import sys
 
-    artifact = tmp_path / "q4f16"
-    compile_model(CompileOptions(model=str(smollm2_gguf), output=artifact, quant="q4f16"))
+    artifact = kept_types_artifact
     manifest = json.loads((artifact / "manifest.json").read_text())
     context = manifest["memory"]["context_window"]
     prompt = _prompt_of(fmc.load(artifact).tokenizer, context - 40)

@@ -56,12 +56,13 @@ def test_library_holds_every_default_arch_and_ptx(cuda_artifact, tmp_path):
 
 
 def test_every_schemes_fused_kernels_build_a_fatbin(tmp_path):
-    """Each built-in scheme's fused dequantize → GEMV (decode; dlight's GEMV rule) and → GEMM
-    (prefill) kernel compiles to SASS (one arch, to keep this quick)."""
+    """Each built-in scheme's fused dequantize → GEMV kernel (decode; dlight's GEMV rule, whose
+    analysis is the scheme-sensitive part) compiles to SASS, and one scheme's GEMM (one arch,
+    to keep this quick; Metal builds every scheme's GEMM too)."""
     from test_fused_kernels import SCHEMES, build_linear
 
     for scheme in SCHEMES:
-        for rows in (1, "rows"):
+        for rows in ((1, "rows") if scheme == "q4k" else (1,)):
             executable, _, kernels = build_linear(scheme, "cuda:sm_80", rows)
             library = tmp_path / f"{scheme}-{rows}.so"
             executable.export_library(str(library))

@@ -37,6 +37,10 @@ def compile_command(
     calib: Path = typer.Option(
         None, "--calib", help="Text file: run the float model over it and weight each "
         "quantizer's error by the activations' mean square per input channel."),
+    cpu_dot: str = typer.Option(
+        None, "--cpu-dot", help="cpu targets: float | int8 (int8 activations and the VNNI "
+        "integer dot product in decode GEMVs over 4-bit weights). Default: int8 where the "
+        "CPU has AVX-512 VNNI."),
     quant_override: list[str] = typer.Option(
         [], "--quant-override", help="PATTERN=SCHEME for matching layers (repeatable)."),
     quant_plugin: list[str] = typer.Option(
@@ -85,7 +89,8 @@ def compile_command(
     options = CompileOptions(
         model=model, output=output, target=target, quant=quant,
         quant_recipe=str(quant_recipe) if quant_recipe else None,
-        calib=str(calib) if calib else None, quant_overrides=list(quant_override),
+        calib=str(calib) if calib else None, cpu_dot=cpu_dot,
+        quant_overrides=list(quant_override),
         quant_plugins=list(quant_plugin), weights=weights, tokenizer=tokenizer, force=force,
         shard_bytes=parse_size(shard_size), context_window=context_window,
         prefill_chunk=prefill_chunk, dump_ir=dump_ir, disable_passes=list(disable_pass),

@@ -44,6 +44,10 @@ def _entry_dce(ctx) -> tvm.transform.Pass:
     return relax.transform.DeadCodeElimination(list(ctx.entry_functions))
 
 
+def _target_kernels(ctx) -> tvm.transform.Pass:
+    return tvm.transform.Sequential(ctx.target.kernel_passes(), name="target-kernels")
+
+
 def _schedule(ctx) -> tvm.transform.Pass:
     passes = [p for _, _, p in ctx.target.schedule_passes()]
     return tvm.transform.Sequential(passes, name="schedule")
@@ -77,6 +81,9 @@ PIPELINE: list[PassSpec] = [
     PassSpec("inline-dequantize", "fuse",
              "decode quantized weights inside the consuming loop (no float copy in memory)",
              lambda ctx: InlineDequantize()),
+    PassSpec("target-kernels", "fuse",
+             "swap fused kernels for the target's own (CPU: integer-dot decode GEMVs for "
+             "4-bit weights, --cpu-dot)", _target_kernels),
     PassSpec("fuse-norm-matmul", "fuse",
              "GEMM→norm→GEMM: each RMSNorm becomes the first stage of the matmul reading it",
              lambda ctx: FuseNormMatmul(), default=False),

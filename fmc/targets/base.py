@@ -10,7 +10,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from fmc.errors import MissingToolchainError
+from fmc.errors import MissingToolchainError, UsageError
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,16 @@ class Target:
 
     def schedule_passes(self) -> list:
         """(name, doc, tvm Pass) kernel-scheduling passes for the lower phase."""
+        return []
+
+    def configure_dot(self, choice: str | None) -> None:
+        """`--cpu-dot`: only CPU targets have a choice of dot product."""
+        if choice is not None:
+            raise UsageError(f"--cpu-dot applies to cpu targets, not {self.spec or self.name}")
+
+    def kernel_passes(self) -> list:
+        """TVM passes that swap fused kernels for the target's own (the fuse phase's
+        `target-kernels`, before the add→norm merge); the CPU's integer-dot GEMVs."""
         return []
 
     def default_disabled_passes(self) -> dict[str, str]:

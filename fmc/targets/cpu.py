@@ -30,6 +30,12 @@ def host_cpu() -> str:
     return str(codegen.llvm_get_system_cpu())
 
 
+# How decode GEMVs over 4-bit weights multiply (`--cpu-dot`): "float" decodes the codes to
+# float32; "int8" quantizes the activations to int8 and uses the VNNI integer dot product.
+CPU_DOTS = ("float", "int8")
+VNNI_FEATURE = "avx512vnni"
+
+
 class HostCPU(Target):
     name = "cpu"
     description = "host CPU via LLVM (vectorised for this machine's CPU), shared library"
@@ -37,6 +43,32 @@ class HostCPU(Target):
 
     def __init__(self, mcpu: str | None = None):
         self.mcpu = mcpu or host_cpu()
+        self.dot = "float"
+
+    def has_vnni(self) -> bool:
+        from tvm.target import codegen
+
+        return bool(codegen.target_has_features(VNNI_FEATURE, self.tvm_target()))
+
+    def configure_dot(self, choice: str | None) -> None:
+        """`--cpu-dot`: None picks int8 where the CPU has AVX-512 VNNI, float elsewhere."""
+        if choice is None:
+            self.dot = "int8" if self.has_vnni() else "float"
+            return
+        if choice not in CPU_DOTS:
+            raise UsageError(f"--cpu-dot {choice!r}: choose one of {', '.join(CPU_DOTS)}")
+        if choice == "int8" and not self.has_vnni():
+            raise UsageError(f"--cpu-dot int8 needs AVX-512 VNNI, which LLVM CPU "
+                             f"{self.mcpu!r} lacks (use --cpu-dot float)")
+        self.dot = choice
+
+    def kernel_passes(self) -> list:
+        from fmc.lowering.passes.cpu_int8_dot import CPUInt8Dot
+
+        return [CPUInt8Dot()] if self.dot == "int8" else []
+
+    def describe_build(self) -> dict:
+        return {"cpu_dot": self.dot}
 
     def tvm_target(self):
         import tvm
@@ -84,6 +116,7 @@ class CrossCPU(HostCPU):
 
     def __init__(self, variant: str):
         self.variant = variant
+        self.dot = "float"
         self.triple, self.mcpu, self.machine, self.lanes = CROSS[variant]
         self.description = f"cross-compiled for {variant} ({self.triple}), shared library"
 
@@ -115,8 +148,14 @@ class CrossCPU(HostCPU):
             raise ArtifactError(f"{library}: does not export __tvm_ffi__library_bin")
         return {"machine": self.machine, "checked_with": "llvm-readelf"}
 
+    def configure_dot(self, choice: str | None) -> None:
+        if choice not in (None, "float"):
+            raise UsageError(f"--cpu-dot {choice}: cross target cpu:{self.variant} has "
+                             "only the float path")
+        self.dot = "float"
+
     def describe_build(self) -> dict:
-        return {"cross": self.variant}
+        return {"cross": self.variant, "cpu_dot": self.dot}
 
     def device(self):
         return None
