@@ -2,6 +2,9 @@
 
     python benchmarks/vs_llamacpp.py [--rounds 3] [--threads 1 2] [--pairs q4f16:Q4_0 ...]
 
+A pair is FMC:LLAMA, where FMC is a scheme, optionally with `/float` or `/int8` for the CPU's
+dot product (`--cpu-dot`; default: the compiler's choice for this CPU).
+
 Builds llama.cpp's `llama-bench`/`llama-quantize` from the llama-cpp-python sdist (cached,
 benchmarks/llamacpp.py), makes the GGUF variants from the shipped model, compiles the fmc
 artifacts, then runs the two engines alternately (`rounds` times per thread count):
@@ -26,7 +29,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent
 CACHE = ROOT / ".cache" / "vs_llamacpp"
 # fmc scheme → llama.cpp type with the same bits per weight (the issue's pairs)
-PAIRS = {"q4f16": "Q4_0", "q8f16": "Q8_0", "q0f16": "F16"}
+PAIRS = {"q4_0": "Q4_0", "q4f16": "Q4_0", "q4f16/float": "Q4_0", "q8f16": "Q8_0",
+         "q0f16": "F16"}
 PROMPT, GEN = 128, 64
 
 
@@ -56,10 +60,13 @@ def gguf_variant(bin_dir: Path, source: Path, kind: str) -> Path:
     return target
 
 
-def compile_fmc(scheme: str) -> Path:
-    out = CACHE / f"fmc-{scheme}"
+def compile_fmc(row: str) -> Path:
+    """`scheme[/float|/int8]` → the compiled artifact."""
+    scheme, _, dot = row.partition("/")
+    out = CACHE / f"fmc-{row.replace('/', '-')}"
     subprocess.run([sys.executable, "-m", "fmc.cli", "compile", "--quant", scheme, "-o",
-                    str(out), "--force", "--quiet"], check=True)
+                    str(out), "--force", "--quiet", *(["--cpu-dot", dot] if dot else [])],
+                   check=True)
     return out
 
 
