@@ -59,16 +59,19 @@ def test_bad_target_json_is_a_usage_error(raw, message, tmp_path, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_cpu_build_schedules_every_matmul_and_marks_kernels_noalias(tiny_checkpoint):
+@pytest.mark.parametrize("dot", ["float", "int8"])
+def test_cpu_build_schedules_every_matmul_and_marks_kernels_noalias(dot, tiny_checkpoint):
     """The lowered CPU module: every kernel declares its buffers distinct (LLVM keeps
     accumulators in registers only then), the decode attention is fmc's, and every matmul
-    over row-interleaved weights got the lane-per-row schedule (vectorized row lanes)."""
+    over row-interleaved weights got the lane-per-row schedule (vectorized row lanes) — or,
+    with --cpu-dot int8, the decode GEMVs are the integer-dot kernels."""
     from tvm import tirx
 
     from fmc.compiler import build_ir
     from fmc.lowering.kernels.attention_cpu import DECODE_SYMBOL
 
-    state = build_ir(CompileOptions(model=str(tiny_checkpoint("llama-quant")), quant="q4f16"))
+    state = build_ir(CompileOptions(model=str(tiny_checkpoint("llama-quant")), quant="q4f16",
+                                    target="cpu:icelake-server", cpu_dot=dot))
     kernels = {gv.name_hint: f for gv, f in state.mod.functions_items()
                if isinstance(f, tirx.PrimFunc)}
     assert all(f.attrs and f.attrs.get("tirx.noalias") for f in kernels.values())
@@ -77,5 +80,11 @@ def test_cpu_build_schedules_every_matmul_and_marks_kernels_noalias(tiny_checkpo
     matmuls = {name: f.script() for name, f in kernels.items() if "_rows16" in name
                and "matmul" in name}
     assert len(matmuls) >= 8
+    integer = {name for name, text in matmuls.items() if "vpdpbusd" in text}
+    # int8: decode's qkv, o_proj(+add), gate/up, down(+add) GEMVs of the q4f16 layers
+    assert len(integer) == (4 if dot == "int8" else 0), sorted(integer)
     for name, text in matmuls.items():
-        assert "T.vectorized(T.int64(16))" in text and "T.parallel" in text, name
+        if name in integer:
+            assert "T.parallel" in text, name
+        else:
+            assert "T.vectorized(T.int64(16))" in text and "T.parallel" in text, name

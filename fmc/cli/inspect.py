@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import typer
@@ -33,6 +34,11 @@ def inspect_command(
         "library": manifest["library"]["file"],
         "quantization": manifest["quantization"]["default"],
         "quant_overrides": manifest["quantization"]["overrides"],
+        # layers per scheme (a recipe or `gguf` mixes several; fallbacks show here)
+        "layer_schemes": dict(sorted(Counter(
+            manifest["quantization"].get("layers", {}).values()).items())),
+        "calibration": manifest["quantization"].get("calibration"),
+        "cpu_dot": manifest["target"].get("cpu_dot"),
         "compute_dtype": manifest["compute_dtype"],
         "architecture": model["architecture"],
         "source": manifest["source"],
@@ -63,8 +69,14 @@ def inspect_command(
             f" ({summary['validation']['checked_with']})"
             if summary["validation"].get("checked_with") else "") or "—"),
         ("quantization", summary["quantization"] + (
-            f" + {', '.join(summary['quant_overrides'])}" if summary["quant_overrides"] else "")),
-        ("compute dtype", summary["compute_dtype"]),
+            f" + {', '.join(summary['quant_overrides'])}" if summary["quant_overrides"] else "")
+         + (" (layers: " + ", ".join(f"{k} ×{v}" for k, v in summary["layer_schemes"].items())
+            + ")" if summary["layer_schemes"] else "")
+         + (f"; calibrated on {summary['calibration']['file']} "
+            f"({summary['calibration']['tokens']} tokens)" if summary["calibration"] else "")),
+        ("compute dtype", summary["compute_dtype"] + (
+            f", {summary['cpu_dot']} dot products in decode GEMVs" if summary["cpu_dot"]
+            else "")),
         ("model", f"{summary['architecture']}, {summary['layers']} layers, hidden "
                   f"{summary['hidden_size']}, heads {summary['heads']}, vocab "
                   f"{summary['vocab_size']}"),
