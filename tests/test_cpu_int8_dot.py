@@ -16,11 +16,12 @@ from fmc.lowering.kernels.int8_gemv_cpu import GROUP, gemv_q4
 from fmc.quant import get
 from fmc.targets import get as get_target
 
-ZEROS = {"q4f16": 7, "q4f32": 7, "q4_0": 8}
+ZEROS = {"q4f16": 7, "q4f32": 7, "q4_0": 8, "q4_1": None}
 VNNI_CPU, PLAIN_AVX512_CPU = "icelake-server", "skylake-avx512"
 
 
-def integer_model(codes: np.ndarray, scales: np.ndarray, x: np.ndarray, zero: int):
+def integer_model(codes: np.ndarray, scales: np.ndarray, x: np.ndarray, zero: int | None,
+                  mins: np.ndarray | None = None):
     """numpy: x → int8 per block of 32 (amax/127, round half away from zero), exact integer
     dot products per group, then the float scales — the kernel's arithmetic, written
     independently of it."""
@@ -32,8 +33,12 @@ def integer_model(codes: np.ndarray, scales: np.ndarray, x: np.ndarray, zero: in
     xq = (np.sign(scaled) * np.floor(np.abs(scaled) + 0.5)).astype(np.int64)
     xd = (amax * np.float32(1 / 127)).astype(np.float32)
     dots = (codes.reshape(codes.shape[0], -1, GROUP).astype(np.int64) * xq).sum(-1)
-    centred = dots - zero * xq.sum(-1)  # exact integers [n, groups]
-    terms = centred.astype(np.float32) * (scales.astype(np.float32) * xd)
+    if zero is None:  # value = c·s + m
+        terms = dots.astype(np.float32) * (scales.astype(np.float32) * xd) + \
+            (mins.astype(np.float32) * xd) * xq.sum(-1).astype(np.float32)
+    else:
+        centred = dots - zero * xq.sum(-1)  # exact integers [n, groups]
+        terms = centred.astype(np.float32) * (scales.astype(np.float32) * xd)
     return terms.sum(-1, dtype=np.float64).astype(np.float32), xq, xd
 
 
@@ -46,10 +51,11 @@ def test_kernel_equals_the_integer_model(scheme, n, k, residual):
     stored_scheme = get(f"{scheme}_rows16")
     rng = np.random.default_rng(n + k)
     weight = rng.standard_normal((n, k)).astype(np.float32)
-    words, scales = stored_scheme.quantize(weight)
+    stored = stored_scheme.quantize(weight)
     x = rng.standard_normal((1, 1, k)).astype(np.float32)
     res = rng.standard_normal((1, 1, n)).astype(np.float32)
-    func = gemv_q4(n, k, ZEROS[scheme], str(scales.dtype), residual)
+    zero = ZEROS[scheme]
+    func = gemv_q4(n, k, zero or 0, str(stored[1].dtype), residual, with_min=zero is None)
     target = get_target(f"cpu:{VNNI_CPU}").tvm_target()
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
                       target=target)
@@ -58,13 +64,13 @@ def test_kernel_equals_the_integer_model(scheme, n, k, residual):
     if not get_target("cpu").has_vnni():
         pytest.skip("this CPU cannot run VNNI code (the assembly was checked)")
     out = tvm.runtime.tensor(np.zeros((1, 1, n), np.float32))
-    args = [words, scales, x, *([res] if residual else [])]
+    args = [*stored, x, *([res] if residual else [])]
     lib["main"](*[tvm.runtime.tensor(a) for a in args], out)
-    plain_codes = get(scheme).quantize(weight)[0]
     from fmc.quant.packing import unpack_nibbles
 
-    expected, _, _ = integer_model(unpack_nibbles(plain_codes), get(scheme).quantize(
-        weight)[1], x[0, 0], ZEROS[scheme])
+    plain = get(scheme).quantize(weight)
+    expected, _, _ = integer_model(unpack_nibbles(plain[0]), plain[1], x[0, 0], zero,
+                                   plain[2] if zero is None else None)
     if residual:
         expected = expected + res[0, 0]
     # Integer sums are exact; only the float accumulation order of the groups differs.

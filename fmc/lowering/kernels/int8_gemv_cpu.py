@@ -8,9 +8,13 @@ signed bytes and adds them into an int32 lane — and apply the float scales onc
 
     y[n] = Σ_g s[n, g] · xd[g] · (Σ_{k∈g} c[n, k] · xq[k] − z · Σ_{k∈g} xq[k])
 
-for value = (c − z)·s (q4f16, q4f32: z = 7; q4_0: z = 8). Weights are the CPU's
-row-interleaved layout ([N/16, K/8, 16] uint32 codes, [N/16, K/32, 16] scales): one 64-byte
-load holds a packed word of each of 16 rows, so lane r of the int32 accumulator is row r.
+for value = (c − z)·s (q4f16, q4f32: z = 7; q4_0: z = 8), and for value = c·s + m (q4_1)
+
+    y[n] = Σ_g xd[g] · (s[n, g] · Σ_{k∈g} c[n, k] · xq[k] + m[n, g] · Σ_{k∈g} xq[k]).
+
+Weights are the CPU's row-interleaved layout ([N/16, K/8, 16] uint32 codes, [N/16, K/32, 16]
+scales and minimums): one 64-byte load holds a packed word of each of 16 rows, so lane r of
+the int32 accumulator is row r.
 Of a word's 8 nibbles, `w & 0x0F0F0F0F` gives codes 0, 2, 4, 6 as bytes and
 `(w >> 4) & 0x0F0F0F0F` codes 1, 3, 5, 7; the activation bytes are stored in that order
 (even and odd elements apart), so two `vpdpbusd` per word need no shuffle.
@@ -31,10 +35,12 @@ VNNI = "llvm.x86.avx512.vpdpbusd.512"
 NIBBLES = 0x0F0F0F0F
 
 
-def gemv_q4(n: int, k: int, zero: int, scale_dtype: str, residual: bool) -> tvm.tirx.PrimFunc:
+def gemv_q4(n: int, k: int, zero: int, scale_dtype: str, residual: bool,
+            with_min: bool = False) -> tvm.tirx.PrimFunc:
     """The kernel for an [n, k] weight. Parameters: codes [n/16, k/8, 16] uint32, scales
-    [n/16, k/32, 16], x [1, 1, k], then (with `residual`) a [1, 1, n] tensor added to the
-    result — o_proj's and down_proj's residual epilogue — and the output [1, 1, n]."""
+    [n/16, k/32, 16], (with `with_min`: the minimums, same shape), x [1, 1, k], then (with
+    `residual`) a [1, 1, n] tensor added to the result — o_proj's and down_proj's residual
+    epilogue — and the output [1, 1, n]."""
     assert n % LANES == 0 and k % GROUP == 0
     groups = k // GROUP
     per_task = next(b for b in (ROW_BLOCKS, 1) if n // LANES % b == 0)
@@ -71,7 +77,7 @@ def gemv_q4(n: int, k: int, zero: int, scale_dtype: str, residual: bool) -> tvm.
             xs[g] = total[0]
 
     @T.macro
-    def dot_rows(codes, scales, even, odd, xd, xs, out, res):
+    def dot_rows(codes, scales, mins, even, odd, xd, xs, out, res):
         """out[task's rows] = Σ_g s·xd·(Σ c·xq − z·xs) (+ res), ROW_BLOCKS row blocks at
         once."""
         for task in T.parallel(tasks):
@@ -97,12 +103,22 @@ def gemv_q4(n: int, k: int, zero: int, scale_dtype: str, residual: bool) -> tvm.
                             T.reinterpret("int8x64", T.broadcast(odd[g * WORDS + i], LANES)))
                 for rb in T.unroll(per_task):
                     block: T.let[T.int32] = task * per_task + rb
-                    centred = isum[T.ramp(rb * LANES, 1, LANES)] - T.broadcast(
-                        xs[g] * zero, LANES)
+                    step_scale = T.broadcast(xd[g], LANES)
                     scale = T.Cast("float32x16", scales[block, g, T.ramp(0, 1, LANES)]) * \
-                        T.broadcast(xd[g], LANES)
-                    acc[T.ramp(rb * LANES, 1, LANES)] = acc[T.ramp(rb * LANES, 1, LANES)] + \
-                        T.Cast("float32x16", centred) * scale
+                        step_scale
+                    if with_min:  # decided while parsing
+                        low = T.Cast("float32x16", mins[block, g, T.ramp(0, 1, LANES)]) * \
+                            step_scale
+                        acc[T.ramp(rb * LANES, 1, LANES)] = \
+                            acc[T.ramp(rb * LANES, 1, LANES)] + \
+                            T.Cast("float32x16", isum[T.ramp(rb * LANES, 1, LANES)]) * scale + \
+                            low * T.broadcast(T.Cast("float32", xs[g]), LANES)
+                    else:
+                        centred = isum[T.ramp(rb * LANES, 1, LANES)] - T.broadcast(
+                            xs[g] * zero, LANES)
+                        acc[T.ramp(rb * LANES, 1, LANES)] = \
+                            acc[T.ramp(rb * LANES, 1, LANES)] + \
+                            T.Cast("float32x16", centred) * scale
             for rb in T.unroll(per_task):
                 rows: T.let[T.int32] = (task * per_task + rb) * LANES
                 if residual:  # decided while parsing: `residual` is a Python bool
@@ -111,29 +127,46 @@ def gemv_q4(n: int, k: int, zero: int, scale_dtype: str, residual: bool) -> tvm.
                 else:
                     out[0, 0, T.ramp(rows, 1, LANES)] = acc[T.ramp(rb * LANES, 1, LANES)]
 
-    @T.prim_func(private=True)
-    def plain(codes: T.Buffer((n // LANES, k // 8, LANES), "uint32"),
-              scales: T.Buffer((n // LANES, groups, LANES), scale_dtype),
-              x: T.Buffer((1, 1, k), "float32"), out: T.Buffer((1, 1, n), "float32")):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+    shape = (n // LANES, groups, LANES)
+
+    @T.macro
+    def run(codes, scales, mins, x, res, out):
         even = T.alloc_buffer((groups * WORDS,), "int32")
         odd = T.alloc_buffer((groups * WORDS,), "int32")
         xd = T.alloc_buffer((groups,), "float32")
         xs = T.alloc_buffer((groups,), "int32")
         quantize_activation(x, even, odd, xd, xs)
-        dot_rows(codes, scales, even, odd, xd, xs, out, out)
+        dot_rows(codes, scales, mins, even, odd, xd, xs, out, res)
 
     @T.prim_func(private=True)
-    def with_residual(codes: T.Buffer((n // LANES, k // 8, LANES), "uint32"),
-                      scales: T.Buffer((n // LANES, groups, LANES), scale_dtype),
-                      x: T.Buffer((1, 1, k), "float32"),
+    def plain(codes: T.Buffer((n // LANES, k // 8, LANES), "uint32"),
+              scales: T.Buffer(shape, scale_dtype), x: T.Buffer((1, 1, k), "float32"),
+              out: T.Buffer((1, 1, n), "float32")):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        run(codes, scales, scales, x, out, out)
+
+    @T.prim_func(private=True)
+    def plus_residual(codes: T.Buffer((n // LANES, k // 8, LANES), "uint32"),
+                      scales: T.Buffer(shape, scale_dtype), x: T.Buffer((1, 1, k), "float32"),
                       res: T.Buffer((1, 1, n), "float32"), out: T.Buffer((1, 1, n), "float32")):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        even = T.alloc_buffer((groups * WORDS,), "int32")
-        odd = T.alloc_buffer((groups * WORDS,), "int32")
-        xd = T.alloc_buffer((groups,), "float32")
-        xs = T.alloc_buffer((groups,), "int32")
-        quantize_activation(x, even, odd, xd, xs)
-        dot_rows(codes, scales, even, odd, xd, xs, out, res)
+        run(codes, scales, scales, x, res, out)
+
+    @T.prim_func(private=True)
+    def affine(codes: T.Buffer((n // LANES, k // 8, LANES), "uint32"),
+               scales: T.Buffer(shape, scale_dtype), mins: T.Buffer(shape, scale_dtype),
+               x: T.Buffer((1, 1, k), "float32"), out: T.Buffer((1, 1, n), "float32")):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        run(codes, scales, mins, x, out, out)
+
+    @T.prim_func(private=True)
+    def affine_residual(codes: T.Buffer((n // LANES, k // 8, LANES), "uint32"),
+                        scales: T.Buffer(shape, scale_dtype), mins: T.Buffer(shape, scale_dtype),
+                        x: T.Buffer((1, 1, k), "float32"), res: T.Buffer((1, 1, n), "float32"),
+                        out: T.Buffer((1, 1, n), "float32")):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        run(codes, scales, mins, x, res, out)
     # fmt: on
-    return with_residual if residual else plain
+    if with_min:
+        return affine_residual if residual else affine
+    return plus_residual if residual else plain

@@ -2,10 +2,11 @@
 (fmc.lowering.kernels.int8_gemv_cpu): int8 activations, `vpdpbusd` over the weights' codes.
 
 A kernel qualifies when it is a decode matmul (one token: x is [1, 1, K]) over a
-row-interleaved q4f16, q4f32 or q4_0 weight — a single `NT_matmul` block, optionally followed
-by the residual `T_add` (o_proj's and down_proj's epilogue) — with the parameters
-(codes, scales, x[, residual], out). Anything else keeps the float kernel. Runs in the fuse
-phase before the add→norm merge; the integer kernels are scheduled by hand and marked so."""
+row-interleaved q4f16, q4f32, q4_0 or q4_1 weight — a single `NT_matmul` block, optionally
+followed by the residual `T_add` (o_proj's and down_proj's epilogue) — with the parameters
+(codes, scales[, minimums], x[, residual], out). Anything else keeps the float kernel.
+Runs in the fuse phase before the add→norm merge; the integer kernels are scheduled by hand
+and marked so."""
 
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ from tvm import tirx
 from fmc.lowering.kernels.int8_gemv_cpu import GROUP, LANES, gemv_q4
 from fmc.lowering.tir_util import block_names
 
-# Scheme → its zero point: value = (code − zero)·scale.
-ZERO_POINTS = {"q4f16": 7, "q4f32": 7, "q4_0": 8}
+# Scheme → its zero point: value = (code − zero)·scale; None: value = code·scale + minimum.
+ZERO_POINTS = {"q4f16": 7, "q4f32": 7, "q4_0": 8, "q4_1": None}
 # fmc names a dequantize kernel `dequantize_SCHEME` (rows-interleaved: `SCHEME_rows16`), and
 # fusion prefixes "fused_" and may append a de-duplication number.
 KERNEL = re.compile(rf"(?:^|_)dequantize_(?P<scheme>\w+?)_rows{LANES}\d*_")
@@ -38,11 +39,17 @@ def match(name: str, func: tirx.PrimFunc) -> dict | None:
     if blocks not in (["NT_matmul"], ["NT_matmul", "T_add"]):
         return None
     residual = len(blocks) == 2
+    zero = ZERO_POINTS[found.group("scheme")]
     params = [p.ty for p in func.params]  # 0.27: parameters are typed as buffers
     if not all(hasattr(b, "shape") for b in params):
         return None
-    if len(params) != (5 if residual else 4):
+    if len(params) != 4 + residual + (zero is None):
         return None
+    if zero is None:  # the minimums: the same shape and dtype as the scales
+        if _static(params[1].shape) != _static(params[2].shape) \
+                or str(params[1].dtype) != str(params[2].dtype):
+            return None
+        params = [params[0], params[1], *params[3:]]
     codes, scales, x, *rest = params
     shapes = [_static(b.shape) for b in params]
     if None in shapes:
@@ -57,8 +64,8 @@ def match(name: str, func: tirx.PrimFunc) -> dict | None:
             or any(str(b.dtype) != "float32" for b in (x, *rest)) \
             or (residual and shapes[3] != out):
         return None
-    return {"n": n, "k": k, "zero": ZERO_POINTS[found.group("scheme")],
-            "scale_dtype": str(scales.dtype), "residual": residual}
+    return {"n": n, "k": k, "zero": zero or 0, "scale_dtype": str(scales.dtype),
+            "residual": residual, "with_min": zero is None}
 
 
 @tvm.transform.module_pass(opt_level=0, name="CPUInt8Dot")
