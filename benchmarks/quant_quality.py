@@ -58,13 +58,14 @@ FMC_ROWS: dict[str, list[str]] = {
     "nf4": ["--quant", "nf4"],
     "q4k_m --calib": ["--quant", "q4k_m", "--calib", str(CALIB)],
     "q4f16 --calib": ["--quant", "q4f16", "--calib", str(CALIB)],
+    "nf4 --calib": ["--quant", "nf4", "--calib", str(CALIB)],
 }
 # llama.cpp type → fmc rows it is compared with (same bits).
 LLAMA_TYPES: dict[str, list[str]] = {
     "F32": ["q0f32"], "F16": ["q0f16"], "Q8_0": ["q8f16"], "Q6_K": ["q6k"],
     "Q5_K_M": ["q5k_m"], "Q5_1": ["q5_1"], "Q5_0": ["q5_0"],
     "Q4_1": ["gguf", "q4_1"], "Q4_K_M": ["q4k_m", "q4k_m --calib"],
-    "Q4_0": ["q4f32", "q4f16", "q4_0", "nf4", "q4f16 --calib"],
+    "Q4_0": ["q4f32", "q4f16", "q4_0", "nf4", "q4f16 --calib", "nf4 --calib"],
 }
 BASE_TYPE = "F32"
 

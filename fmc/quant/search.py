@@ -25,14 +25,18 @@ REFINE = 2
 ENABLED = True
 
 
-def element_weights(blocks: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
+def element_weights(blocks: np.ndarray, importance: np.ndarray | None,
+                    square: bool = False) -> np.ndarray:
     """How much each weight's error counts, [..., n] like `blocks`.
 
     Without calibration ggml's choice for its K-quants: rms(block) + |x| (big weights matter
-    more, small ones are not ignored). With calibration (per-element activation energy,
-    broadcast to `blocks`) llama.cpp's imatrix form: importance · sqrt(σ² + x²), σ² the
-    mean square of the block."""
+    more, small ones are not ignored) — or, with `square`, x² (ggml's make_qx_quants; what
+    the NF4 code book, whose levels crowd near zero, measured best with). With calibration
+    (per-element activation energy, broadcast to `blocks`) llama.cpp's imatrix form:
+    importance · sqrt(σ² + x²), σ² the mean square of the block."""
     squares = blocks * blocks
+    if importance is None and square:
+        return squares
     if importance is None:
         return np.sqrt(squares.mean(axis=-1, keepdims=True)) + np.abs(blocks)
     sigma2 = squares.mean(axis=-1, keepdims=True)
@@ -51,17 +55,19 @@ def _fit_scale(wx, w, grid):
 def symmetric(x: np.ndarray, w: np.ndarray, low: int, high: int) -> np.ndarray:
     """Scale per block for values scale·l, l integer in [low, high] (low < 0 < high).
     Returns float32 scales [blocks] (0 for all-zero blocks)."""
-    return grid_search(x, w, lambda y: np.clip(np.rint(y), low, high), -low, high)
+    return grid_search(x, w, lambda y: np.clip(np.rint(y), low, high), -low, high,
+                       symmetric=low == -high)
 
 
 def grid_search(x: np.ndarray, w: np.ndarray, to_grid, negative_end: float,
-                positive_end: float) -> np.ndarray:
+                positive_end: float, symmetric: bool = False) -> np.ndarray:
     """Scale per block for values scale·g, g = to_grid(x / scale) a point of a fixed grid
     whose ends are −negative_end and +positive_end (an integer range, or a code book).
 
-    Candidates put the block's signed extreme on the grid's negative end, and (when the ends
-    differ) on its positive end, each stretched by STEP·i for i in [−STEPS, STEPS]; each is
-    refit by least squares; the best is refined by re-rounding. Returns float32 [blocks]."""
+    Candidates put the block's signed extreme on the grid's negative end and — unless the
+    grid is `symmetric` (then both give the same codes) — on its positive end, each stretched
+    by STEP·i for i in [−STEPS, STEPS]; each is refit by least squares; the best is refined
+    by re-rounding. The scale's sign says which end was chosen. Returns float32 [blocks]."""
     index = np.abs(x).argmax(axis=-1)[..., None]
     signed_max = np.take_along_axis(x, index, axis=-1)[..., 0]
     safe_max = np.where(signed_max == 0, 1.0, signed_max).astype(np.float32)
@@ -81,7 +87,7 @@ def grid_search(x: np.ndarray, w: np.ndarray, to_grid, negative_end: float,
         best_score = np.where(better, score, best_score)
         return better.any()
 
-    landings = [-negative_end] + ([positive_end] if positive_end != negative_end else [])
+    landings = [-negative_end] + ([] if symmetric else [positive_end])
     for end in landings:
         for step in range(-STEPS, STEPS + 1):
             reach = end + (STEP * step if end > 0 else -STEP * step)
@@ -179,13 +185,13 @@ def codes_for(x: np.ndarray, scale: np.ndarray, low: int, high: int,
     return np.clip(np.rint(ratio), low, high)
 
 
-def weighted_blocks(weight: np.ndarray, block: int, importance: np.ndarray | None
-                    ) -> tuple[np.ndarray, np.ndarray]:
-    """A [rows, K] weight as float32 blocks [rows, K/block, block] and their element weights;
-    `importance` is per input channel [K] (or None)."""
+def weighted_blocks(weight: np.ndarray, block: int, importance: np.ndarray | None,
+                    square: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """A [rows, K] weight as float32 blocks [rows, K/block, block] and their element weights
+    (`element_weights`); `importance` is per input channel [K] (or None)."""
     rows, k = weight.shape
     blocks = np.asarray(weight, dtype=np.float32).reshape(rows, k // block, block)
     column = None
     if importance is not None:
         column = np.asarray(importance, dtype=np.float32).reshape(1, k // block, block)
-    return blocks, element_weights(blocks, column).astype(np.float32)
+    return blocks, element_weights(blocks, column, square).astype(np.float32)
