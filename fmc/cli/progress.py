@@ -49,18 +49,14 @@ class CompileProgress:
             self._line("[green]✓[/]", f"{info['name']} done in {info['seconds']:.2f} s")
         elif event == "phase-cached":
             self._line("[cyan]↺[/]", f"{info['name']} skipped: restored from the build cache")
-        elif event == "calibrate":
+        elif event in ("calibrate", "tensor"):
             if self._progress is not None and self._task is not None:
                 self._progress.update(self._task, total=info["total"], completed=info["done"])
             elif time.monotonic() - self._last_line > 5 or info["done"] == info["total"]:
                 self._last_line = time.monotonic()
-                log.info("calibration: layer %d/%d", info["done"], info["total"])
-        elif event == "tensor":
-            if self._progress is not None and self._task is not None:
-                self._progress.update(self._task, total=info["total"], completed=info["done"])
-            elif time.monotonic() - self._last_line > 5 or info["done"] == info["total"]:
-                self._last_line = time.monotonic()
-                log.info("weights: %d/%d tensors", info["done"], info["total"])
+                what = "calibration: layer" if event == "calibrate" else "weights:"
+                unit = "" if event == "calibrate" else " tensors"
+                log.info("%s %d/%d%s", what, info["done"], info["total"], unit)
 
     def _line(self, mark: str, message: str) -> None:
         """A finished step: above the live display on a terminal, a log line otherwise."""
