@@ -127,9 +127,11 @@ def decode_launches(mod) -> int:
 @pytest.mark.parametrize("quant", ["q0f32", "q4f16"])
 def test_norm_fusions_keep_logits_and_cut_kernels(quant, tiny_checkpoint, tmp_path):
     model = str(tiny_checkpoint("llama-quant"))
-    variants = {"default": dict(),
-                "no-add-norm": dict(disable_passes=["fuse-add-norm"]),
-                "gemm-norm-gemm": dict(enable_passes=["fuse-norm-matmul"])}
+    # The float path: --cpu-dot int8's decode GEMVs are hand-scheduled loops that the norm
+    # merges leave alone (docs/targets.md).
+    variants = {"default": dict(cpu_dot="float"),
+                "no-add-norm": dict(disable_passes=["fuse-add-norm"], cpu_dot="float"),
+                "gemm-norm-gemm": dict(enable_passes=["fuse-norm-matmul"], cpu_dot="float")}
     logits, launches = {}, {}
     ids = [5, 9, 100, 3, 44, 150, 7]
     for name, extra in variants.items():
