@@ -11,7 +11,9 @@ artifacts, then runs the two engines alternately (`rounds` times per thread coun
 `llama-bench -p 128 -n 64` and `fmc bench --prompt-len 128 --gen-len 64`. It measures this
 machine's read bandwidth (numpy, one reader per thread) and reports decode as a fraction of
 the roofline bandwidth / bytes of weights read per token. Writes
-benchmarks/results/vs_llamacpp.json and prints a markdown table (median, min–max)."""
+benchmarks/results/vs_llamacpp.json, the chart docs/images/vs_llamacpp.svg (tokens/s of both
+engines per pair and thread count, bars at the median, whiskers from min to max) and prints
+a markdown table (median, min–max, fmc/llama.cpp ratio of the medians)."""
 
 from __future__ import annotations
 
@@ -29,8 +31,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent
 CACHE = ROOT / ".cache" / "vs_llamacpp"
 # fmc scheme → llama.cpp type with the same bits per weight (the issue's pairs)
-PAIRS = {"q4_0": "Q4_0", "q4f16": "Q4_0", "q4f16/float": "Q4_0", "q8f16": "Q8_0",
-         "q0f16": "F16"}
+PAIRS = {"q4_0": "Q4_0", "q4f16": "Q4_0", "q4f16/float": "Q4_0", "q4k_m": "Q4_K_M",
+         "q8f16": "Q8_0", "q8f16/float": "Q8_0", "q0f16": "F16"}
+CHART = ROOT.parent / "docs" / "images" / "vs_llamacpp.svg"
 PROMPT, GEN = 128, 64
 
 
@@ -104,6 +107,51 @@ def summary(values: list[float]) -> dict:
             "runs": values}
 
 
+def machine() -> dict:
+    """What the numbers were measured on."""
+    import os
+    import platform
+
+    model = next((line.split(":", 1)[1].strip() for line in
+                  Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor())
+    return {"cpu": model, "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d")}
+
+
+def chart(results: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    matplotlib.rcParams["svg.hashsalt"] = "fmc"  # reproducible SVG ids
+    rows = results["rows"]
+    fig, axes = plt.subplots(2, 1, figsize=(11, 7.5), sharex=True)
+    labels = [f"{r['fmc']} | {r['llama.cpp']}\n{r['threads']}T" for r in rows]
+    positions = np.arange(len(rows))
+    for ax, measure in zip(axes, ("decode", "prefill")):
+        for offset, (engine, key, color) in enumerate(
+                (("fmc", "fmc", "tab:blue"), ("llama.cpp", "llamacpp", "tab:orange"))):
+            stats = [r[f"{key}_{measure}"] for r in rows]
+            medians = np.array([s["median"] for s in stats])
+            spread = np.array([[m - s["min"] for m, s in zip(medians, stats)],
+                               [s["max"] - m for m, s in zip(medians, stats)]])
+            ax.bar(positions + (offset - 0.5) * 0.38, medians, 0.38, yerr=spread, capsize=2,
+                   label=engine, color=color)
+        ax.set_ylabel(f"{measure} tokens/s" + (f" ({PROMPT}-token prompt)"
+                                              if measure == "prefill" else ""))
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(loc="upper right")
+    axes[-1].set_xticks(positions, labels, fontsize=7)
+    info = results["machine"]
+    axes[0].set_title(f"SmolLM2-135M, fmc vs llama.cpp, medians of {results['rounds']} "
+                      f"alternated rounds (whiskers: min–max); {info['cpu']}, "
+                      f"{info['cpus']} vCPU, {info['date']}", fontsize=9)
+    fig.tight_layout()
+    CHART.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(CHART, format="svg", metadata={"Date": None})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=3)
@@ -120,7 +168,8 @@ def main() -> None:
     pairs = [tuple(p.split(":")) for p in args.pairs]
     ggufs = {kind: gguf_variant(bin_dir, source, kind) for _, kind in pairs}
     artifacts = {scheme: compile_fmc(scheme) for scheme, _ in pairs}
-    results = {"machine": {"bandwidth_bytes_per_s": {}}, "rows": []}
+    results = {"machine": {**machine(), "bandwidth_bytes_per_s": {}}, "rows": [],
+               "rounds": args.rounds}
     for threads in args.threads:
         bandwidth = read_bandwidth(threads)
         results["machine"]["bandwidth_bytes_per_s"][threads] = bandwidth
@@ -145,15 +194,21 @@ def main() -> None:
                 "fmc_roofline_fraction": fmc_decode * per_token / bandwidth})
     (ROOT / "results").mkdir(exist_ok=True)
     (ROOT / "results" / "vs_llamacpp.json").write_text(json.dumps(results, indent=1) + "\n")
-    print("| threads | fmc | llama.cpp | decode fmc | decode llama.cpp | prefill fmc "
-          "| prefill llama.cpp | fmc decode / roofline |")
-    print("|---|---|---|---|---|---|---|---|")
+    chart(results)
+    print("| threads | fmc | llama.cpp | decode fmc | decode llama.cpp | ratio | prefill fmc "
+          "| prefill llama.cpp | ratio | fmc decode / roofline |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+
+    def cell(stats):
+        return f"{stats['median']:.1f} ({stats['min']:.1f}–{stats['max']:.1f})"
+
     for row in results["rows"]:
-        def cell(stats):
-            return f"{stats['median']:.1f} ({stats['min']:.1f}–{stats['max']:.1f})"
+        ratios = {m: row[f"fmc_{m}"]["median"] / row[f"llamacpp_{m}"]["median"]
+                  for m in ("decode", "prefill")}
         print(f"| {row['threads']} | {row['fmc']} | {row['llama.cpp']} | "
               f"{cell(row['fmc_decode'])} | {cell(row['llamacpp_decode'])} | "
-              f"{cell(row['fmc_prefill'])} | {cell(row['llamacpp_prefill'])} | "
+              f"{ratios['decode']:.2f}× | {cell(row['fmc_prefill'])} | "
+              f"{cell(row['llamacpp_prefill'])} | {ratios['prefill']:.2f}× | "
               f"{row['fmc_roofline_fraction']:.0%} |")
     for threads, bandwidth in results["machine"]["bandwidth_bytes_per_s"].items():
         print(f"read bandwidth, {threads} thread(s): {bandwidth / 1e9:.1f} GB/s")

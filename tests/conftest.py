@@ -36,7 +36,9 @@ def tiny_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_artifact(tiny_checkpoint, tmp_path_factory):
-    """(name, quant) → path of the compiled artifact (compiled on first use)."""
+    """(name, quant) → path of the compiled artifact (compiled on first use). The CPU's
+    float dot product, on every machine: tests against reference numerics run on the exact
+    path (the int8 one has its own tolerance tests in test_cpu_int8_dot.py)."""
     from fmc.compiler import CompileOptions, compile_model
 
     cache: dict[tuple[str, str], Path] = {}
@@ -46,7 +48,7 @@ def tiny_artifact(tiny_checkpoint, tmp_path_factory):
         if key not in cache:
             out = tmp_path_factory.mktemp("artifacts") / f"{name}-{quant}"
             compile_model(CompileOptions(model=str(tiny_checkpoint(name)), output=out,
-                                         quant=quant))
+                                         quant=quant, cpu_dot="float"))
             cache[key] = out
         return cache[key]
 

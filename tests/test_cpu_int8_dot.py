@@ -12,11 +12,12 @@ import pytest
 import fmc
 from fmc.compiler import CompileOptions, compile_model
 from fmc.errors import UsageError
-from fmc.lowering.kernels.int8_gemv_cpu import GROUP, gemv_q4
+from fmc.lowering.kernels.int8_gemv_cpu import GROUP, gemv
 from fmc.quant import get
 from fmc.targets import get as get_target
 
-ZEROS = {"q4f16": 7, "q4f32": 7, "q4_0": 8, "q4_1": None}
+ZEROS = {"q4f16": 7, "q4f32": 7, "q4_0": 8, "q4_1": None, "q8f16": 128}
+BITS = {"q8f16": 8}
 VNNI_CPU, PLAIN_AVX512_CPU = "icelake-server", "skylake-avx512"
 
 
@@ -55,12 +56,16 @@ def test_kernel_equals_the_integer_model(scheme, n, k, residual):
     x = rng.standard_normal((1, 1, k)).astype(np.float32)
     res = rng.standard_normal((1, 1, n)).astype(np.float32)
     zero = ZEROS[scheme]
-    func = gemv_q4(n, k, zero or 0, str(stored[1].dtype), residual, with_min=zero is None)
+    bits = BITS.get(scheme, 4)
+    func = gemv(n, k, bits, zero or 0, str(stored[1].dtype), residual, with_min=zero is None)
     target = get_target(f"cpu:{VNNI_CPU}").tvm_target()
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
                       target=target)
-    if "vpdpbusd" not in lib.mod.inspect_source("asm"):
+    assembly = lib.mod.inspect_source("asm")
+    if "vpdpbusd" not in assembly:
         pytest.fail("no VNNI instruction in the integer-dot kernel")
+    if bits == 8 and "vpermb" not in assembly:
+        pytest.fail("the 8-bit kernel's byte transpose is not one vpermb")
     if not get_target("cpu").has_vnni():
         pytest.skip("this CPU cannot run VNNI code (the assembly was checked)")
     out = tvm.runtime.tensor(np.zeros((1, 1, n), np.float32))
@@ -69,7 +74,9 @@ def test_kernel_equals_the_integer_model(scheme, n, k, residual):
     from fmc.quant.packing import unpack_nibbles
 
     plain = get(scheme).quantize(weight)
-    expected, _, _ = integer_model(unpack_nibbles(plain[0]), plain[1], x[0, 0], zero,
+    # 8-bit: the kernel reads the signed code c as the unsigned byte c + 128 (zero 128).
+    codes = unpack_nibbles(plain[0]) if bits == 4 else plain[0].astype(np.int64) + 128
+    expected, _, _ = integer_model(codes, plain[1], x[0, 0], zero,
                                    plain[2] if zero is None else None)
     if residual:
         expected = expected + res[0, 0]
@@ -112,12 +119,14 @@ def disassembly(library) -> str:
                           check=True).stdout
 
 
-def test_int8_artifact_decodes_within_tolerance_of_the_float_path(tiny_checkpoint, tmp_path):
+@pytest.mark.parametrize("quant", ["q4f16", "q8f16"])
+def test_int8_artifact_decodes_within_tolerance_of_the_float_path(tiny_checkpoint, tmp_path,
+                                                                  quant):
     checkpoint = str(tiny_checkpoint("llama-kquant"))
     artifacts = {}
     for dot in ("float", "int8"):
         artifacts[dot] = tmp_path / dot
-        compile_model(CompileOptions(model=checkpoint, output=artifacts[dot], quant="q4f16",
+        compile_model(CompileOptions(model=checkpoint, output=artifacts[dot], quant=quant,
                                      target=f"cpu:{VNNI_CPU}", cpu_dot=dot))
         manifest = json.loads((artifacts[dot] / "manifest.json").read_text())
         assert manifest["target"]["cpu_dot"] == dot

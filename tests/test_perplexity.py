@@ -57,3 +57,12 @@ def test_ppl_cli_reports_kl_against_a_base(tiny_artifact, tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["chunks"] == 3 and result["kl_divergence"] > 0
     assert 0 <= result["same_top_token"] <= 1 and result["base_perplexity"] > 1
+
+
+def test_decode_path_scores_the_same_positions_as_prefill(tiny_artifact):
+    engine = fmc.load(tiny_artifact("llama-quant", "q4f16"))
+    prefill = perplexity(engine, TOKENS, context=16)
+    decode = perplexity(engine, TOKENS, context=16, decode=True)
+    assert decode["path"] == "decode" and decode["scored_tokens"] == prefill["scored_tokens"]
+    # Different kernels (GEMV per step vs one GEMM per window), the same function.
+    assert math.isclose(decode["perplexity"], prefill["perplexity"], rel_tol=1e-5)

@@ -22,6 +22,10 @@ def ppl_command(
         "divergence from its distributions and the same-top-token rate."),
     verify: bool = verify_option(),
     threads: int = typer.Option(None, "--threads", help="CPU threads."),
+    decode: bool = typer.Option(
+        False, "--decode",
+        help="Score each position from a decode step (the kernels generation runs) instead "
+             "of one prefill per window; slower."),
     quiet: bool = quiet_option(),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON result on stdout."),
 ) -> None:
@@ -48,7 +52,8 @@ def ppl_command(
     def report(done, total, value):
         log.info("chunk %d/%d: running perplexity %.4f", done, total, value)
 
-    result = perplexity(engine, tokens, context, max_chunks, progress=report, base=base)
+    result = perplexity(engine, tokens, context, max_chunks, progress=report, base=base,
+                        decode=decode)
     result.update(artifact=str(artifact), text=str(text),
                   quantization=engine.manifest["quantization"]["default"])
     if json_out:

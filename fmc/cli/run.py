@@ -25,6 +25,9 @@ def run_command(
     verify: bool = verify_option(),
     ignore_eos: bool = typer.Option(False, "--ignore-eos",
                                     help="Keep generating past end-of-sequence tokens."),
+    stop: list[str] = typer.Option(
+        None, "--stop", help="End the text before this string (repeatable); the string "
+        "itself is not printed."),
     quiet: bool = quiet_option(),
     json_out: bool = typer.Option(
         False, "--json", help="Print one JSON result (text, token ids, timings, memory); "
@@ -51,18 +54,22 @@ def run_command(
     loaded = resident_bytes()
     tokenizer = engine.tokenizer
     tokenizer_bytes = None if loaded is None else resident_bytes() - loaded
+    rule = engine.stop_rule(max_tokens, stop_at_eos=not ignore_eos, stop=stop or ())
     if json_out:
         start = time.perf_counter()
         prompt_ids = tokenizer.encode(prompt)
-        ids = list(engine.generate_ids(prompt_ids, max_tokens, sampling,
-                                       stop_at_eos=not ignore_eos))
+        steps = list(engine.steps(prompt_ids, rule, sampling, text=bool(stop)))
+        ids = [step.token for step in steps if step.token is not None]
+        text = "".join(step.text for step in steps) if stop else tokenizer.decode(ids)
         emit_json({"artifact": str(artifact), "prompt_tokens": len(prompt_ids),
-                   "token_ids": ids, "text": tokenizer.decode(ids),
+                   "token_ids": ids, "text": text,
+                   "finish_reason": steps[-1].finish_reason if steps else "length",
                    "seconds": time.perf_counter() - start,
                    "memory": _memory_report(engine, baseline, tokenizer_bytes,
                                             peak_resident_bytes())})
         return
-    for piece in engine.stream(prompt, max_tokens, sampling, stop_at_eos=not ignore_eos):
+    for step in engine.steps(tokenizer.encode(prompt), rule, sampling, text=True):
+        piece = step.text
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")

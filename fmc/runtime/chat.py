@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fmc.errors import ArtifactError, UsageError
-from fmc.runtime.sampling import Sampler, SamplingParams
+from fmc.runtime.generation import Generation
+from fmc.runtime.sampling import SamplingParams
 
 if TYPE_CHECKING:
     from fmc.runtime.engine import Engine
@@ -105,8 +106,6 @@ class Conversation:
     def reply(self, text: str, max_tokens: int = 256) -> Iterator[str]:
         """Stream the answer to `text`. Stopping the iteration early (Ctrl-C) keeps what was
         said so far as the assistant's message."""
-        from fmc.runtime.tokenizer import StreamDecoder
-
         engine = self.engine
         self.messages.append({"role": "user", "content": text})
         prompt = engine.tokenizer.encode(self.template.render(self.messages),
@@ -116,22 +115,22 @@ class Conversation:
         except UsageError:
             self.messages.pop()
             raise
-        sampler = Sampler(self.sampling)
-        decoder = StreamDecoder(engine.tokenizer)
+        generation = Generation(engine.stop_rule(max_tokens), self.sampling, engine.tokenizer)
         answer: list[int] = []
         try:
+            if generation.finished:
+                return
             logits = self._sync(prompt)
-            for _ in range(max_tokens):
-                token = sampler(logits, engine.history[self.seq])
-                if token in engine.config.eos_token_ids:
+            while True:
+                step = generation.step(logits, engine.history[self.seq],
+                                       engine.sequence_length(self.seq))
+                if step.token is not None:
+                    answer.append(step.token)
+                if step.text:
+                    yield step.text
+                if step.finish_reason is not None:
                     break
-                answer.append(token)
-                piece = decoder.push(token)
-                if piece:
-                    yield piece
-                if engine.sequence_length(self.seq) >= engine.context_window:
-                    break
-                logits = engine.decode(self.seq, token)
+                logits = engine.decode(self.seq, step.token)
         finally:
             self.messages.append({"role": "assistant",
                                   "content": engine.tokenizer.decode(answer)})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +13,10 @@ import numpy as np
 from fmc.errors import UsageError
 from fmc.model_config import ModelConfig
 from fmc.runtime.artifact import open_artifact
-from fmc.runtime.sampling import Sampler, SamplingParams
+from fmc.runtime.generation import Generation, Step, StopRule
+from fmc.runtime.sampling import SamplingParams
 from fmc.runtime.threads import configure_threads
-from fmc.runtime.tokenizer import StreamDecoder, TextTokenizer
+from fmc.runtime.tokenizer import TextTokenizer
 
 
 class _Builtins:
@@ -386,62 +387,77 @@ class Engine:
             self.remove(seq)
 
     # -- generation --------------------------------------------------------------------------
+    def stop_rule(self, max_tokens: int, stop_at_eos: bool = True,
+                  stop: Iterable[str] = ()) -> StopRule:
+        """This engine's stop rule: its context window and end-of-sequence ids."""
+        return StopRule.of(max_tokens, self.context_window, self.config.eos_token_ids,
+                           stop_at_eos, stop)
+
+    def steps(self, prompt_ids: list[int], rule: StopRule,
+              sampling: SamplingParams | None = None, text: bool = False) -> Iterator[Step]:
+        """Generate alone: prefill, then one decode step per emitted token, every logits row
+        through the generation policy (fmc.runtime.generation). With `text`, each step
+        carries its text (needed for stop strings)."""
+        self.check_prompt(prompt_ids)
+        generation = Generation(rule, sampling, self.tokenizer if text else None)
+        if generation.finished:
+            return
+        seq = self.new_sequence()
+        try:
+            logits = self.prefill(seq, prompt_ids)
+            while True:
+                step = generation.step(logits, self.history[seq], self.sequence_length(seq))
+                yield step
+                if step.finish_reason is not None:
+                    return
+                logits = self.decode(seq, step.token)
+        finally:
+            self.remove(seq)
+
     def generate_ids(self, prompt_ids: list[int], max_tokens: int = 128,
                      sampling: SamplingParams | None = None,
                      stop_at_eos: bool = True) -> Iterator[int]:
         """Yield generated token ids one by one (the prompt is not repeated)."""
-        if max_tokens < 0:
-            raise UsageError(f"--max-tokens must be ≥ 0, got {max_tokens}")
-        self.check_prompt(prompt_ids)
-        sampler = Sampler(sampling or SamplingParams())
-        eos = set(self.config.eos_token_ids) if stop_at_eos else set()
-        seq = self.new_sequence()
-        try:
-            if max_tokens == 0:
-                return
-            token = sampler(self.prefill(seq, prompt_ids), self.history[seq])
-            for produced in range(1, max_tokens + 1):
-                if token in eos:
-                    return
-                yield token
-                if produced == max_tokens or self.sequence_length(seq) >= self.context_window:
-                    return  # budget spent, or the context is full
-                token = sampler(self.decode(seq, token), self.history[seq])
-        finally:
-            self.remove(seq)
+        rule = self.stop_rule(max_tokens, stop_at_eos)
+        for step in self.steps(prompt_ids, rule, sampling):
+            if step.token is not None:
+                yield step.token
 
     def stream(self, prompt: str, max_tokens: int = 128,
-               sampling: SamplingParams | None = None, stop_at_eos: bool = True) -> _Stream:
+               sampling: SamplingParams | None = None, stop_at_eos: bool = True,
+               stop: Iterable[str] = ()) -> _Stream:
         """Text pieces as tokens are produced: `for piece in eng.stream(p)` generates
         alone; `async for piece in eng.stream(p)` joins the concurrent requests' batched
-        decode steps (`stream_async`)."""
-        return _Stream(self, prompt, max_tokens, sampling, stop_at_eos)
+        decode steps (`stream_async`). Generation ends before any of the `stop` strings,
+        which are not part of the text."""
+        return _Stream(self, prompt, self.stop_rule(max_tokens, stop_at_eos, stop), sampling)
 
-    def _stream_sync(self, prompt: str, max_tokens: int, sampling: SamplingParams | None,
-                     stop_at_eos: bool) -> Iterator[str]:
-        decoder = StreamDecoder(self.tokenizer)
-        for token in self.generate_ids(self.tokenizer.encode(prompt), max_tokens, sampling,
-                                       stop_at_eos):
-            piece = decoder.push(token)
-            if piece:
-                yield piece
+    def _stream_sync(self, prompt: str, rule: StopRule,
+                     sampling: SamplingParams | None) -> Iterator[str]:
+        for step in self.steps(self.tokenizer.encode(prompt), rule, sampling, text=True):
+            if step.text:
+                yield step.text
 
-    async def stream_async(self, prompt: str, max_tokens: int = 128,
-                           sampling: SamplingParams | None = None, stop_at_eos: bool = True):
+    async def stream_async(self, prompt: str, rule: StopRule,
+                           sampling: SamplingParams | None = None):
         """Async iterator of text pieces; requests streamed concurrently (from one event
         loop) share batched decode steps (fmc.runtime.scheduler)."""
+        async for step in self.steps_async(self.tokenizer.encode(prompt), rule, sampling,
+                                           text=True):
+            if step.text:
+                yield step.text
+
+    async def steps_async(self, prompt_ids: list[int], rule: StopRule,
+                          sampling: SamplingParams | None = None, text: bool = False):
+        """`steps`, joining the concurrent requests' batched decode steps."""
         from fmc.runtime.scheduler import BatchScheduler
 
+        self.check_prompt(prompt_ids)
         if self._scheduler is None:
             self._scheduler = BatchScheduler(self)
-        decoder = StreamDecoder(self.tokenizer)
-        ids = self.tokenizer.encode(prompt)
-        self.check_prompt(ids)
-        async for token in self._scheduler.generate(ids, max_tokens,
-                                                    sampling or SamplingParams(), stop_at_eos):
-            piece = decoder.push(token)
-            if piece:
-                yield piece
+        generation = Generation(rule, sampling, self.tokenizer if text else None)
+        async for step in self._scheduler.generate(prompt_ids, generation):
+            yield step
 
     def generate(self, prompt: str, max_tokens: int = 128, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int | None = None, top_k: int = 0,

@@ -35,11 +35,26 @@ def kl_divergence(base_logits: np.ndarray, logits: np.ndarray) -> np.ndarray:
     return (np.exp(base) * (base - log_softmax(logits))).sum(axis=-1)
 
 
+def decoded_logits(engine, window: list[int], first: int) -> np.ndarray:
+    """Logits at positions first … len(window) − 2, each from its own decode step after a
+    prefill of window[:first]: the kernels generation runs (which may differ from prefill's,
+    e.g. the CPU's integer-dot decode GEMVs)."""
+    seq = engine.new_sequence()
+    try:
+        engine.prefill(seq, window[:first])
+        return np.stack([engine.decode(seq, token) for token in window[first:-1]])
+    finally:
+        engine.remove(seq)
+
+
 def perplexity(engine, tokens: list[int], context: int = 512, max_chunks: int | None = None,
-               bos_token: int | None = None, progress=None, base=None) -> dict:
+               bos_token: int | None = None, progress=None, base=None,
+               decode: bool = False) -> dict:
     """Returns {"perplexity", "chunks", "scored_tokens", "tokens", "seconds"}; with a `base`
     engine also "kl_divergence" (mean over scored tokens, nats, with its standard error),
-    "same_top_token" (fraction) and "base_perplexity"."""
+    "same_top_token" (fraction) and "base_perplexity". With `decode`, the engine's scored
+    logits come from decode steps instead of one prefill per window (the base's always come
+    from prefill)."""
     if context < 4:
         raise UsageError(f"--context must be at least 4, got {context}")
     chunks = len(tokens) // context
@@ -56,7 +71,8 @@ def perplexity(engine, tokens: list[int], context: int = 512, max_chunks: int | 
         window = list(tokens[index * context:(index + 1) * context])
         if bos_token is not None:
             window[0] = bos_token
-        logits = engine.logits(window, positions=list(range(first, context - 1)))
+        logits = decoded_logits(engine, window, first) if decode \
+            else engine.logits(window, positions=list(range(first, context - 1)))
         targets = np.asarray(window[first + 1:])
         total_nll -= float(log_softmax_at(logits, targets).sum())
         scored += len(targets)
@@ -69,6 +85,7 @@ def perplexity(engine, tokens: list[int], context: int = 512, max_chunks: int | 
             progress(index + 1, chunks, math.exp(total_nll / scored))
     result = {"perplexity": math.exp(total_nll / scored), "chunks": chunks,
               "scored_tokens": scored, "tokens": len(tokens), "context": context,
+              "path": "decode" if decode else "prefill",
               "seconds": time.perf_counter() - start_time}
     if base is not None:
         kl = np.concatenate(divergences)

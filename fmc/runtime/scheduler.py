@@ -1,10 +1,11 @@
 """Concurrent generation: requests that are streamed at the same time share decode steps.
 
-`Engine.stream_async(prompt)` registers a request with the engine's scheduler and returns an
-async iterator of text pieces. One scheduler task runs while requests are active; each turn
-it admits new requests (their prompts prefilled together in packed forward passes), then
-runs one `decode_batch` over every active sequence, hands each request its token, and yields
-to the event loop so consumers run and new requests arrive. The model runs on the event
+`Engine.steps_async(prompt, rule)` registers a request with the engine's scheduler and
+returns an async iterator of generation steps. One scheduler task runs while requests are
+active; each turn it admits new requests (their prompts prefilled together in packed forward
+passes), then runs one `decode_batch` over every active sequence, passes each request's
+logits row through its generation policy (fmc.runtime.generation), hands it the step, and
+yields to the event loop so consumers run and new requests arrive. The model runs on the event
 loop's thread: a server should give the engine a loop (thread) of its own."""
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from fmc.runtime.sampling import Sampler, SamplingParams
+from fmc.runtime.generation import Generation, Step
 
 if TYPE_CHECKING:
     from fmc.runtime.engine import Engine
@@ -23,13 +24,10 @@ if TYPE_CHECKING:
 @dataclass
 class _Request:
     prompt: list[int]
-    max_tokens: int
-    sampler: Sampler
-    stop_at_eos: bool
+    generation: Generation
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     seq: int | None = None
     last: int | None = None
-    produced: int = 0
     finished: bool = False  # generation ended; its sequence is removed
     cancelled: bool = False  # the consumer stopped iterating
 
@@ -42,33 +40,29 @@ class BatchScheduler:
         self._task: asyncio.Task | None = None
         self.batch_sizes: list[int] = []  # sequences per decode step, for inspection
 
-    async def generate(self, prompt: list[int], max_tokens: int,
-                       sampling: SamplingParams, stop_at_eos: bool = True) -> AsyncIterator[int]:
-        """Token ids for one request, as they are produced."""
-        request = _Request(list(prompt), max_tokens, Sampler(sampling), stop_at_eos)
-        if max_tokens <= 0:
+    async def generate(self, prompt: list[int], generation: Generation) -> AsyncIterator[Step]:
+        """One request's generation steps, as they are produced."""
+        request = _Request(list(prompt), generation)
+        if generation.finished:  # max_tokens = 0
             return
         self._waiting.append(request)
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run())
         try:
-            while (token := await request.queue.get()) is not None:
-                if isinstance(token, BaseException):
-                    raise token
-                yield token
+            while (step := await request.queue.get()) is not None:
+                if isinstance(step, BaseException):
+                    raise step
+                yield step
         finally:
             request.cancelled = True  # a consumer that stops early frees its sequence
 
     def _emit(self, request: _Request, logits) -> None:
         engine = self.engine
-        token = request.sampler(logits, engine.history[request.seq])
-        eos = request.stop_at_eos and token in engine.config.eos_token_ids
-        if not eos:
-            request.queue.put_nowait(token)
-            request.produced += 1
-            request.last = token
-        full = engine.sequence_length(request.seq) + 1 > engine.context_window
-        if eos or full or request.produced >= request.max_tokens:
+        step = request.generation.step(logits, engine.history[request.seq],
+                                       engine.sequence_length(request.seq))
+        request.queue.put_nowait(step)
+        request.last = step.token
+        if step.finish_reason is not None:
             self._finish(request)
 
     def _finish(self, request: _Request) -> None:

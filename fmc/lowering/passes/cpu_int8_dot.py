@@ -1,8 +1,8 @@
-"""Swap the CPU's decode GEMV kernels over 4-bit weights for integer-dot kernels
+"""Swap the CPU's decode GEMV kernels over 4- and 8-bit weights for integer-dot kernels
 (fmc.lowering.kernels.int8_gemv_cpu): int8 activations, `vpdpbusd` over the weights' codes.
 
 A kernel qualifies when it is a decode matmul (one token: x is [1, 1, K]) over a
-row-interleaved q4f16, q4f32, q4_0 or q4_1 weight — a single `NT_matmul` block, optionally
+row-interleaved q4f16, q4f32, q4_0, q4_1 or q8f16 weight — a single `NT_matmul` block, optionally
 followed by the residual `T_add` (o_proj's and down_proj's epilogue) — with the parameters
 (codes, scales[, minimums], x[, residual], out). Anything else keeps the float kernel.
 Runs in the fuse phase before the add→norm merge; the integer kernels are scheduled by hand
@@ -15,11 +15,13 @@ import re
 import tvm
 from tvm import tirx
 
-from fmc.lowering.kernels.int8_gemv_cpu import GROUP, LANES, gemv_q4
+from fmc.lowering.kernels.int8_gemv_cpu import GROUP, LANES, gemv
 from fmc.lowering.tir_util import block_names
 
 # Scheme → its zero point: value = (code − zero)·scale; None: value = code·scale + minimum.
-ZERO_POINTS = {"q4f16": 7, "q4f32": 7, "q4_0": 8, "q4_1": None}
+# q8f16's signed codes are read as unsigned bytes (code + 128), hence its zero 128.
+ZERO_POINTS = {"q4f16": 7, "q4f32": 7, "q4_0": 8, "q4_1": None, "q8f16": 128}
+CODE_BITS = {"q8f16": 8}
 # fmc names a dequantize kernel `dequantize_SCHEME` (rows-interleaved: `SCHEME_rows16`), and
 # fusion prefixes "fused_" and may append a de-duplication number.
 KERNEL = re.compile(rf"(?:^|_)dequantize_(?P<scheme>\w+?)_rows{LANES}\d*_")
@@ -31,7 +33,8 @@ def _static(shape) -> list[int] | None:
 
 
 def match(name: str, func: tirx.PrimFunc) -> dict | None:
-    """What the integer-dot kernel needs (n, k, zero, scale dtype, residual), or None."""
+    """What the integer-dot kernel needs (n, k, code bits, zero, scale dtype, residual,
+    minimums), or None."""
     found = KERNEL.search(name)
     if found is None or found.group("scheme") not in ZERO_POINTS:
         return None
@@ -40,6 +43,7 @@ def match(name: str, func: tirx.PrimFunc) -> dict | None:
         return None
     residual = len(blocks) == 2
     zero = ZERO_POINTS[found.group("scheme")]
+    bits = CODE_BITS.get(found.group("scheme"), 4)
     params = [p.ty for p in func.params]  # 0.27: parameters are typed as buffers
     if not all(hasattr(b, "shape") for b in params):
         return None
@@ -58,13 +62,15 @@ def match(name: str, func: tirx.PrimFunc) -> dict | None:
     if len(out) != 3 or out[:2] != [1, 1] or shapes[2][:2] != [1, 1]:
         return None
     n, k = out[2], shapes[2][2]
-    if (str(codes.dtype), shapes[0]) != ("uint32", [n // LANES, k // 8, LANES]) \
+    codes_layout = ("uint32", [n // LANES, k // 8, LANES]) if bits == 4 \
+        else ("int8", [n // LANES, k, LANES])
+    if (str(codes.dtype), shapes[0]) != codes_layout \
             or shapes[1] != [n // LANES, k // GROUP, LANES] \
             or str(scales.dtype) not in ("float16", "float32") \
             or any(str(b.dtype) != "float32" for b in (x, *rest)) \
             or (residual and shapes[3] != out):
         return None
-    return {"n": n, "k": k, "zero": zero or 0, "scale_dtype": str(scales.dtype),
+    return {"n": n, "k": k, "bits": bits, "zero": zero or 0, "scale_dtype": str(scales.dtype),
             "residual": residual, "with_min": zero is None}
 
 
@@ -76,5 +82,5 @@ class CPUInt8Dot:
                 continue
             found = match(gv.name_hint, func)
             if found is not None:
-                mod[gv] = gemv_q4(**found)
+                mod[gv] = gemv(**found)
         return mod
