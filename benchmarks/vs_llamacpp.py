@@ -129,13 +129,13 @@ def chart(results: dict) -> None:
     fig, axes = plt.subplots(2, 1, figsize=(11, 7.5), sharex=True)
     labels = [f"{r['fmc']} | {r['llama.cpp']}\n{r['threads']}T" for r in rows]
     positions = np.arange(len(rows))
-    for ax, measure in zip(axes, ("decode", "prefill")):
+    for ax, measure in zip(axes, ("decode", "prefill"), strict=False):
         for offset, (engine, key, color) in enumerate(
                 (("fmc", "fmc", "tab:blue"), ("llama.cpp", "llamacpp", "tab:orange"))):
             stats = [r[f"{key}_{measure}"] for r in rows]
             medians = np.array([s["median"] for s in stats])
-            spread = np.array([[m - s["min"] for m, s in zip(medians, stats)],
-                               [s["max"] - m for m, s in zip(medians, stats)]])
+            spread = np.array([[m - s["min"] for m, s in zip(medians, stats, strict=False)],
+                               [s["max"] - m for m, s in zip(medians, stats, strict=False)]])
             ax.bar(positions + (offset - 0.5) * 0.38, medians, 0.38, yerr=spread, capsize=2,
                    label=engine, color=color)
         ax.set_ylabel(f"{measure} tokens/s" + (f" ({PROMPT}-token prompt)"

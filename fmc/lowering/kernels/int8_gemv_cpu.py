@@ -28,7 +28,6 @@ activations to int8 only (the tolerance is in docs/quantization.md)."""
 
 from __future__ import annotations
 
-import tvm
 from tvm import tirx
 from tvm.script import tirx as T
 
