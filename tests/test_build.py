@@ -25,6 +25,24 @@ targets = ["cpu"]
 """
 
 
+def imports_tvm(args: list[str]) -> bool:
+    """Run `fmc ARGS` in a fresh interpreter; whether TVM got imported."""
+    import subprocess
+    import sys
+
+    probe = ("import sys\nfrom fmc.cli import main\ncode = main(sys.argv[1:])\n"
+             "print(code, 'tvm' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert out[-2] == "0", out
+    return out[-1] == "True"
+
+
+@pytest.mark.parametrize("command", [["quant", "list"], ["targets"], ["--help"]])
+def test_listing_commands_do_not_import_tvm(command):
+    assert imports_tvm(command) is False
+
+
 def _build(capsys, project, *args):
     code = main(["build", "-c", str(project / "fmc.toml"), "--json", *args])
     out = capsys.readouterr().out
@@ -43,6 +61,8 @@ def test_build_skips_up_to_date_and_rebuilds_what_changed(tiny_checkpoint, tmp_p
     assert _build(capsys, project) == (0, dict.fromkeys(names, "built"))
     assert all((project / "out" / n / "manifest.json").is_file() for n in names)
     assert _build(capsys, project) == (0, dict.fromkeys(names, "up-to-date"))
+    # A no-op build answers like make: without importing TVM.
+    assert imports_tvm(["build", "-c", str(project / "fmc.toml"), "--quiet"]) is False
 
     # A changed setting rebuilds only that build.
     (project / "fmc.toml").write_text(TOML.replace('quant = "q0f32"',

@@ -53,7 +53,10 @@ def compile_options(settings: dict[str, Any], cache: dict[str, Any] | None = Non
 
 
 def stamp_key(settings: dict[str, Any]) -> str:
-    import tvm
+    """The up-to-date check: settings, versions and the inputs' sizes and mtimes. Computed
+    without importing TVM (its version comes from the package metadata), so a no-op build
+    answers at once."""
+    from importlib.metadata import version
 
     import fmc
     from fmc.frontend.source import open_model
@@ -66,7 +69,7 @@ def stamp_key(settings: dict[str, Any]) -> str:
         *source.input_files, *(p for p in source.tokenizer.values() if isinstance(p, Path)),
         *extra]})
     inputs = [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
-    record = {"settings": settings, "fmc": fmc.__version__, "tvm": tvm.__version__,
+    record = {"settings": settings, "fmc": fmc.__version__, "tvm": version("apache-tvm"),
               "inputs": inputs}
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
@@ -89,8 +92,6 @@ def run_build(build: Build, base: Path, rebuild: bool = False, progress=None,
               cache: dict[str, Any] | None = None) -> dict[str, Any]:
     """Compile `build` unless up to date; {"name", "status", "output", "seconds", "cache"}.
     `cache`: CompileOptions' use_cache / cache_dir."""
-    from fmc.compiler import compile_model
-
     settings = resolve(build, base)
     output = Path(settings["output"])
     key = stamp_key(settings)
@@ -103,6 +104,8 @@ def run_build(build: Build, base: Path, rebuild: bool = False, progress=None,
         if not rebuild and current == key and (output / "manifest.json").is_file():
             status = "up-to-date"
         else:
+            from fmc.compiler import compile_model  # TVM: only when there is work to do
+
             cached = compile_model(compile_options(settings, cache), progress).cache
             _write_stamp(stamp, key)
             status = "built"

@@ -6,11 +6,15 @@ nearest even."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-from tvm import te, tirx
 
 from fmc.quant.registry import register
 from fmc.quant.scheme import QuantScheme, StorageTensor
+
+if TYPE_CHECKING:
+    pass
 
 
 def to_bfloat16_bits(weight: np.ndarray) -> np.ndarray:
@@ -36,6 +40,7 @@ class BFloat16(QuantScheme):
         return (stored[0].astype(np.uint32) << 16).view(np.float32)
 
     def dequantize_te(self, stored, out_dtype):
+        from tvm import te, tirx
         (bits,) = stored
 
         def value(*index):

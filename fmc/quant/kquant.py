@@ -21,8 +21,9 @@ finally every weight is re-rounded against the stored d·sc and dmin·m."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-from tvm import te, tirx
 
 from fmc.quant import search
 from fmc.quant.packing import (
@@ -35,6 +36,9 @@ from fmc.quant.packing import (
     unpack_nibbles,
 )
 from fmc.quant.scheme import QuantScheme, StorageTensor
+
+if TYPE_CHECKING:
+    from tvm import tirx
 
 SUPER = 256
 SUB = 32
@@ -78,6 +82,7 @@ def from_words(words: list[np.ndarray]) -> np.ndarray:
 def scale_min_te(words, row, k) -> tuple[tirx.PrimExpr, tirx.PrimExpr]:
     """(sc, m) of the sub-block holding element `k` of `row`, as uint32 expressions over the
     three packed-scale word arrays; each array is read at the element's super-block only."""
+    from tvm import tirx
     block = k // SUPER
     sub = k // SUB % SUBS
     shift = (sub % 4 * 8).astype("uint32")
@@ -198,6 +203,7 @@ class AffineKQuant(QuantScheme):
         return dequantize_affine(*self._codes(stored))
 
     def dequantize_te(self, stored, out_dtype):
+        from tvm import te
         words = stored[0]
         scale_words, (d, dmin) = stored[-5:-2], stored[-2:]
         rows, k = words.shape[0], words.shape[1] * 8

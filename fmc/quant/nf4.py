@@ -7,8 +7,9 @@ Reference: Dettmers et al. 2023, "QLoRA" (code book from bitsandbytes' create_no
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-from tvm import te, tirx
 
 from fmc.quant import search
 from fmc.quant.packing import (
@@ -20,6 +21,9 @@ from fmc.quant.packing import (
 )
 from fmc.quant.registry import register
 from fmc.quant.scheme import QuantScheme
+
+if TYPE_CHECKING:
+    from tvm import tirx
 
 BLOCK = 64
 CODE_BOOK = np.array([
@@ -33,6 +37,7 @@ _MIDPOINTS = (CODE_BOOK[1:] + CODE_BOOK[:-1]) / 2
 def _lookup(code, dtype: str, low: int = 0, high: int = 16) -> tirx.PrimExpr:
     """Code-book value of a uint32 4-bit code as a balanced tree of selects (no memory
     lookup)."""
+    from tvm import tirx
     if high - low == 1:
         return tirx.const(float(CODE_BOOK[low]), dtype)
     middle = (low + high) // 2
@@ -68,6 +73,7 @@ class NormalFloat4(QuantScheme):
         return (values * scales.astype(np.float32)[..., None]).reshape(words.shape[0], -1)
 
     def dequantize_te(self, stored, out_dtype):
+        from tvm import te
         words, scales = stored
         rows, k = words.shape[0], words.shape[1] * 8
         return te.compute(

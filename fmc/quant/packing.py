@@ -5,11 +5,15 @@ and per-group scales."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-from tvm import te, tirx
 
 from fmc.errors import InputError
 from fmc.quant.scheme import StorageTensor
+
+if TYPE_CHECKING:
+    from tvm import tirx
 
 NIBBLES_PER_WORD = 8
 
@@ -45,6 +49,7 @@ def unpack_fields(words: np.ndarray, width: int) -> np.ndarray:
 
 def field(words, row, k, width: int) -> tirx.PrimExpr:
     """TE/TIR expression for the `width`-bit code `k` of `row` in packed `words` (uint32)."""
+    from tvm import tirx
     per_word = 32 // width
     shift = (k % per_word * width).astype("uint32")
     return (words[row, k // per_word] >> shift) & tirx.const((1 << width) - 1, "uint32")
@@ -110,6 +115,7 @@ def dequantize_offset_int4_te(stored, zero: int, group: int, out_dtype: str):
     (code − zero)·scale bit for bit, and the CPU does it in one FMA with zero·scale hoisted per
     group. With float32 scales the products would round (q4f32), and in float16 too: there it
     stays (code − zero)·scale."""
+    from tvm import te
     words, scales = stored
     rows, k = words.shape[0], words.shape[1] * NIBBLES_PER_WORD
     exact_products = out_dtype == "float32" and str(scales.dtype) == "float16"

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-from tvm import te
 
 from fmc.quant.registry import register
 from fmc.quant.scheme import QuantScheme, StorageTensor
+
+if TYPE_CHECKING:
+    pass
 
 
 class Unquantized(QuantScheme):
@@ -30,6 +34,7 @@ class Unquantized(QuantScheme):
         return stored[0].astype(np.float32)
 
     def dequantize_te(self, stored, out_dtype):
+        from tvm import te
         (weight,) = stored
         return te.compute(weight.shape, lambda *i: weight(*i).astype(out_dtype), name="dequantize")
 

@@ -6,8 +6,9 @@ model ships in — import losslessly."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-from tvm import te
 
 from fmc.quant import search
 from fmc.quant.packing import (
@@ -20,6 +21,9 @@ from fmc.quant.packing import (
 )
 from fmc.quant.registry import register
 from fmc.quant.scheme import QuantScheme, StorageTensor
+
+if TYPE_CHECKING:
+    pass
 
 GROUP = 32
 LEVELS = 15
@@ -56,6 +60,7 @@ class GGMLQ4_1(QuantScheme):
         return values.reshape(words.shape[0], -1)
 
     def dequantize_te(self, stored, out_dtype):
+        from tvm import te
         words, d, m = stored
         rows, k = words.shape[0], words.shape[1] * 8
         return te.compute(

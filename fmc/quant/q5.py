@@ -8,8 +8,9 @@ weighted squared error (fmc.quant.search; llama.cpp's reference takes absmax/−
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-from tvm import te
 
 from fmc.quant import search
 from fmc.quant.packing import (
@@ -22,6 +23,9 @@ from fmc.quant.packing import (
 )
 from fmc.quant.registry import register
 from fmc.quant.scheme import QuantScheme, StorageTensor
+
+if TYPE_CHECKING:
+    pass
 
 GROUP = 32
 ZERO = 16  # Q5_0's offset
@@ -86,6 +90,7 @@ class GGMLQ5(QuantScheme):
         return values.reshape(low.shape[0], -1)
 
     def dequantize_te(self, stored, out_dtype):
+        from tvm import te
         low, high, d, *extra = stored
         rows, k = low.shape[0], low.shape[1] * 8
 

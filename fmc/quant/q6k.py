@@ -9,8 +9,9 @@ falls back to q8f16 (llama.cpp: Q8_0). GGUF Q6_K tensors import losslessly."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-from tvm import te
 
 from fmc.quant import search
 from fmc.quant.packing import (
@@ -24,6 +25,9 @@ from fmc.quant.packing import (
 )
 from fmc.quant.registry import register
 from fmc.quant.scheme import QuantScheme, StorageTensor
+
+if TYPE_CHECKING:
+    pass
 
 SUPER = 256
 SUB = 16
@@ -79,6 +83,7 @@ class GGMLQ6K(QuantScheme):
         return values.reshape(rows, -1)
 
     def dequantize_te(self, stored, out_dtype):
+        from tvm import te
         low, high, sc, d = stored
         rows, k = low.shape[0], low.shape[1] * 8
 

@@ -6,13 +6,17 @@ minimises the weighted squared error (fmc.quant.search; llama.cpp takes absmax/1
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-from tvm import te
 
 from fmc.quant import search
 from fmc.quant.packing import check_groups, grouped, split_ggml_blocks
 from fmc.quant.registry import register
 from fmc.quant.scheme import QuantScheme, StorageTensor
+
+if TYPE_CHECKING:
+    pass
 
 GROUP = 32
 LEVELS = 127
@@ -45,6 +49,7 @@ class Int8(QuantScheme):
         return values.reshape(codes.shape)
 
     def dequantize_te(self, stored, out_dtype):
+        from tvm import te
         codes, scales = stored
         return te.compute(
             codes.shape,

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-from tvm import te
+
+if TYPE_CHECKING:
+    from tvm import te
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,17 @@ class HostCPU(Target):
     tools = (Tool("g++", "linking the shared library", "apt-get install g++"),)
 
     def __init__(self, mcpu: str | None = None):
-        self.mcpu = mcpu or host_cpu()
+        self._mcpu = mcpu  # None: this machine's, asked of LLVM when first needed
+
+    @property
+    def mcpu(self) -> str:
+        if self._mcpu is None:
+            self._mcpu = host_cpu()  # imports TVM: not for listing targets
+        return self._mcpu
+
+    @mcpu.setter
+    def mcpu(self, value: str) -> None:
+        self._mcpu = value
         self.dot = "float"
 
     def has_vnni(self) -> bool:

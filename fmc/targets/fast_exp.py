@@ -10,7 +10,10 @@ clamped to ±88.38."""
 
 from __future__ import annotations
 
-from tvm import tirx
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tvm import tirx
 
 LIMIT = 88.3762626647949  # |x| beyond this over/underflows float32 anyway
 LOG2E = 1.44269504088896341
@@ -23,6 +26,8 @@ _registered = False
 
 def fast_exp(x: tirx.PrimExpr) -> tirx.PrimExpr:
     """e^x for a float32 scalar or vector expression."""
+    from tvm import tirx
+
     lanes = x.ty.dtype.lanes
 
     def const(value, dtype="float32"):
@@ -50,6 +55,7 @@ def register() -> None:
     if _registered:
         return
     import tvm
+    from tvm import tirx
 
     tvm_lowering = tvm.ir.Op.get("tirx.exp").get_attr("llvm.FLowerIntrinsic")
 
