@@ -16,13 +16,33 @@ from fmc.lowering.kernels.int8_gemv_cpu import GROUP, gemv
 from fmc.quant import get
 from fmc.targets import get as get_target
 
-ZEROS = {"q4f16": 7, "q4f32": 7, "q4_0": 8, "q4_1": None, "q8f16": 128}
+ZEROS = {"q4f16": 7, "q4f32": 7, "q4_0": 8, "q4_1": None, "q8f16": 128, "q4k": None}
 BITS = {"q8f16": 8}
 VNNI_CPU, PLAIN_AVX512_CPU = "icelake-server", "skylake-avx512"
 
 
-def integer_model(codes: np.ndarray, scales: np.ndarray, x: np.ndarray, zero: int | None,
-                  mins: np.ndarray | None = None):
+def group_operands(scheme: str, weight: np.ndarray):
+    """(codes [n, k], scale [n, k/32], minimum [n, k/32] or None) of the scheme's quantized
+    weight, value = (code − zero)·scale or code·scale + minimum, from the reference
+    quantizer's arrays."""
+    from fmc.quant.kquant import unpack_scales
+    from fmc.quant.packing import unpack_nibbles
+
+    stored = get(scheme).quantize(weight)
+    if scheme == "q4k":
+        codes, packed, d, dmin = get(scheme)._codes(stored)
+        n, k = codes.shape
+        sc, m = unpack_scales(packed.reshape(n, k // 256, 12))
+        scale = d.astype(np.float32)[..., None] * sc.astype(np.float32)
+        minimum = -(dmin.astype(np.float32)[..., None] * m.astype(np.float32))
+        return codes, scale.reshape(n, -1), minimum.reshape(n, -1)
+    if scheme == "q8f16":  # the kernel reads the signed code c as the byte c + 128
+        return stored[0].astype(np.int64) + 128, stored[1], None
+    return unpack_nibbles(stored[0]), stored[1], stored[2] if len(stored) == 3 else None
+
+
+def integer_model(codes: np.ndarray, scales: np.ndarray, mins: np.ndarray | None,
+                  x: np.ndarray, zero: int | None):
     """numpy: x → int8 per block of 32 (amax/127, round half away from zero), exact integer
     dot products per group, then the float scales — the kernel's arithmetic, written
     independently of it."""
@@ -49,6 +69,8 @@ def integer_model(codes: np.ndarray, scales: np.ndarray, x: np.ndarray, zero: in
 def test_kernel_equals_the_integer_model(scheme, n, k, residual):
     import tvm
 
+    if scheme == "q4k":  # super-blocks of 256
+        k = 4 * k
     stored_scheme = get(f"{scheme}_rows16")
     rng = np.random.default_rng(n + k)
     weight = rng.standard_normal((n, k)).astype(np.float32)
@@ -57,7 +79,8 @@ def test_kernel_equals_the_integer_model(scheme, n, k, residual):
     res = rng.standard_normal((1, 1, n)).astype(np.float32)
     zero = ZEROS[scheme]
     bits = BITS.get(scheme, 4)
-    func = gemv(n, k, bits, zero or 0, str(stored[1].dtype), residual, with_min=zero is None)
+    func = gemv(n, k, bits, zero or 0, str(stored[1].dtype), residual, with_min=zero is None,
+                kquant=scheme == "q4k")
     target = get_target(f"cpu:{VNNI_CPU}").tvm_target()
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
                       target=target)
@@ -71,13 +94,7 @@ def test_kernel_equals_the_integer_model(scheme, n, k, residual):
     out = tvm.runtime.tensor(np.zeros((1, 1, n), np.float32))
     args = [*stored, x, *([res] if residual else [])]
     lib["main"](*[tvm.runtime.tensor(a) for a in args], out)
-    from fmc.quant.packing import unpack_nibbles
-
-    plain = get(scheme).quantize(weight)
-    # 8-bit: the kernel reads the signed code c as the unsigned byte c + 128 (zero 128).
-    codes = unpack_nibbles(plain[0]) if bits == 4 else plain[0].astype(np.int64) + 128
-    expected, _, _ = integer_model(codes, plain[1], x[0, 0], zero,
-                                   plain[2] if zero is None else None)
+    expected, _, _ = integer_model(*group_operands(scheme, weight), x[0, 0], zero)
     if residual:
         expected = expected + res[0, 0]
     # Integer sums are exact; only the float accumulation order of the groups differs.
@@ -119,7 +136,7 @@ def disassembly(library) -> str:
                           check=True).stdout
 
 
-@pytest.mark.parametrize("quant", ["q4f16", "q8f16"])
+@pytest.mark.parametrize("quant", ["q4f16", "q8f16", "q4k_m"])
 def test_int8_artifact_decodes_within_tolerance_of_the_float_path(tiny_checkpoint, tmp_path,
                                                                   quant):
     checkpoint = str(tiny_checkpoint("llama-kquant"))

@@ -40,16 +40,19 @@ NIBBLES = 0x0F0F0F0F
 SIGN_BITS = 0x80808080
 # Byte i of a lane-per-row vector comes from byte (i % 4)·16 + i // 4 of a k-major load.
 TRANSPOSE_4X16 = [(i % 4) * LANES + i // 4 for i in range(4 * LANES)]
+SUPER, SUBS = 256, 8  # Q4_K: super-blocks of 256 weights, 8 groups each
 
 
 def gemv(n: int, k: int, bits: int, zero: int, scale_dtype: str, residual: bool,
-         with_min: bool = False) -> tirx.PrimFunc:
+         with_min: bool = False, kquant: bool = False) -> tirx.PrimFunc:
     """The kernel for an [n, k] weight with `bits`-bit codes (4 or 8). Parameters: codes
     (4-bit: [n/16, k/8, 16] uint32; 8-bit: [n/16, k, 16] int8), scales [n/16, k/32, 16],
-    (with `with_min`: the minimums, same shape), x [1, 1, k], then (with `residual`) a
-    [1, 1, n] tensor added to the result — o_proj's and down_proj's residual epilogue — and
-    the output [1, 1, n]."""
+    (with `with_min`: the minimums, same shape; with `kquant` instead Q4_K's three packed
+    scale-word arrays, d and dmin, each [n/16, k/256, 16]), x [1, 1, k], then (with
+    `residual`) a [1, 1, n] tensor added to the result — o_proj's and down_proj's residual
+    epilogue — and the output [1, 1, n]."""
     assert n % LANES == 0 and k % GROUP == 0 and bits in (4, 8)
+    assert not kquant or (bits == 4 and k % SUPER == 0)
     groups = k // GROUP
     per_task = next(b for b in (ROW_BLOCKS, 1) if n // LANES % b == 0)
     tasks = n // LANES // per_task
@@ -69,6 +72,33 @@ def gemv(n: int, k: int, bits: int, zero: int, scale_dtype: str, residual: bool,
         base = (block * k + g * GROUP + 4 * j) * (LANES // 4)
         word = words[T.ramp(base, 1, LANES)] ^ T.broadcast(T.uint32(SIGN_BITS), LANES)
         return tirx.Shuffle([T.reinterpret("int8x64", word)], TRANSPOSE_4X16)
+
+    def group_scales(parts, block, g):
+        """(scale, minimum) of group g of row block `block` as float32x16 (value = code·scale
+        + minimum); minimum None for a zero-point scheme."""
+        if kquant:  # Q4_K: d·sc and −dmin·m, sc and m 6-bit from the super-block's words
+            words, d, dmin = parts[:3], parts[3], parts[4]
+            block_of: T.let[T.int32] = g // SUBS
+            shift = T.broadcast(T.Cast("uint32", g % 4 * 8), LANES)
+            byte = T.broadcast(T.uint32(255), LANES)
+            low, mid, top = ((w[block, block_of, T.ramp(0, 1, LANES)] >> shift) & byte
+                             for w in words)
+            six_bits = T.broadcast(T.uint32(63), LANES)
+            four_bits = T.broadcast(T.uint32(15), LANES)
+            by_six, by_four = T.broadcast(T.uint32(6), LANES), T.broadcast(T.uint32(4), LANES)
+            first_half = T.broadcast(g % SUBS < 4, LANES)
+            sc = T.Select(first_half, low & six_bits,
+                          (top & four_bits) | ((low >> by_six) << by_four))
+            m = T.Select(first_half, mid & six_bits,
+                         (top >> by_four) | ((mid >> by_six) << by_four))
+            return (T.Cast("float32x16", d[block, block_of, T.ramp(0, 1, LANES)]) *
+                    T.Cast("float32x16", sc),
+                    -T.Cast("float32x16", dmin[block, block_of, T.ramp(0, 1, LANES)]) *
+                    T.Cast("float32x16", m))
+        scale = T.Cast("float32x16", parts[0][block, g, T.ramp(0, 1, LANES)])
+        if len(parts) == 2:  # with minimums
+            return scale, T.Cast("float32x16", parts[1][block, g, T.ramp(0, 1, LANES)])
+        return scale, None
 
     # fmt: off
     @T.macro
@@ -97,7 +127,7 @@ def gemv(n: int, k: int, bits: int, zero: int, scale_dtype: str, residual: bool,
             xs[g] = total[0]
 
     @T.macro
-    def dot_rows(codes, scales, mins, packed, xd, xs, out, res):
+    def dot_rows(codes, parts, packed, xd, xs, out, res):
         """out[task's rows] = Σ_g s·xd·(Σ c·xq − z·xs) (+ res), ROW_BLOCKS row blocks at
         once."""
         for task in T.parallel(tasks):
@@ -118,21 +148,20 @@ def gemv(n: int, k: int, bits: int, zero: int, scale_dtype: str, residual: bool,
                 for rb in T.unroll(per_task):
                     block: T.let[T.int32] = task * per_task + rb
                     step_scale = T.broadcast(xd[g], LANES)
-                    scale = T.Cast("float32x16", scales[block, g, T.ramp(0, 1, LANES)]) * \
-                        step_scale
                     if with_min:  # decided while parsing
-                        low = T.Cast("float32x16", mins[block, g, T.ramp(0, 1, LANES)]) * \
-                            step_scale
                         acc[T.ramp(rb * LANES, 1, LANES)] = \
                             acc[T.ramp(rb * LANES, 1, LANES)] + \
-                            T.Cast("float32x16", isum[T.ramp(rb * LANES, 1, LANES)]) * scale + \
-                            low * T.broadcast(T.Cast("float32", xs[g]), LANES)
+                            T.Cast("float32x16", isum[T.ramp(rb * LANES, 1, LANES)]) * \
+                            (group_scales(parts, block, g)[0] * step_scale) + \
+                            (group_scales(parts, block, g)[1] * step_scale) * \
+                            T.broadcast(T.Cast("float32", xs[g]), LANES)
                     else:
                         centred = isum[T.ramp(rb * LANES, 1, LANES)] - T.broadcast(
                             xs[g] * zero, LANES)
                         acc[T.ramp(rb * LANES, 1, LANES)] = \
                             acc[T.ramp(rb * LANES, 1, LANES)] + \
-                            T.Cast("float32x16", centred) * scale
+                            T.Cast("float32x16", centred) * \
+                            (group_scales(parts, block, g)[0] * step_scale)
             for rb in T.unroll(per_task):
                 rows: T.let[T.int32] = (task * per_task + rb) * LANES
                 if residual:  # decided while parsing: `residual` is a Python bool
@@ -144,46 +173,70 @@ def gemv(n: int, k: int, bits: int, zero: int, scale_dtype: str, residual: bool,
     shape = (n // LANES, groups, LANES)
 
     @T.macro
-    def run(codes, scales, mins, x, res, out):
+    def run(codes, parts, x, res, out):
         packed = T.alloc_buffer((groups * WORDS_PER_GROUP,), "int32")
         xd = T.alloc_buffer((groups,), "float32")
         xs = T.alloc_buffer((groups,), "int32")
         quantize_activation(x, packed, xd, xs)
         if bits == 4:  # decided while parsing
-            dot_rows(codes, scales, mins, packed, xd, xs, out, res)
+            dot_rows(codes, parts, packed, xd, xs, out, res)
         else:  # the 8-bit codes read as uint32 words, 64 bytes per load
             words = T.decl_buffer((n * k // 4,), "uint32", data=codes.data)
-            dot_rows(words, scales, mins, packed, xd, xs, out, res)
+            dot_rows(words, parts, packed, xd, xs, out, res)
 
-    @T.prim_func(private=True)
-    def plain(codes: T.Buffer(codes_shape, codes_dtype),
-              scales: T.Buffer(shape, scale_dtype), x: T.Buffer((1, 1, k), "float32"),
-              out: T.Buffer((1, 1, n), "float32")):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        run(codes, scales, scales, x, out, out)
-
-    @T.prim_func(private=True)
-    def plus_residual(codes: T.Buffer(codes_shape, codes_dtype),
-                      scales: T.Buffer(shape, scale_dtype), x: T.Buffer((1, 1, k), "float32"),
-                      res: T.Buffer((1, 1, n), "float32"), out: T.Buffer((1, 1, n), "float32")):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        run(codes, scales, scales, x, res, out)
-
-    @T.prim_func(private=True)
-    def affine(codes: T.Buffer(codes_shape, codes_dtype),
-               scales: T.Buffer(shape, scale_dtype), mins: T.Buffer(shape, scale_dtype),
-               x: T.Buffer((1, 1, k), "float32"), out: T.Buffer((1, 1, n), "float32")):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        run(codes, scales, mins, x, out, out)
-
-    @T.prim_func(private=True)
-    def affine_residual(codes: T.Buffer(codes_shape, codes_dtype),
-                        scales: T.Buffer(shape, scale_dtype), mins: T.Buffer(shape, scale_dtype),
-                        x: T.Buffer((1, 1, k), "float32"), res: T.Buffer((1, 1, n), "float32"),
-                        out: T.Buffer((1, 1, n), "float32")):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        run(codes, scales, mins, x, res, out)
-    # fmt: on
+    supers = (n // LANES, k // SUPER, LANES)
+    x_shape, out_shape = (1, 1, k), (1, 1, n)
+    # Only the variant asked for is parsed (parsing is most of this function's time).
+    if kquant and residual:
+        @T.prim_func(private=True)
+        def k_quant_residual(
+                codes: T.Buffer(codes_shape, codes_dtype), words0: T.Buffer(supers, "uint32"),
+                words1: T.Buffer(supers, "uint32"), words2: T.Buffer(supers, "uint32"),
+                d: T.Buffer(supers, "float16"), dmin: T.Buffer(supers, "float16"),
+                x: T.Buffer(x_shape, "float32"), res: T.Buffer(out_shape, "float32"),
+                out: T.Buffer(out_shape, "float32")):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+            run(codes, (words0, words1, words2, d, dmin), x, res, out)
+        return k_quant_residual
+    if kquant:
+        @T.prim_func(private=True)
+        def k_quant(codes: T.Buffer(codes_shape, codes_dtype), words0: T.Buffer(supers, "uint32"),
+                    words1: T.Buffer(supers, "uint32"), words2: T.Buffer(supers, "uint32"),
+                    d: T.Buffer(supers, "float16"), dmin: T.Buffer(supers, "float16"),
+                    x: T.Buffer(x_shape, "float32"), out: T.Buffer(out_shape, "float32")):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+            run(codes, (words0, words1, words2, d, dmin), x, out, out)
+        return k_quant
+    if with_min and residual:
+        @T.prim_func(private=True)
+        def affine_residual(
+                codes: T.Buffer(codes_shape, codes_dtype), scales: T.Buffer(shape, scale_dtype),
+                mins: T.Buffer(shape, scale_dtype), x: T.Buffer(x_shape, "float32"),
+                res: T.Buffer(out_shape, "float32"), out: T.Buffer(out_shape, "float32")):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+            run(codes, (scales, mins), x, res, out)
+        return affine_residual
     if with_min:
-        return affine_residual if residual else affine
-    return plus_residual if residual else plain
+        @T.prim_func(private=True)
+        def affine(codes: T.Buffer(codes_shape, codes_dtype),
+                   scales: T.Buffer(shape, scale_dtype), mins: T.Buffer(shape, scale_dtype),
+                   x: T.Buffer(x_shape, "float32"), out: T.Buffer(out_shape, "float32")):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+            run(codes, (scales, mins), x, out, out)
+        return affine
+    if residual:
+        @T.prim_func(private=True)
+        def plus_residual(codes: T.Buffer(codes_shape, codes_dtype),
+                          scales: T.Buffer(shape, scale_dtype), x: T.Buffer(x_shape, "float32"),
+                          res: T.Buffer(out_shape, "float32"), out: T.Buffer(out_shape, "float32")):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+            run(codes, (scales,), x, res, out)
+        return plus_residual
+
+    @T.prim_func(private=True)
+    def plain(codes: T.Buffer(codes_shape, codes_dtype), scales: T.Buffer(shape, scale_dtype),
+              x: T.Buffer(x_shape, "float32"), out: T.Buffer(out_shape, "float32")):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        run(codes, (scales,), x, out, out)
+    return plain
+    # fmt: on
