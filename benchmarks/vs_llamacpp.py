@@ -1,6 +1,15 @@
-"""fmc vs llama.cpp on the same model, same bits, same threads, side by side (SmolLM2-135M).
+"""fmc vs llama.cpp on the same model, same bits, same threads, side by side.
 
-    python benchmarks/vs_llamacpp.py [--rounds 3] [--threads 1 2] [--pairs q4f16:Q4_0 ...]
+    python benchmarks/vs_llamacpp.py [--model smollm2|tinyllama-1.1b] [--rounds 3]
+                                     [--threads 1 2] [--pairs q4f16:Q4_0 ...]
+
+Models: `smollm2` (the default model, SmolLM2-135M, from its shipped Q4_1 GGUF) and
+`tinyllama-1.1b` — a model where memory bandwidth decides: the `tinyllama-1.1b` preset's
+shapes with random fp16 weights (seeded) and SmolLM2's tokenizer (so its vocabulary, 49 152,
+instead of 32 000: the tokenizer both converters accept without a SentencePiece model),
+written as a Hugging Face directory. fmc compiles that directory; llama.cpp gets the same
+weights through its own converter (`convert_hf_to_gguf.py` from the vendored sources, which
+needs `sentencepiece` importable) to F16, then `llama-quantize` to each type.
 
 A pair is FMC:LLAMA, where FMC is a scheme, optionally with `/float` or `/int8` for the CPU's
 dot product (`--cpu-dot`; default: the compiler's choice for this CPU).
@@ -11,9 +20,10 @@ artifacts, then runs the two engines alternately (`rounds` times per thread coun
 `llama-bench -p 128 -n 64` and `fmc bench --prompt-len 128 --gen-len 64`. It measures this
 machine's read bandwidth (numpy, one reader per thread) and reports decode as a fraction of
 the roofline bandwidth / bytes of weights read per token. Writes
-benchmarks/results/vs_llamacpp.json, the chart docs/images/vs_llamacpp.svg (tokens/s of both
-engines per pair and thread count, bars at the median, whiskers from min to max) and prints
-a markdown table (median, min–max, fmc/llama.cpp ratio of the medians)."""
+benchmarks/results/vs_llamacpp[_MODEL].json, the chart docs/images/vs_llamacpp[_MODEL].svg
+(tokens/s of both engines per pair and thread count, bars at the median, whiskers from min to
+max; no suffix for smollm2) and prints a markdown table (median, min–max, fmc/llama.cpp
+ratio of the medians)."""
 
 from __future__ import annotations
 
@@ -33,7 +43,7 @@ CACHE = ROOT / ".cache" / "vs_llamacpp"
 # fmc scheme → llama.cpp type with the same bits per weight (the issue's pairs)
 PAIRS = {"q4_0": "Q4_0", "q4f16": "Q4_0", "q4f16/float": "Q4_0", "q4k_m": "Q4_K_M",
          "q8f16": "Q8_0", "q8f16/float": "Q8_0", "q0f16": "F16"}
-CHART = ROOT.parent / "docs" / "images" / "vs_llamacpp.svg"
+MODELS = ("smollm2", "tinyllama-1.1b")
 PROMPT, GEN = 128, 64
 
 
@@ -54,8 +64,45 @@ def read_bandwidth(threads: int, megabytes: int = 512, repeats: int = 5) -> floa
     return best
 
 
-def gguf_variant(bin_dir: Path, source: Path, kind: str) -> Path:
-    target = CACHE / f"smollm2-{kind}.gguf"
+def suffix(model: str) -> str:
+    return "" if model == "smollm2" else f"_{model}"
+
+
+def tinyllama_checkpoint(bin_dir: Path) -> tuple[Path, Path]:
+    """The random 1.1B Hugging Face directory and llama.cpp's F16 GGUF of it (cached)."""
+    import shutil
+
+    from convert_7b import tensor_shapes, write_shard
+    from llamacpp import CACHE as LLAMA_CACHE
+    from llamacpp import SDIST_VERSION
+
+    from fmc.frontend.presets import PRESETS
+
+    directory = CACHE / "tinyllama-1.1b-random"
+    f16 = CACHE / "tinyllama-1.1b-F16.gguf"
+    if not (directory / "model.safetensors").exists():
+        directory.mkdir(parents=True, exist_ok=True)
+        tokenizer = compile_fmc("q0f16", "smollm2") / "tokenizer"
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(tokenizer / name, directory / name)
+        config = dict(PRESETS["tinyllama-1.1b"], vocab_size=49152, torch_dtype="float16",
+                      architectures=["LlamaForCausalLM"])
+        (directory / "config.json").write_text(json.dumps(config, indent=1))
+        partial = directory / "model.safetensors.partial"
+        write_shard(partial, tensor_shapes(config), np.random.default_rng(0))
+        partial.rename(directory / "model.safetensors")
+    if not f16.exists():
+        converter = LLAMA_CACHE / f"llama.cpp-{SDIST_VERSION}" / "src" / "convert_hf_to_gguf.py"
+        subprocess.run([sys.executable, str(converter), str(directory), "--outtype", "f16",
+                        "--outfile", str(f16) + ".partial"], check=True, capture_output=True)
+        Path(str(f16) + ".partial").rename(f16)
+    return directory, f16
+
+
+def gguf_variant(bin_dir: Path, source: Path, kind: str, model: str) -> Path:
+    if model != "smollm2" and kind == "F16":
+        return source  # converted to F16 already
+    target = CACHE / f"{model}-{kind}.gguf"
     if not target.exists():
         CACHE.mkdir(parents=True, exist_ok=True)
         subprocess.run([str(bin_dir / "llama-quantize"), "--allow-requantize", str(source),
@@ -63,13 +110,15 @@ def gguf_variant(bin_dir: Path, source: Path, kind: str) -> Path:
     return target
 
 
-def compile_fmc(row: str) -> Path:
-    """`scheme[/float|/int8]` → the compiled artifact."""
+def compile_fmc(row: str, model: str, checkpoint: Path | None = None) -> Path:
+    """`scheme[/float|/int8]` → the compiled artifact (fmc's build cache makes a repeat
+    cheap, and a changed compiler rebuilds)."""
     scheme, _, dot = row.partition("/")
-    out = CACHE / f"fmc-{row.replace('/', '-')}"
-    subprocess.run([sys.executable, "-m", "fmc.cli", "compile", "--quant", scheme, "-o",
-                    str(out), "--force", "--quiet", *(["--cpu-dot", dot] if dot else [])],
-                   check=True)
+    out = CACHE / f"fmc{suffix(model)}-{row.replace('/', '-')}"
+    source = [str(checkpoint)] if checkpoint is not None else []
+    subprocess.run([sys.executable, "-m", "fmc.cli", "compile", *source, "--quant", scheme,
+                    "-o", str(out), "--force", "--quiet",
+                    *(["--cpu-dot", dot] if dot else [])], check=True)
     return out
 
 
@@ -118,7 +167,7 @@ def machine() -> dict:
     return {"cpu": model, "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d")}
 
 
-def chart(results: dict) -> None:
+def chart(results: dict, model: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -144,16 +193,19 @@ def chart(results: dict) -> None:
         ax.legend(loc="upper right")
     axes[-1].set_xticks(positions, labels, fontsize=7)
     info = results["machine"]
-    axes[0].set_title(f"SmolLM2-135M, fmc vs llama.cpp, medians of {results['rounds']} "
+    title = {"smollm2": "SmolLM2-135M", "tinyllama-1.1b": "TinyLlama-1.1B shapes"}[model]
+    axes[0].set_title(f"{title}, fmc vs llama.cpp, medians of {results['rounds']} "
                       f"alternated rounds (whiskers: min–max); {info['cpu']}, "
                       f"{info['cpus']} vCPU, {info['date']}", fontsize=9)
     fig.tight_layout()
-    CHART.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(CHART, format="svg", metadata={"Date": None})
+    chart_path = ROOT.parent / "docs" / "images" / f"vs_llamacpp{suffix(model)}.svg"
+    chart_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(chart_path, format="svg", metadata={"Date": None})
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", choices=MODELS, default="smollm2")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--pairs", nargs="+", default=[f"{k}:{v}" for k, v in PAIRS.items()])
@@ -164,12 +216,16 @@ def main() -> None:
     from fmc.frontend.source import default_model_path
 
     bin_dir = build()
-    source = default_model_path()
+    checkpoint = None
+    if args.model == "smollm2":
+        source = default_model_path()
+    else:
+        checkpoint, source = tinyllama_checkpoint(bin_dir)
     pairs = [tuple(p.split(":")) for p in args.pairs]
-    ggufs = {kind: gguf_variant(bin_dir, source, kind) for _, kind in pairs}
-    artifacts = {scheme: compile_fmc(scheme) for scheme, _ in pairs}
-    results = {"machine": {**machine(), "bandwidth_bytes_per_s": {}}, "rows": [],
-               "rounds": args.rounds}
+    ggufs = {kind: gguf_variant(bin_dir, source, kind, args.model) for _, kind in pairs}
+    artifacts = {scheme: compile_fmc(scheme, args.model, checkpoint) for scheme, _ in pairs}
+    results = {"model": args.model, "machine": {**machine(), "bandwidth_bytes_per_s": {}},
+               "rows": [], "rounds": args.rounds}
     for threads in args.threads:
         bandwidth = read_bandwidth(threads)
         results["machine"]["bandwidth_bytes_per_s"][threads] = bandwidth
@@ -193,8 +249,9 @@ def main() -> None:
                 "weight_bytes_per_token": per_token,
                 "fmc_roofline_fraction": fmc_decode * per_token / bandwidth})
     (ROOT / "results").mkdir(exist_ok=True)
-    (ROOT / "results" / "vs_llamacpp.json").write_text(json.dumps(results, indent=1) + "\n")
-    chart(results)
+    (ROOT / "results" / f"vs_llamacpp{suffix(args.model)}.json").write_text(
+        json.dumps(results, indent=1) + "\n")
+    chart(results, args.model)
     print("| threads | fmc | llama.cpp | decode fmc | decode llama.cpp | ratio | prefill fmc "
           "| prefill llama.cpp | ratio | fmc decode / roofline |")
     print("|---|---|---|---|---|---|---|---|---|---|")
