@@ -1,6 +1,6 @@
-"""The CPU's integer-dot decode GEMV (--cpu-dot int8): each kernel equals a numpy model of
-the same integer arithmetic, VNNI is in the code exactly when the CPU has it, and an int8
-artifact's decode stays within the documented tolerance of the float path."""
+"""The CPU's integer-dot matmuls (--cpu-dot int8): each kernel equals a numpy model of the
+same integer arithmetic, VNNI is in the code exactly when the CPU has it, and an int8
+artifact's logits stay within the documented tolerance of the float path."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import fmc
 from fmc.compiler import CompileOptions, compile_model
 from fmc.errors import UsageError
-from fmc.lowering.kernels.int8_gemv_cpu import GROUP, gemv
+from fmc.lowering.kernels.int8_dot_cpu import GROUP, integer_dot
 from fmc.quant import get
 from fmc.targets import get as get_target
 
@@ -79,7 +79,7 @@ def test_kernel_equals_the_integer_model(scheme, n, k, residual):
     res = rng.standard_normal((1, 1, n)).astype(np.float32)
     zero = ZEROS[scheme]
     bits = BITS.get(scheme, 4)
-    func = gemv(n, k, bits, zero or 0, str(stored[1].dtype), residual, with_min=zero is None,
+    func = integer_dot(n, k, bits, zero or 0, str(stored[1].dtype), residual, with_min=zero is None,
                 kquant=scheme == "q4k")
     target = get_target(f"cpu:{VNNI_CPU}").tvm_target()
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
@@ -102,6 +102,35 @@ def test_kernel_equals_the_integer_model(scheme, n, k, residual):
                                atol=2e-6 * np.abs(expected).max())
 
 
+@pytest.mark.parametrize("scheme", ["q4f16", "q4_1", "q8f16", "q4k"])
+@pytest.mark.parametrize("tokens, shape", [("seq", (1, 7)), ("batch", (5, 1))])
+def test_many_token_kernel_equals_the_integer_model_per_token(scheme, tokens, shape):
+    """Prefill ([1, T, K]: tiles of 4 tokens and a tail) and batched decode ([B, 1, K])."""
+    import tvm
+
+    n, k = 32, 512
+    rng = np.random.default_rng(7)
+    weight = rng.standard_normal((n, k)).astype(np.float32)
+    stored = get(f"{scheme}_rows16").quantize(weight)
+    x = rng.standard_normal((*shape, k)).astype(np.float32)
+    res = rng.standard_normal((*shape, n)).astype(np.float32)
+    zero = ZEROS[scheme]
+    func = integer_dot(n, k, BITS.get(scheme, 4), zero or 0, str(stored[1].dtype), True,
+                with_min=zero is None, kquant=scheme == "q4k", tokens=tokens)
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
+                      target=get_target(f"cpu:{VNNI_CPU}").tvm_target())
+    if not get_target("cpu").has_vnni():
+        pytest.skip("this CPU cannot run VNNI code")
+    out = tvm.runtime.tensor(np.zeros((*shape, n), np.float32))
+    lib["main"](*[tvm.runtime.tensor(a) for a in [*stored, x, res]], out)
+    operands = group_operands(scheme, weight)
+    rows = x.reshape(-1, k)
+    expected = np.stack([integer_model(*operands, row, zero)[0] for row in rows])
+    expected = expected + res.reshape(-1, n)
+    np.testing.assert_allclose(out.numpy().reshape(-1, n), expected, rtol=2e-6,
+                               atol=2e-6 * np.abs(expected).max())
+
+
 def test_vnni_only_where_the_cpu_has_it():
     assert get_target(f"cpu:{VNNI_CPU}").has_vnni()
     plain = get_target(f"cpu:{PLAIN_AVX512_CPU}")
@@ -121,10 +150,12 @@ def decode_logits(artifact, ids):
     return engine.decode(seq, ids[-1]), engine
 
 
-# Decode logits of an int8 artifact against the same artifact's float path, as
-# max|Δ| / max|logit|: measured 0.020 on this tiny random model (q4f16), 0.033 on SmolLM2
-# q4f16 — int8 activations cost as much as llama.cpp's Q8_1 ones. Bound: 1.5× the tiny one.
-INT8_TOLERANCE = 0.03
+# Logits of an int8 artifact against the same artifact's float path, as max|Δ| / max|logit|
+# over every prompt position (prefill) and one decode step after it. Measured on this tiny
+# random model: q4f16 0.032, q8f16 0.032, q4k_m 0.025 (decode; prefill lower); on SmolLM2
+# q4f16 0.072 over a 61-token prompt with the same argmax everywhere. Bound: 1.5× the tiny
+# model's largest.
+INT8_TOLERANCE = 0.05
 
 
 def disassembly(library) -> str:
@@ -137,8 +168,8 @@ def disassembly(library) -> str:
 
 
 @pytest.mark.parametrize("quant", ["q4f16", "q8f16", "q4k_m"])
-def test_int8_artifact_decodes_within_tolerance_of_the_float_path(tiny_checkpoint, tmp_path,
-                                                                  quant):
+def test_int8_artifact_runs_within_tolerance_of_the_float_path(tiny_checkpoint, tmp_path,
+                                                               quant):
     checkpoint = str(tiny_checkpoint("llama-kquant"))
     artifacts = {}
     for dot in ("float", "int8"):
@@ -154,7 +185,8 @@ def test_int8_artifact_decodes_within_tolerance_of_the_float_path(tiny_checkpoin
     ids = [5, 9, 100, 3, 44, 150, 7, 7, 12]
     int8, engine = decode_logits(artifacts["int8"], ids)
     floats, _ = decode_logits(artifacts["float"], ids)
-    error = np.abs(int8 - floats).max() / np.abs(floats).max()
-    assert 0 < error <= INT8_TOLERANCE, error
-    # Prefill (logits at every position) stays on the float path.
-    np.testing.assert_array_equal(engine.logits(ids), fmc.load(artifacts["float"]).logits(ids))
+    errors = {"decode": np.abs(int8 - floats).max() / np.abs(floats).max()}
+    prefill_int8 = engine.logits(ids)
+    prefill_float = fmc.load(artifacts["float"]).logits(ids)
+    errors["prefill"] = np.abs(prefill_int8 - prefill_float).max() / np.abs(prefill_float).max()
+    assert all(0 < e <= INT8_TOLERANCE for e in errors.values()), errors

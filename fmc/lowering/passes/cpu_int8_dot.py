@@ -1,13 +1,12 @@
-"""Swap the CPU's decode GEMV kernels over 4- and 8-bit weights for integer-dot kernels
-(fmc.lowering.kernels.int8_gemv_cpu): int8 activations, `vpdpbusd` over the weights' codes.
+"""Swap the CPU's matmul kernels over 4- and 8-bit weights for integer-dot kernels
+(fmc.lowering.kernels.int8_dot_cpu): int8 activations, `vpdpbusd` over the weights' codes.
 
-A kernel qualifies when it is a decode matmul (one token: x is [1, 1, K]) over a
-row-interleaved q4f16, q4f32, q4_0, q4_1, q4k or q8f16 weight — a single `NT_matmul` block,
-optionally followed by the residual `T_add` (o_proj's and down_proj's epilogue) — with the
-parameters (the scheme's stored arrays, x[, residual], out). Anything else keeps the float
-kernel.
-Runs in the fuse phase before the add→norm merge; the integer kernels are scheduled by hand
-and marked so."""
+A kernel qualifies when it is a matmul — decode (x is [1, 1, K]), prefill ([1, T, K]) or
+batched decode ([B, 1, K]) — over a row-interleaved q4f16, q4f32, q4_0, q4_1, q4k or q8f16
+weight: a single `NT_matmul` block, optionally followed by the residual `T_add` (o_proj's and
+down_proj's epilogue), with the parameters (the scheme's stored arrays, x[, residual], out).
+Anything else keeps the float kernel. Runs in the fuse phase before the add→norm merge; the
+integer kernels are scheduled by hand and marked so."""
 
 from __future__ import annotations
 
@@ -16,7 +15,7 @@ import re
 import tvm
 from tvm import tirx
 
-from fmc.lowering.kernels.int8_gemv_cpu import GROUP, LANES, SUPER, gemv
+from fmc.lowering.kernels.int8_dot_cpu import GROUP, LANES, SUPER, integer_dot
 from fmc.lowering.tir_util import block_names
 
 # Scheme → (code bits, zero point, kind): value = (code − zero)·scale; "affine": value =
@@ -46,8 +45,28 @@ def _static(shape) -> list[int] | None:
     return None if None in dims else dims
 
 
+def token_layout(x_shape, out_shape) -> str | None:
+    """"one" ([1, 1, K]), "seq" ([1, T, K]) or "batch" ([B, 1, K]) when x and the output
+    agree on the token dimensions; None otherwise."""
+    if len(x_shape) != 3 or len(out_shape) != 3:
+        return None
+    leading = [int(d) if isinstance(d, tirx.IntImm) else d for d in x_shape[:2]]
+    others = [int(d) if isinstance(d, tirx.IntImm) else d for d in out_shape[:2]]
+    if any(not (a == b if isinstance(a, int) else a.same_as(b))
+           for a, b in zip(leading, others, strict=True)):
+        return None
+    symbolic = [isinstance(d, tirx.Var) for d in leading]
+    if leading == [1, 1]:
+        return "one"
+    if leading[0] == 1 and symbolic[1]:
+        return "seq"
+    if symbolic[0] and leading[1] == 1:
+        return "batch"
+    return None
+
+
 def match(name: str, func: tirx.PrimFunc) -> dict | None:
-    """What the integer-dot kernel needs (`gemv`'s arguments), or None."""
+    """What the integer-dot kernel needs (`integer_dot`'s arguments), or None."""
     found = KERNEL.search(name)
     if found is None or found.group("scheme") not in SCHEMES:
         return None
@@ -57,31 +76,31 @@ def match(name: str, func: tirx.PrimFunc) -> dict | None:
         return None
     residual = len(blocks) == 2
     params = [p.ty for p in func.params]  # 0.27: parameters are typed as buffers
-    if not all(hasattr(b, "shape") for b in params):
+    if not all(hasattr(b, "shape") for b in params) or len(params) < 4:
         return None
-    shapes = [_static(b.shape) for b in params]
-    if None in shapes or len(shapes) < 3 or len(shapes[-1]) != 3:
-        return None
-    out, n = shapes[-1], shapes[-1][-1]
     layout_size = len(params) - 2 - residual
-    x = shapes[layout_size]
-    if out[:2] != [1, 1] or len(x) != 3 or x[:2] != [1, 1]:
+    x, out = params[layout_size], params[-1]
+    tokens = token_layout(x.shape, out.shape)
+    if tokens is None or _static(x.shape[2:]) is None or _static(out.shape[2:]) is None:
         return None
-    k = x[2]
+    k, n = int(x.shape[2]), int(out.shape[2])
     if n % LANES or k % (SUPER if kind == "k-quant" else GROUP):
         return None
     layout = weight_layout(bits, kind, n, k)
+    shapes = [_static(b.shape) for b in params[:layout_size]]
     if len(layout) != layout_size or any(
             str(b.dtype) not in dtypes or shape != expected
             for b, shape, (dtypes, expected) in zip(params, shapes, layout, strict=False)):
         return None
     if kind == "affine" and str(params[1].dtype) != str(params[2].dtype):
         return None
-    if any(str(b.dtype) != "float32" for b in params[layout_size:]) \
-            or (residual and shapes[-2] != out):
+    if any(str(b.dtype) != "float32" for b in params[layout_size:]):
+        return None
+    if residual and token_layout(params[-2].shape, out.shape) != tokens:
         return None
     return {"n": n, "k": k, "bits": bits, "zero": zero, "scale_dtype": str(params[1].dtype),
-            "residual": residual, "with_min": kind != "zero", "kquant": kind == "k-quant"}
+            "residual": residual, "with_min": kind != "zero", "kquant": kind == "k-quant",
+            "tokens": tokens}
 
 
 @tvm.transform.module_pass(opt_level=0, name="CPUInt8Dot")
@@ -92,5 +111,5 @@ class CPUInt8Dot:
                 continue
             found = match(gv.name_hint, func)
             if found is not None:
-                mod[gv] = gemv(**found)
+                mod[gv] = integer_dot(**found)
         return mod
