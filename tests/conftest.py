@@ -18,6 +18,10 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # Tests monkeypatch fmc in-process, which a build cache keyed by files cannot see: compiles
 # use no cache unless a test asks for one (tests/test_cache.py).
 os.environ["FMC_NO_CACHE"] = "1"
+# Compiles default to the CPU's exact float dot product, on every machine: the tests against
+# reference numerics (transformers, numpy) run there; the int8 path has its own tolerance
+# tests (test_cpu_int8_dot.py), which ask for it.
+os.environ["FMC_CPU_DOT"] = "float"
 logging.getLogger("fmc").setLevel(logging.WARNING)
 
 
@@ -36,9 +40,7 @@ def tiny_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_artifact(tiny_checkpoint, tmp_path_factory):
-    """(name, quant) → path of the compiled artifact (compiled on first use). The CPU's
-    float dot product, on every machine: tests against reference numerics run on the exact
-    path (the int8 one has its own tolerance tests in test_cpu_int8_dot.py)."""
+    """(name, quant) → path of the compiled artifact (compiled on first use)."""
     from fmc.compiler import CompileOptions, compile_model
 
     cache: dict[tuple[str, str], Path] = {}
@@ -48,7 +50,7 @@ def tiny_artifact(tiny_checkpoint, tmp_path_factory):
         if key not in cache:
             out = tmp_path_factory.mktemp("artifacts") / f"{name}-{quant}"
             compile_model(CompileOptions(model=str(tiny_checkpoint(name)), output=out,
-                                         quant=quant, cpu_dot="float"))
+                                         quant=quant))
             cache[key] = out
         return cache[key]
 

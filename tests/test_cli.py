@@ -256,3 +256,14 @@ def test_every_command_has_json_and_quiet():
     for path, command in commands:
         options = {o for p in command.params for o in getattr(p, "opts", [])}
         assert {"--json", "--quiet"} <= options, " ".join(path)
+
+
+def test_debug_is_the_global_option_not_any_argument_spelled_so(tmp_path, capsys):
+    missing = str(tmp_path / "missing")
+    # A prompt that reads "--debug" is a prompt: the error stays one line.
+    assert main(["run", missing, "-p", "--debug"]) != 0
+    assert capsys.readouterr().err.startswith("fmc: error: ")
+    from fmc.errors import FmcError
+
+    with pytest.raises(FmcError):  # the real option shows the traceback (raises here)
+        main(["--debug", "run", missing, "-p", "hi"])

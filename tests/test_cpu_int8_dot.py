@@ -131,8 +131,19 @@ def test_many_token_kernel_equals_the_integer_model_per_token(scheme, tokens, sh
                                atol=2e-6 * np.abs(expected).max())
 
 
-def test_vnni_only_where_the_cpu_has_it():
-    assert get_target(f"cpu:{VNNI_CPU}").has_vnni()
+def test_vnni_only_where_the_cpu_has_it(monkeypatch):
+    monkeypatch.delenv("FMC_CPU_DOT")
+    vnni = get_target(f"cpu:{VNNI_CPU}")
+    assert vnni.has_vnni()
+    vnni.configure_dot(None)
+    assert vnni.dot == "int8" and vnni.kernel_passes()
+    monkeypatch.setenv("FMC_CPU_DOT", "float")
+    vnni.configure_dot(None)
+    assert vnni.dot == "float"
+    monkeypatch.setenv("FMC_CPU_DOT", "fast")
+    with pytest.raises(UsageError, match="FMC_CPU_DOT 'fast': choose one of float, int8"):
+        vnni.configure_dot(None)
+    monkeypatch.delenv("FMC_CPU_DOT")
     plain = get_target(f"cpu:{PLAIN_AVX512_CPU}")
     assert not plain.has_vnni()
     plain.configure_dot(None)

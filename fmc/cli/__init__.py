@@ -103,15 +103,15 @@ class _Signals:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: one-line errors with documented exit codes (see docs/cli.md)."""
-    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    _state["debug"] = False  # set by the global option's callback, once parsed
     previous = _Signals.install()
     try:
-        return _main(argv, debug)
+        return _main(argv)
     finally:
         _Signals.restore(previous)
 
 
-def _main(argv: list[str] | None, debug: bool) -> int:
+def _main(argv: list[str] | None) -> int:
     try:
         result = app(args=argv, standalone_mode=False)
         # typer turns a KeyboardInterrupt into exit code 130, returned (not raised) here.
@@ -121,7 +121,7 @@ def _main(argv: list[str] | None, debug: bool) -> int:
         if isinstance(result, int) and result:
             return result
     except FmcError as exc:
-        if debug:
+        if _state["debug"]:
             raise
         sys.stderr.write(f"fmc: error: {exc}\n")
         return exc.exit_code
@@ -140,7 +140,7 @@ def _main(argv: list[str] | None, debug: bool) -> int:
         if _Signals.received is not None:
             sys.stderr.write("fmc: interrupted\n")
             return _Signals.exit_code()
-        if debug:
+        if _state["debug"]:
             raise
         sys.stderr.write(f"fmc: internal error: {type(exc).__name__}: {exc} "
                          "(rerun with --debug for a traceback)\n")

@@ -18,10 +18,6 @@ class TensorInfo:
     dtype: str  # source storage type, e.g. "float32", "bfloat16", "gguf:Q4_1"
     file: Path
 
-    @property
-    def numel(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
-
 
 class WeightSource(Protocol):
     """Tensors under canonical (Hugging Face Llama) names, read lazily one at a time."""

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -34,6 +35,7 @@ def host_cpu() -> str:
 # float32; "int8" quantizes the activations to int8 and uses the VNNI integer dot product.
 CPU_DOTS = ("float", "int8")
 VNNI_FEATURE = "avx512vnni"
+CPU_DOT_VARIABLE = "FMC_CPU_DOT"  # the default for --cpu-dot (CI pinning exact numerics)
 
 
 class HostCPU(Target):
@@ -43,6 +45,7 @@ class HostCPU(Target):
 
     def __init__(self, mcpu: str | None = None):
         self._mcpu = mcpu  # None: this machine's, asked of LLVM when first needed
+        self.dot = "float"
 
     @property
     def mcpu(self) -> str:
@@ -53,7 +56,6 @@ class HostCPU(Target):
     @mcpu.setter
     def mcpu(self, value: str) -> None:
         self._mcpu = value
-        self.dot = "float"
 
     def has_vnni(self) -> bool:
         from tvm.target import codegen
@@ -61,12 +63,16 @@ class HostCPU(Target):
         return bool(codegen.target_has_features(VNNI_FEATURE, self.tvm_target()))
 
     def configure_dot(self, choice: str | None) -> None:
-        """`--cpu-dot`: None picks int8 where the CPU has AVX-512 VNNI, float elsewhere."""
+        """`--cpu-dot`: None takes FMC_CPU_DOT if set, else picks int8 where the CPU has
+        AVX-512 VNNI and float elsewhere."""
+        source = "--cpu-dot"
+        if choice is None and os.environ.get(CPU_DOT_VARIABLE):
+            choice, source = os.environ[CPU_DOT_VARIABLE], CPU_DOT_VARIABLE
         if choice is None:
             self.dot = "int8" if self.has_vnni() else "float"
             return
         if choice not in CPU_DOTS:
-            raise UsageError(f"--cpu-dot {choice!r}: choose one of {', '.join(CPU_DOTS)}")
+            raise UsageError(f"{source} {choice!r}: choose one of {', '.join(CPU_DOTS)}")
         if choice == "int8" and not self.has_vnni():
             raise UsageError(f"--cpu-dot int8 needs AVX-512 VNNI, which LLVM CPU "
                              f"{self.mcpu!r} lacks (use --cpu-dot float)")
