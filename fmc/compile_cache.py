@@ -6,15 +6,17 @@ weights and changing only the weights reuses the library:
 - **library** (the fuse, lower and codegen phases): keyed by fmc's code, TVM's version, the
   target (its TVM target, variant and every host tool's version), the architecture config,
   compute dtype, quantization plan and per-layer schemes, the parameter list, the passes
-  run, and the content of every plugin and kernel-override file. Weights and tokenizer are
+  run, the content of every plugin and kernel-override file, and the code identity
+  (fmc.plugins.code_identity) of every pipeline pass and every scheme used — so a pass or
+  scheme registered in-process, from no file, changes the key as well. Weights and tokenizer are
   not part of it: the library does not depend on them.
 - **weights** (the weights phase): keyed by fmc's code, TVM's and numpy's versions, the
   content of the weight and config files, the stored parameters (after horizontal fusion:
-  names, shapes, dtypes, schemes, sources), the quantization plugin files and the options
-  that change the shards.
+  names, shapes, dtypes, schemes, sources), the quantization plugin files, the code identity
+  of the schemes used, and the options that change the shards.
 
-A key covers files, not in-process changes: code that monkeypatches fmc should pass
-`use_cache=False`."""
+Registrations are covered; other in-process changes are not: code that monkeypatches fmc's
+functions should pass `use_cache=False`."""
 
 from __future__ import annotations
 
@@ -80,6 +82,20 @@ def param_from_dict(data: dict[str, Any]) -> StoredParam:
                           "members": tuple(param_from_dict(m) for m in data["members"])})
 
 
+def _registrations(state: CompileState) -> dict[str, Any]:
+    """The code of every pass in the pipeline and of every scheme the parameters use: a
+    registration made in-process (no plugin file) changes the key too."""
+    from fmc.lowering.pipeline import PIPELINE
+    from fmc.plugins import code_identity
+    from fmc.quant import get
+    from fmc.quant.registry import split_name
+
+    # the registered scheme behind a layout's name (q4f16_rows16 → q4f16)
+    schemes = sorted({split_name(p.scheme)[0] for p in state.params if p.scheme is not None})
+    return {"passes": [[spec.name, spec.phase, code_identity(spec.make)] for spec in PIPELINE],
+            "schemes": {name: code_identity(get(name)) for name in schemes}}
+
+
 # -- library ------------------------------------------------------------------------------
 def _library_record(state: CompileState, cache: BuildCache) -> dict[str, Any]:
     import tvm
@@ -100,6 +116,7 @@ def _library_record(state: CompileState, cache: BuildCache) -> dict[str, Any]:
             "disabled_passes": sorted(state.disabled), "debug_layers": o.debug_layers,
             "quant_plugins": [_digest(cache, f) for f in o.quant_plugins],
             "pass_plugins": [_digest(cache, f) for f in o.pass_plugins],
+            "registrations": _registrations(state),
             "override_kernels": overrides}
 
 
@@ -133,6 +150,7 @@ def _weights_record(state: CompileState, cache: BuildCache) -> dict[str, Any]:
             "inputs": inputs, "params": [param_to_dict(p) for p in state.params],
             # a plugin scheme's quantizer runs here
             "quant_plugins": [_digest(cache, f) for f in state.options.quant_plugins],
+            "schemes": _registrations(state)["schemes"],
             "allow_nonfinite": state.options.allow_nonfinite,
             "tensor_parallel": state.ranks,
             "shard_bytes": state.options.shard_bytes,

@@ -3,6 +3,7 @@ package, in order, in one list. Each phase reads and extends one CompileState.""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -392,6 +393,28 @@ class CompileResult:
     cache: dict[str, str] = field(default_factory=dict)  # step → "hit" | "miss"; {} if off
 
 
+def plugin_scoped(function):
+    """Plugins loaded for one compile apply to that compile only: the pass pipeline and the
+    scheme registry are put back as they were when it ends (registrations made in-process,
+    outside a compile, stay; the build cache's keys include their code)."""
+
+    @functools.wraps(function)
+    def scoped(*args, **kwargs):
+        from fmc.lowering import pipeline
+        from fmc.quant import registry
+
+        registry.all_schemes()  # built-ins register once per process: keep them
+        passes, schemes = list(pipeline.PIPELINE), dict(registry.SCHEMES)
+        try:
+            return function(*args, **kwargs)
+        finally:
+            pipeline.PIPELINE[:] = passes
+            registry.SCHEMES.clear()
+            registry.SCHEMES.update(schemes)
+
+    return scoped
+
+
 def _new_state(options: CompileOptions) -> CompileState:
     """Check the options and resolve target, plan and disabled passes (before any work)."""
     if options.shard_bytes <= 0:
@@ -462,6 +485,7 @@ def _run(state: CompileState, phases: list[Phase], progress: Progress) -> None:
 IR_PHASES = ("import", "quantize", "fuse", "lower")
 
 
+@plugin_scoped
 def build_ir(options: CompileOptions, progress: Progress | None = None) -> CompileState:
     """Run only the IR phases (import → lower) in memory, writing nothing but IR dumps; the
     state's `mod` is the scheduled, VM-lowered module codegen would build."""
@@ -470,6 +494,7 @@ def build_ir(options: CompileOptions, progress: Progress | None = None) -> Compi
     return state
 
 
+@plugin_scoped
 def compile_model(options: CompileOptions, progress: Progress | None = None) -> CompileResult:
     """Run every phase; the output appears at `options.output` only if all succeed."""
     progress = progress or (lambda *args, **kwargs: None)
@@ -501,6 +526,7 @@ def input_files(state: CompileState) -> list[Path]:
     return sorted({Path(f).resolve() for f in files})
 
 
+@plugin_scoped
 def plan_compile(options: CompileOptions) -> dict[str, Any]:
     """What `compile` would do, without doing it (`--dry-run`): the import and quantize
     phases run in memory (config and weight headers are read, no tensor data; nothing is

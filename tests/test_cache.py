@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import filecmp
 import hashlib
 import json
@@ -9,9 +10,11 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import fmc.compile_cache
+import fmc.errors
 from fmc.cli import main
 from fmc.compiler import CompileOptions, compile_model
 from fmc.targets.base import Tool
@@ -194,3 +197,52 @@ def test_file_digests_are_remembered_until_the_file_changes(tmp_path, monkeypatc
     assert store.file_digest(path) == hashlib.sha256(b"b" * 1000).hexdigest() != first
     assert store.file_digest(path) == hashlib.sha256(b"b" * 1000).hexdigest()
     assert len(list((store.base / "digests").iterdir())) == 1
+
+
+def test_in_process_registrations_are_part_of_the_keys(model, tmp_path, monkeypatch):
+    """A pass or scheme registered in-process (no file) changes what a compile builds, so it
+    must change the key: a later compile must not reuse a library or shards built without
+    it."""
+    import tvm
+
+    from fmc.lowering import pipeline
+    from fmc.quant import registry
+
+    compile_ = Compiler(model, tmp_path)
+    assert compile_()[1] == {"library": "miss", "weights": "miss"}
+    assert compile_()[1] == {"library": "hit", "weights": "hit"}
+    monkeypatch.setattr(pipeline, "PIPELINE", list(pipeline.PIPELINE))
+    pipeline.register_pass(pipeline.PassSpec(
+        "no-schedule", "lower", "kernels unscheduled", lambda ctx: tvm.transform.Sequential([])),
+        replace="schedule")
+    assert compile_()[1] == {"library": "miss", "weights": "hit"}
+
+    original = registry.get("q4f16")
+
+    class Changed(type(original)):  # a different quantizer under the same name
+        def quantize(self, weight, importance=None):
+            return super().quantize(np.sign(weight) * np.abs(weight) ** 0.5)
+
+    changed = copy.copy(original)
+    changed.__class__ = Changed
+    monkeypatch.setitem(registry.SCHEMES, "q4f16", changed)
+    assert compile_()[1] == {"library": "miss", "weights": "miss"}
+
+
+def test_a_compile_s_plugins_do_not_outlive_it(model, tmp_path, monkeypatch):
+    from fmc.lowering import pipeline
+    from fmc.quant import all_schemes, registry
+
+    all_schemes()
+    monkeypatch.delitem(registry.SCHEMES, "int3", raising=False)  # an earlier test's load
+
+    plugin = Path(__file__).parent.parent / "examples" / "quant_plugin_int3.py"
+    passes = Path(__file__).parent.parent / "examples" / "pass_plugin_kernel_report.py"
+    before = (pipeline.pass_names(), sorted(all_schemes()))
+    compile_ = Compiler(model, tmp_path)
+    compile_(quant="int3", quant_plugins=[str(plugin)], pass_plugins=[str(passes)])
+    assert (pipeline.pass_names(), sorted(all_schemes())) == before
+    # the next compile in this process neither sees the pass nor can use the scheme
+    assert "kernel-report" not in pipeline.pass_names()
+    with pytest.raises(fmc.errors.UsageError, match="int3"):
+        compile_(quant="int3")
