@@ -65,6 +65,10 @@ def test_sampling_is_reproducible_with_a_seed(tiny_artifact, capsys):
     args = ["run", art, "-p", "w3 w4", "-n", "8", "--temperature", "1.5", "--seed", "7"]
     first = run_cli(capsys, *args)[1]
     assert run_cli(capsys, *args)[1] == first
+    # temperature and seed are used: greedy and another seed give other texts
+    greedy = run_cli(capsys, "run", art, "-p", "w3 w4", "-n", "8")[1]
+    other_seed = run_cli(capsys, *args[:-1], "8")[1]
+    assert first != greedy and first != other_seed
 
 
 @pytest.mark.parametrize("args, code, message", [

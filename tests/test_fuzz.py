@@ -97,6 +97,44 @@ def test_safetensors_reader_on_generated_headers(tmp_path, header, body, declare
     read_safetensors(path)
 
 
+def _invalid_entry(draw_kind, size, bad):
+    """A header entry that no reader may accept, of one of four kinds."""
+    if draw_kind == "dtype":
+        return {"dtype": bad, "shape": [size], "data_offsets": [0, 4 * size]}
+    if draw_kind == "shape":
+        return {"dtype": "F32", "shape": [size, -1 - size], "data_offsets": [0, 4 * size]}
+    if draw_kind == "size":  # offsets that do not hold the shape
+        return {"dtype": "F32", "shape": [size], "data_offsets": [0, 4 * size + 1 + size % 3]}
+    return {"dtype": "F32", "shape": [size], "data_offsets": [1 << 40, (1 << 40) + 4 * size]}
+
+
+@FUZZ
+@given(kind=st.sampled_from(["dtype", "shape", "size", "beyond"]), size=st.integers(1, 64),
+       bad=st.sampled_from(["Q4", "", "F33", "int8", "FP8"]),
+       valid=st.integers(0, 3))
+def test_safetensors_reader_refuses_invalid_headers(tmp_path, kind, size, bad, valid):
+    """Acceptance, not just robustness: a header with one invalid entry among valid ones is
+    refused with an InputError naming the file."""
+    header, offset = {}, 0
+    for index in range(valid):
+        header[f"ok.{index}"] = {"dtype": "F32", "shape": [2], "data_offsets": [offset,
+                                                                             offset + 8]}
+        offset += 8
+    header["bad"] = _invalid_entry(kind, size, bad)
+    if kind != "beyond":
+        begin, end = header["bad"]["data_offsets"]
+        header["bad"]["data_offsets"] = [offset + begin, offset + end]
+    encoded = json.dumps(header).encode()
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + bytes(offset + 8 * 64))
+    with pytest.raises(InputError, match=r"model\.safetensors"):
+        from fmc.frontend.safetensors_reader import SafetensorsFile
+
+        file = SafetensorsFile(path)
+        for name in file.index():
+            file.load(name)
+
+
 # -- GGUF ---------------------------------------------------------------------------------
 
 

@@ -182,6 +182,37 @@ def test_top_k_samples_only_the_k_likeliest():
     assert {sampler(logits) for _ in range(300)} == {7, 8, 9}
 
 
+def _frequencies(params, logits, draws=4000):
+    from fmc.runtime.sampling import Sampler
+
+    sampler = Sampler(params)
+    counts = np.bincount([sampler(logits) for _ in range(draws)], minlength=len(logits))
+    return counts / draws
+
+
+def test_temperature_samples_the_softmax_of_logits_over_temperature():
+    from fmc.runtime.sampling import SamplingParams
+
+    logits = np.array([0.0, 1.0, 2.0, 0.5], np.float32)
+    for temperature in (0.5, 1.0, 2.0):
+        expected = np.exp(logits / temperature) / np.exp(logits / temperature).sum()
+        seen = _frequencies(SamplingParams(temperature=temperature, seed=1), logits)
+        # 4 standard errors of a frequency from 4000 draws
+        assert np.all(np.abs(seen - expected) <= 4 * np.sqrt(expected * (1 - expected) / 4000))
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p_and_renormalises():
+    from fmc.runtime.sampling import SamplingParams
+
+    probs = np.array([0.5, 0.3, 0.15, 0.05])
+    logits = np.log(probs).astype(np.float32)
+    seen = _frequencies(SamplingParams(temperature=1.0, top_p=0.7, seed=2), logits)
+    assert seen[2] == seen[3] == 0  # 0.5 + 0.3 reaches 0.7: the nucleus is {0, 1}
+    assert abs(seen[0] - 0.5 / 0.8) <= 4 * np.sqrt(0.625 * 0.375 / 4000)
+    seen = _frequencies(SamplingParams(temperature=1.0, top_p=0.85, seed=3), logits)
+    assert seen[3] == 0 and seen[2] > 0
+
+
 def test_bench_batch_reports_aggregate_rates(engine):
     from fmc.runtime.bench import benchmark
 
