@@ -13,6 +13,9 @@ against each engine's own F32 model over the same positions (llama.cpp's
 `--kl-divergence-base`). Text: benchmarks/data/lee_background_90.txt; calibrated rows use
 benchmarks/data/lee_background_calib.txt (disjoint articles).
 
+fmc's artifacts use the CPU's float dot product (`--cpu-dot float`): the table measures the
+weights' quantization; what int8 activations add is measured in docs/quantization.md.
+
 Bits per weight: stored bytes of every weight matrix (the linear layers, embedding and output
 head; not norms or biases) × 8 / their number of weights — the same count for both engines.
 
@@ -136,7 +139,7 @@ def fmc_rows(results: dict, threads: int, redo: set[str]) -> None:
         if row in redo or not (artifact / "manifest.json").exists():
             done = subprocess.run(
                 [*cli, "compile", str(default_model_path()), *args, "-o", str(artifact),
-                 "--force", "--quiet", "--json", "--no-cache"],
+                 "--force", "--quiet", "--json", "--no-cache", "--cpu-dot", "float"],
                 check=True, capture_output=True, text=True).stdout
             seconds[row] = json.loads(done)["timings"]
             print("compiled", row, flush=True)
