@@ -176,7 +176,7 @@ def chart(results: dict, model: str) -> None:
     matplotlib.rcParams["svg.hashsalt"] = "fmc"  # reproducible SVG ids
     rows = results["rows"]
     fig, axes = plt.subplots(2, 1, figsize=(11, 7.5), sharex=True)
-    labels = [f"{r['fmc']} | {r['llama.cpp']}\n{r['threads']}T" for r in rows]
+    labels = [f"{r['fmc']} vs {r['llama.cpp']}, {r['threads']}T" for r in rows]
     positions = np.arange(len(rows))
     for ax, measure in zip(axes, ("decode", "prefill"), strict=False):
         for offset, (engine, key, color) in enumerate(
@@ -191,7 +191,7 @@ def chart(results: dict, model: str) -> None:
                                               if measure == "prefill" else ""))
         ax.grid(axis="y", alpha=0.3)
         ax.legend(loc="upper right")
-    axes[-1].set_xticks(positions, labels, fontsize=7)
+    axes[-1].set_xticks(positions, labels, fontsize=8, rotation=35, ha="right")
     info = results["machine"]
     title = {"smollm2": "SmolLM2-135M", "tinyllama-1.1b": "TinyLlama-1.1B shapes"}[model]
     axes[0].set_title(f"{title}, fmc vs llama.cpp, medians of {results['rounds']} "
