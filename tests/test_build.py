@@ -109,3 +109,14 @@ def test_unknown_only_name_and_missing_file(tmp_path, capsys):
     assert "did you mean 'tiny-f32'" in capsys.readouterr().err
     assert main(["build", "-c", str(tmp_path / "none.toml")]) == 4
     assert "none.toml: no such file" in capsys.readouterr().err
+
+
+def test_the_compiler_does_not_load_the_runtime():
+    import subprocess
+    import sys
+
+    probe = ("import sys, fmc.compiler\n"
+             "print(sorted(m for m in sys.modules if m.startswith('fmc.runtime')))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"
