@@ -41,6 +41,7 @@ class BFloat16(QuantScheme):
 
     def dequantize_te(self, stored, out_dtype):
         from tvm import te, tirx
+
         (bits,) = stored
 
         def value(*index):

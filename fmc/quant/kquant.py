@@ -83,6 +83,7 @@ def scale_min_te(words, row, k) -> tuple[tirx.PrimExpr, tirx.PrimExpr]:
     """(sc, m) of the sub-block holding element `k` of `row`, as uint32 expressions over the
     three packed-scale word arrays; each array is read at the element's super-block only."""
     from tvm import tirx
+
     block = k // SUPER
     sub = k // SUB % SUBS
     shift = (sub % 4 * 8).astype("uint32")
@@ -204,6 +205,7 @@ class AffineKQuant(QuantScheme):
 
     def dequantize_te(self, stored, out_dtype):
         from tvm import te
+
         words = stored[0]
         scale_words, (d, dmin) = stored[-5:-2], stored[-2:]
         rows, k = words.shape[0], words.shape[1] * 8

@@ -38,6 +38,7 @@ def _lookup(code, dtype: str, low: int = 0, high: int = 16) -> tirx.PrimExpr:
     """Code-book value of a uint32 4-bit code as a balanced tree of selects (no memory
     lookup)."""
     from tvm import tirx
+
     if high - low == 1:
         return tirx.const(float(CODE_BOOK[low]), dtype)
     middle = (low + high) // 2
@@ -74,6 +75,7 @@ class NormalFloat4(QuantScheme):
 
     def dequantize_te(self, stored, out_dtype):
         from tvm import te
+
         words, scales = stored
         rows, k = words.shape[0], words.shape[1] * 8
         return te.compute(

@@ -50,6 +50,7 @@ def unpack_fields(words: np.ndarray, width: int) -> np.ndarray:
 def field(words, row, k, width: int) -> tirx.PrimExpr:
     """TE/TIR expression for the `width`-bit code `k` of `row` in packed `words` (uint32)."""
     from tvm import tirx
+
     per_word = 32 // width
     shift = (k % per_word * width).astype("uint32")
     return (words[row, k // per_word] >> shift) & tirx.const((1 << width) - 1, "uint32")
@@ -116,6 +117,7 @@ def dequantize_offset_int4_te(stored, zero: int, group: int, out_dtype: str):
     group. With float32 scales the products would round (q4f32), and in float16 too: there it
     stays (code − zero)·scale."""
     from tvm import te
+
     words, scales = stored
     rows, k = words.shape[0], words.shape[1] * NIBBLES_PER_WORD
     exact_products = out_dtype == "float32" and str(scales.dtype) == "float16"

@@ -35,6 +35,7 @@ class Unquantized(QuantScheme):
 
     def dequantize_te(self, stored, out_dtype):
         from tvm import te
+
         (weight,) = stored
         return te.compute(weight.shape, lambda *i: weight(*i).astype(out_dtype), name="dequantize")
 

@@ -61,6 +61,7 @@ class GGMLQ4_1(QuantScheme):
 
     def dequantize_te(self, stored, out_dtype):
         from tvm import te
+
         words, d, m = stored
         rows, k = words.shape[0], words.shape[1] * 8
         return te.compute(

@@ -91,6 +91,7 @@ class GGMLQ5(QuantScheme):
 
     def dequantize_te(self, stored, out_dtype):
         from tvm import te
+
         low, high, d, *extra = stored
         rows, k = low.shape[0], low.shape[1] * 8
 

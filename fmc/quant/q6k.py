@@ -84,6 +84,7 @@ class GGMLQ6K(QuantScheme):
 
     def dequantize_te(self, stored, out_dtype):
         from tvm import te
+
         low, high, sc, d = stored
         rows, k = low.shape[0], low.shape[1] * 8
 

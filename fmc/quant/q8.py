@@ -50,6 +50,7 @@ class Int8(QuantScheme):
 
     def dequantize_te(self, stored, out_dtype):
         from tvm import te
+
         codes, scales = stored
         return te.compute(
             codes.shape,
