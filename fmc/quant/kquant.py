@@ -79,20 +79,25 @@ def from_words(words: list[np.ndarray]) -> np.ndarray:
     return np.ascontiguousarray(stacked).view(np.uint8).reshape(stacked.shape[0], -1)
 
 
-def scale_min_te(words, row, k) -> tuple[tirx.PrimExpr, tirx.PrimExpr]:
-    """(sc, m) of the sub-block holding element `k` of `row`, as uint32 expressions over the
-    three packed-scale word arrays; each array is read at the element's super-block only."""
+def unpack_scale_min(words, sub) -> tuple[tirx.PrimExpr, tirx.PrimExpr]:
+    """(sc, m) of sub-block `sub` (0–7) from a super-block's three packed-scale words (bytes
+    0–3, 4–7, 8–11), as uint32 expressions. The words may be scalars (the TE dequantize) or
+    vectors of 16 rows (the CPU's integer-dot kernel): GGUF's 6-bit packing, written once."""
     from tvm import tirx
 
-    block = k // SUPER
-    sub = k // SUB % SUBS
     shift = (sub % 4 * 8).astype("uint32")
-    low, mid, top = ((w[row, block] >> shift) & tirx.const(255, "uint32") for w in words)
+    low, mid, top = ((w >> shift) & tirx.const(255, "uint32") for w in words)
     six, four = tirx.const(63, "uint32"), tirx.const(15, "uint32")
     low_half = sub < 4
     sc = tirx.Select(low_half, low & six, (top & four) | ((low >> 6) << 4))
     m = tirx.Select(low_half, mid & six, (top >> 4) | ((mid >> 6) << 4))
     return sc, m
+
+
+def scale_min_te(words, row, k) -> tuple[tirx.PrimExpr, tirx.PrimExpr]:
+    """(sc, m) of the sub-block holding element `k` of `row`, as uint32 expressions over the
+    three packed-scale word arrays; each array is read at the element's super-block only."""
+    return unpack_scale_min([w[row, k // SUPER] for w in words], k // SUB % SUBS)
 
 
 def quantize_affine(weight: np.ndarray, importance, nmax: int

@@ -37,6 +37,8 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.script import tirx as T
 
+from fmc.quant.kquant import SUBS, SUPER, unpack_scale_min
+
 LANES = 16  # int32/float32 lanes of a 512-bit vector = weight rows per row block
 GROUP = 32  # weights per scale group; activation blocks match it
 WORDS_PER_GROUP = GROUP // 4  # vpdpbusd steps per group and row block (4 bytes per lane)
@@ -47,7 +49,6 @@ NIBBLES = 0x0F0F0F0F
 SIGN_BITS = 0x80808080
 # Byte i of a lane-per-row vector comes from byte (i % 4)·16 + i // 4 of a k-major load.
 TRANSPOSE_4X16 = [(i % 4) * LANES + i // 4 for i in range(4 * LANES)]
-SUPER, SUBS = 256, 8  # Q4_K: super-blocks of 256 weights, 8 groups each
 # Where the token count lives in x [d0, d1, K]: decode [1, 1, K], prefill [1, T, K],
 # batched decode [B, 1, K].
 TOKEN_AXES = {"one": None, "seq": 1, "batch": 0}
@@ -94,19 +95,9 @@ def integer_dot(n: int, k: int, bits: int, zero: int, scale_dtype: str, residual
         + minimum); minimum None for a zero-point scheme."""
         if len(parts) == 5:  # Q4_K: d·sc and −dmin·m, sc and m 6-bit from the words
             words, d, dmin = parts[:3], parts[3], parts[4]
-            block_of: T.let[T.int32] = g // SUBS
-            shift = T.broadcast(T.Cast("uint32", g % 4 * 8), LANES)
-            byte = T.broadcast(T.uint32(255), LANES)
-            low, mid, top = ((w[block, block_of, T.ramp(0, 1, LANES)] >> shift) & byte
-                             for w in words)
-            six_bits = T.broadcast(T.uint32(63), LANES)
-            four_bits = T.broadcast(T.uint32(15), LANES)
-            by_six, by_four = T.broadcast(T.uint32(6), LANES), T.broadcast(T.uint32(4), LANES)
-            first_half = T.broadcast(g % SUBS < 4, LANES)
-            sc = T.Select(first_half, low & six_bits,
-                          (top & four_bits) | ((low >> by_six) << by_four))
-            m = T.Select(first_half, mid & six_bits,
-                         (top >> by_four) | ((mid >> by_six) << by_four))
+            block_of = g // SUBS
+            sc, m = unpack_scale_min([w[block, block_of, T.ramp(0, 1, LANES)] for w in words],
+                                     g % SUBS)
             return (T.Cast("float32x16", d[block, block_of, T.ramp(0, 1, LANES)]) *
                     T.Cast("float32x16", sc),
                     -T.Cast("float32x16", dmin[block, block_of, T.ramp(0, 1, LANES)]) *
@@ -198,13 +189,13 @@ def integer_dot(n: int, k: int, bits: int, zero: int, scale_dtype: str, residual
     @T.macro
     def dot_all(words, parts, packed, xd, xs, out, res, count):
         for task in T.parallel(tasks):
-            if token_axis is not None:
+            if token_axis is not None:  # decided while parsing: one token has no full tile
                 for tile in T.serial(count // TOKEN_TILE):
                     dot_tile(words, parts, packed, xd, xs, out, res, task, tile * TOKEN_TILE,
                              TOKEN_TILE)
-            for t in T.serial(count % TOKEN_TILE if token_axis is not None else 1):
+            for t in T.serial(count % TOKEN_TILE):
                 dot_tile(words, parts, packed, xd, xs, out, res, task,
-                         count - count % TOKEN_TILE + t if token_axis is not None else t, 1)
+                         count - count % TOKEN_TILE + t, 1)
 
     @T.macro
     def run(codes, parts, x, res, out, count):
