@@ -82,18 +82,24 @@ def param_from_dict(data: dict[str, Any]) -> StoredParam:
                           "members": tuple(param_from_dict(m) for m in data["members"])})
 
 
-def _registrations(state: CompileState) -> dict[str, Any]:
-    """The code of every pass in the pipeline and of every scheme the parameters use: a
-    registration made in-process (no plugin file) changes the key too."""
+def _pass_identities() -> list[list[str]]:
+    """The code of every pass in the pipeline: a pass registered in-process (no plugin file)
+    changes the library key too."""
     from fmc.lowering.pipeline import PIPELINE
+    from fmc.plugins import code_identity
+
+    return [[spec.name, spec.phase, code_identity(spec.make)] for spec in PIPELINE]
+
+
+def _scheme_identities(state: CompileState) -> dict[str, str]:
+    """The code of every scheme the parameters use (under the registered name behind a
+    layout's: q4f16_rows16 → q4f16); an in-process registration changes both keys."""
     from fmc.plugins import code_identity
     from fmc.quant import get
     from fmc.quant.registry import split_name
 
-    # the registered scheme behind a layout's name (q4f16_rows16 → q4f16)
     schemes = sorted({split_name(p.scheme)[0] for p in state.params if p.scheme is not None})
-    return {"passes": [[spec.name, spec.phase, code_identity(spec.make)] for spec in PIPELINE],
-            "schemes": {name: code_identity(get(name)) for name in schemes}}
+    return {name: code_identity(get(name)) for name in schemes}
 
 
 # -- library ------------------------------------------------------------------------------
@@ -116,7 +122,8 @@ def _library_record(state: CompileState, cache: BuildCache) -> dict[str, Any]:
             "disabled_passes": sorted(state.disabled), "debug_layers": o.debug_layers,
             "quant_plugins": [_digest(cache, f) for f in o.quant_plugins],
             "pass_plugins": [_digest(cache, f) for f in o.pass_plugins],
-            "registrations": _registrations(state),
+            "registrations": {"passes": _pass_identities(),
+                              "schemes": _scheme_identities(state)},
             "override_kernels": overrides}
 
 
@@ -150,7 +157,7 @@ def _weights_record(state: CompileState, cache: BuildCache) -> dict[str, Any]:
             "inputs": inputs, "params": [param_to_dict(p) for p in state.params],
             # a plugin scheme's quantizer runs here
             "quant_plugins": [_digest(cache, f) for f in state.options.quant_plugins],
-            "schemes": _registrations(state)["schemes"],
+            "schemes": _scheme_identities(state),
             "allow_nonfinite": state.options.allow_nonfinite,
             "tensor_parallel": state.ranks,
             "shard_bytes": state.options.shard_bytes,
