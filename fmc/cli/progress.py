@@ -10,6 +10,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from fmc.cli.output import interactive, stderr
 
 log = logging.getLogger("fmc")
+# Progress events that count done/total, and their log line off a terminal.
+COUNTED = {"calibrate": "calibration: layer %d/%d", "tensor": "weights: %d/%d tensors"}
 
 
 class CompileProgress:
@@ -49,14 +51,12 @@ class CompileProgress:
             self._line("[green]✓[/]", f"{info['name']} done in {info['seconds']:.2f} s")
         elif event == "phase-cached":
             self._line("[cyan]↺[/]", f"{info['name']} skipped: restored from the build cache")
-        elif event in ("calibrate", "tensor"):
+        elif event in COUNTED:
             if self._progress is not None and self._task is not None:
                 self._progress.update(self._task, total=info["total"], completed=info["done"])
             elif time.monotonic() - self._last_line > 5 or info["done"] == info["total"]:
                 self._last_line = time.monotonic()
-                what = "calibration: layer" if event == "calibrate" else "weights:"
-                unit = "" if event == "calibrate" else " tensors"
-                log.info("%s %d/%d%s", what, info["done"], info["total"], unit)
+                log.info(COUNTED[event], info["done"], info["total"])
 
     def _line(self, mark: str, message: str) -> None:
         """A finished step: above the live display on a terminal, a log line otherwise."""

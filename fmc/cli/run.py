@@ -54,10 +54,10 @@ def run_command(
     loaded = resident_bytes()
     tokenizer = engine.tokenizer
     tokenizer_bytes = None if loaded is None else resident_bytes() - loaded
-    rule = engine.stop_rule(max_tokens, stop_at_eos=not ignore_eos, stop=stop or ())
     if json_out:
         start = time.perf_counter()
         prompt_ids = tokenizer.encode(prompt)
+        rule = engine.stop_rule(max_tokens, stop_at_eos=not ignore_eos, stop=stop or ())
         steps = list(engine.steps(prompt_ids, rule, sampling, text=bool(stop)))
         ids = [step.token for step in steps if step.token is not None]
         text = "".join(step.text for step in steps) if stop else tokenizer.decode(ids)
@@ -68,8 +68,8 @@ def run_command(
                    "memory": _memory_report(engine, baseline, tokenizer_bytes,
                                             peak_resident_bytes())})
         return
-    for step in engine.steps(tokenizer.encode(prompt), rule, sampling, text=True):
-        piece = step.text
+    for piece in engine.stream(prompt, max_tokens, sampling, stop_at_eos=not ignore_eos,
+                               stop=stop or ()):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
