@@ -120,17 +120,11 @@ class Conversation:
         try:
             if generation.finished:
                 return
-            logits = self._sync(prompt)
-            while True:
-                step = generation.step(logits, engine.history[self.seq],
-                                       engine.sequence_length(self.seq))
+            for step in engine.continue_steps(self.seq, self._sync(prompt), generation):
                 if step.token is not None:
                     answer.append(step.token)
                 if step.text:
                     yield step.text
-                if step.finish_reason is not None:
-                    break
-                logits = engine.decode(self.seq, step.token)
         finally:
             self.messages.append({"role": "assistant",
                                   "content": engine.tokenizer.decode(answer)})

@@ -404,15 +404,19 @@ class Engine:
             return
         seq = self.new_sequence()
         try:
-            logits = self.prefill(seq, prompt_ids)
-            while True:
-                step = generation.step(logits, self.history[seq], self.sequence_length(seq))
-                yield step
-                if step.finish_reason is not None:
-                    return
-                logits = self.decode(seq, step.token)
+            yield from self.continue_steps(seq, self.prefill(seq, prompt_ids), generation)
         finally:
             self.remove(seq)
+
+    def continue_steps(self, seq: int, logits, generation: Generation) -> Iterator[Step]:
+        """The decode loop on an existing sequence whose last logits are `logits`: a step
+        per logits row, decoding each emitted token until the policy finishes."""
+        while True:
+            step = generation.step(logits, self.history[seq], self.sequence_length(seq))
+            yield step
+            if step.finish_reason is not None:
+                return
+            logits = self.decode(seq, step.token)
 
     def generate_ids(self, prompt_ids: list[int], max_tokens: int = 128,
                      sampling: SamplingParams | None = None,
