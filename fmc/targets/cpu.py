@@ -74,7 +74,7 @@ class HostCPU(Target):
         if choice not in CPU_DOTS:
             raise UsageError(f"{source} {choice!r}: choose one of {', '.join(CPU_DOTS)}")
         if choice == "int8" and not self.has_vnni():
-            raise UsageError(f"--cpu-dot int8 needs AVX-512 VNNI, which LLVM CPU "
+            raise UsageError(f"{source} int8 needs AVX-512 VNNI, which LLVM CPU "
                              f"{self.mcpu!r} lacks (use --cpu-dot float)")
         self.dot = choice
 
