@@ -68,7 +68,7 @@ def suffix(model: str) -> str:
     return "" if model == "smollm2" else f"_{model}"
 
 
-def tinyllama_checkpoint(bin_dir: Path) -> tuple[Path, Path]:
+def tinyllama_checkpoint() -> tuple[Path, Path]:
     """The random 1.1B Hugging Face directory and llama.cpp's F16 GGUF of it (cached)."""
     import shutil
 
@@ -220,7 +220,7 @@ def main() -> None:
     if args.model == "smollm2":
         source = default_model_path()
     else:
-        checkpoint, source = tinyllama_checkpoint(bin_dir)
+        checkpoint, source = tinyllama_checkpoint()
     pairs = [tuple(p.split(":")) for p in args.pairs]
     ggufs = {kind: gguf_variant(bin_dir, source, kind, args.model) for _, kind in pairs}
     artifacts = {scheme: compile_fmc(scheme, args.model, checkpoint) for scheme, _ in pairs}
