@@ -25,12 +25,13 @@ def group_operands(scheme: str, weight: np.ndarray):
     """(codes [n, k], scale [n, k/32], minimum [n, k/32] or None) of the scheme's quantized
     weight, value = (code − zero)·scale or code·scale + minimum, from the reference
     quantizer's arrays."""
-    from fmc.quant.kquant import unpack_scales
+    from fmc.quant.kquant import from_words, unpack_scales
     from fmc.quant.packing import unpack_nibbles
 
     stored = get(scheme).quantize(weight)
     if scheme == "q4k":
-        codes, packed, d, dmin = get(scheme)._codes(stored)
+        # q4k's arrays: codes, the three packed-scale word arrays, d, dmin
+        codes, packed, (d, dmin) = unpack_nibbles(stored[0]), from_words(stored[1:4]), stored[4:]
         n, k = codes.shape
         sc, m = unpack_scales(packed.reshape(n, k // 256, 12))
         scale = d.astype(np.float32)[..., None] * sc.astype(np.float32)
