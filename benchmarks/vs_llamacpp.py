@@ -20,7 +20,7 @@ artifacts, then runs the two engines alternately (`rounds` times per thread coun
 `llama-bench -p 128 -n 64` and `fmc bench --prompt-len 128 --gen-len 64`. It measures this
 machine's read bandwidth (numpy, one reader per thread) and reports decode as a fraction of
 the roofline bandwidth / bytes of weights read per token. Writes
-benchmarks/results/vs_llamacpp[_MODEL].json, the chart docs/images/vs_llamacpp[_MODEL].svg
+benchmarks/results/vs_llamacpp[_MODEL][_TAG].json, the chart docs/images/vs_llamacpp[_MODEL][_TAG].svg
 (tokens/s of both engines per pair and thread count, bars at the median, whiskers from min to
 max; no suffix for smollm2) and prints a markdown table (median, min–max, fmc/llama.cpp
 ratio of the medians)."""
@@ -167,7 +167,7 @@ def machine() -> dict:
     return {"cpu": model, "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d")}
 
 
-def chart(results: dict, model: str) -> None:
+def chart(results: dict, model: str, name: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -198,7 +198,7 @@ def chart(results: dict, model: str) -> None:
                       f"alternated rounds (whiskers: min–max); {info['cpu']}, "
                       f"{info['cpus']} vCPU, {info['date']}", fontsize=9)
     fig.tight_layout()
-    chart_path = ROOT.parent / "docs" / "images" / f"vs_llamacpp{suffix(model)}.svg"
+    chart_path = ROOT.parent / "docs" / "images" / f"{name}.svg"
     chart_path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(chart_path, format="svg", metadata={"Date": None})
 
@@ -209,6 +209,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--pairs", nargs="+", default=[f"{k}:{v}" for k, v in PAIRS.items()])
+    parser.add_argument("--tag", default="",
+                        help="suffix for the result and chart files (a partial run of some "
+                             "pairs beside the full one)")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     from llamacpp import build
@@ -249,9 +252,10 @@ def main() -> None:
                 "weight_bytes_per_token": per_token,
                 "fmc_roofline_fraction": fmc_decode * per_token / bandwidth})
     (ROOT / "results").mkdir(exist_ok=True)
-    (ROOT / "results" / f"vs_llamacpp{suffix(args.model)}.json").write_text(
+    name = f"vs_llamacpp{suffix(args.model)}{'_' + args.tag if args.tag else ''}"
+    (ROOT / "results" / f"{name}.json").write_text(
         json.dumps(results, indent=1) + "\n")
-    chart(results, args.model)
+    chart(results, args.model, name)
     print("| threads | fmc | llama.cpp | decode fmc | decode llama.cpp | ratio | prefill fmc "
           "| prefill llama.cpp | ratio | fmc decode / roofline |")
     print("|---|---|---|---|---|---|---|---|---|---|")

@@ -4,7 +4,8 @@ Use it with:  fmc compile MODEL --pass-plugin examples/pass_plugin_kernel_report
               fmc passes --pass-plugin examples/pass_plugin_kernel_report.py
 
 A plugin is a Python file that calls `fmc.lowering.register_pass` with a `PassSpec`: a name,
-the phase, a one-line doc, and a factory that builds a TVM pass from the compile context.
+the phase, a one-line doc, and a factory that builds a TVM pass from the compile's frozen
+`fmc.lowering.PassContext` (target, compute_dtype, entry_functions, override_kernels).
 Position it with before=/after= (a new pass) or replace= (swap out an existing one).
 """
 

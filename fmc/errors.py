@@ -41,6 +41,27 @@ class OutputError(FmcError):
     exit_code = 6
 
 
+class DeviceError(FmcError):
+    """The device an artifact runs on is unavailable here (no driver, loader or device)."""
+
+    exit_code = 7
+
+
+class CodegenError(FmcError):
+    """The target's code generator (TVM) failed on a valid model: a TVM limitation to report
+    (fmc/lowering/codegen_failure.py). The message names the kernel, target and shape."""
+
+    exit_code = 8
+
+
+class DownloadError(FmcError):
+    """A model named by its hub id cannot be downloaded: no network, the hub unreachable or
+    failing, or access refused (a gated or private model without a token that may read it).
+    The same command can succeed once that is fixed, unlike a bad input (exit 4)."""
+
+    exit_code = 9
+
+
 class _CrossingTVM:
     """TVM's FFI turns exceptions raised inside a Python pass into RuntimeError. Passes call
     `raise_in_pass(error)`; the pipeline then re-raises the original after the pass fails."""

@@ -11,7 +11,9 @@ from fmc.errors import InputError
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """A Llama-family decoder (llama, mistral, qwen2) in fmc's own terms."""
+    """A llama-style decoder in fmc's own terms; `architecture` names its family
+    (fmc/frontend/archs/). Serialized as manifest.json's "model": fields are only ever
+    added, with defaults, so older manifests keep loading."""
 
     architecture: str
     vocab_size: int
@@ -28,12 +30,25 @@ class ModelConfig:
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
-    # Only {"rope_type": "llama3", factor, low/high_freq_factor, original_max_position_embeddings}.
+    # {"rope_type": "llama3", factor, low/high_freq_factor, original_max_position_embeddings}
+    # (the KV cache applies it), or phi3's {"rope_type": "longrope", original_max_position_
+    # embeddings, attention_factor, long_factor, short_factor} (the model applies it).
     rope_scaling: dict[str, Any] | None = None
     # Attention window of Mistral-style models; fmc caps the context at it (see context_window).
     sliding_window: int | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    # Per-head RMSNorm of q and k (weights [head_dim]) before RoPE (qwen3).
+    qk_norm: bool = False
+    # A family's own settings beyond these fields (JSON values; plugins' architectures).
+    arch_options: dict[str, Any] = field(default_factory=dict)
+    # Mixture of experts (mixtral, qwen3_moe): every layer's MLP is `num_experts` experts of
+    # width intermediate_size, `num_experts_per_tok` of them chosen per token by a softmax
+    # router; `norm_topk_prob`: the chosen experts' weights are renormalised to sum to 1.
+    # 0 experts: a dense MLP.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    norm_topk_prob: bool = True
 
     def __post_init__(self) -> None:
         self.validate()
@@ -58,6 +73,15 @@ class ModelConfig:
                 f"{origin}: num_attention_heads ({self.num_attention_heads}) is not a multiple "
                 f"of num_key_value_heads ({self.num_key_value_heads})"
             )
+        if self.num_experts or self.num_experts_per_tok:
+            for key in ("num_experts", "num_experts_per_tok"):
+                value = getattr(self, key)
+                if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                    raise InputError(f"{origin}: {key} must be a positive integer, got "
+                                     f"{value!r}")
+            if self.num_experts_per_tok > self.num_experts:
+                raise InputError(f"{origin}: num_experts_per_tok ({self.num_experts_per_tok}) "
+                                 f"exceeds the number of experts ({self.num_experts})")
         if self.head_dim % 2:
             raise InputError(f"{origin}: head_dim ({self.head_dim}) must be even for RoPE")
         if not (self.rms_norm_eps > 0):
@@ -71,6 +95,29 @@ class ModelConfig:
         if self.sliding_window:
             return min(self.max_position_embeddings, self.sliding_window)
         return self.max_position_embeddings
+
+    def features(self) -> list[str]:
+        """What this config switches on beyond the plain llama decoder (`fmc inspect`)."""
+        found = []
+        if self.qk_norm:
+            found.append("per-head q/k RMSNorm")
+        biases = [name for name, on in (("q/k/v", self.qkv_bias), ("o", self.o_bias),
+                                        ("MLP", self.mlp_bias)) if on]
+        if biases:
+            found.append(f"{', '.join(biases)} biases")
+        if self.head_dim * self.num_attention_heads != self.hidden_size:
+            found.append(f"head_dim {self.head_dim}")
+        if self.rope_scaling:
+            found.append(f"{self.rope_scaling.get('rope_type', '?')} RoPE scaling")
+        if self.sliding_window:
+            found.append(f"sliding window {self.sliding_window} (caps the context)")
+        if self.num_experts:
+            found.append(f"mixture of experts: {self.num_experts_per_tok} of "
+                         f"{self.num_experts} per token, top-k weights "
+                         f"{'renormalised' if self.norm_topk_prob else 'not renormalised'}")
+        found.append("tied embeddings" if self.tie_word_embeddings else "untied embeddings")
+        found.extend(f"{key}={value}" for key, value in sorted(self.arch_options.items()))
+        return found
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -90,11 +137,18 @@ class ModelConfig:
         except TypeError as exc:
             raise InputError(f"model config: {exc}") from None
 
-    def param_count(self) -> int:
-        """Number of weights (embedding counted once when tied)."""
+    def param_count(self, active: bool = False) -> int:
+        """Number of weights (embedding counted once when tied). `active`: those one token's
+        forward reads — of a mixture of experts, only its `num_experts_per_tok` experts."""
         h, i, d = self.hidden_size, self.intermediate_size, self.head_dim
         q, kv = self.num_attention_heads * d, self.num_key_value_heads * d
-        per_layer = h * (q + 2 * kv) + q * h + 3 * h * i + 2 * h
+        mlp = 3 * h * i
+        if self.num_experts:  # the experts and the router [experts, hidden]
+            mlp = mlp * (self.num_experts_per_tok if active else self.num_experts) + \
+                self.num_experts * h
+        per_layer = h * (q + 2 * kv) + q * h + mlp + 2 * h
+        if self.qk_norm:
+            per_layer += 2 * d
         if self.qkv_bias:
             per_layer += q + 2 * kv
         if self.o_bias:

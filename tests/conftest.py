@@ -40,17 +40,18 @@ def tiny_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_artifact(tiny_checkpoint, tmp_path_factory):
-    """(name, quant) → path of the compiled artifact (compiled on first use)."""
+    """(name, quant, target) → path of the compiled artifact (compiled on first use)."""
     from fmc.compiler import CompileOptions, compile_model
 
-    cache: dict[tuple[str, str], Path] = {}
+    cache: dict[tuple[str, str, str], Path] = {}
 
-    def get(name: str, quant: str = "q0f32") -> Path:
-        key = (name, quant)
+    def get(name: str, quant: str = "q0f32", target: str = "cpu") -> Path:
+        key = (name, quant, target)
         if key not in cache:
-            out = tmp_path_factory.mktemp("artifacts") / f"{name}-{quant}"
+            suffix = "" if target == "cpu" else f"-{target}"
+            out = tmp_path_factory.mktemp("artifacts") / f"{name}-{quant}{suffix}"
             compile_model(CompileOptions(model=str(tiny_checkpoint(name)), output=out,
-                                         quant=quant))
+                                         quant=quant, target=target))
             cache[key] = out
         return cache[key]
 
@@ -62,6 +63,24 @@ def smollm2_gguf() -> Path:
     from fmc.frontend.source import default_model_path
 
     return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def smollm2_default_artifact(smollm2_gguf, tmp_path_factory):
+    """target → SmolLM2's default compile (every GGUF tensor kept in its stored type: Q4_1,
+    Q8_0), compiled on first use."""
+    from fmc.compiler import CompileOptions, compile_model
+
+    cache: dict[str, Path] = {}
+
+    def get(target: str = "cpu") -> Path:
+        if target not in cache:
+            out = tmp_path_factory.mktemp("smollm2") / f"gguf-kept-{target}"
+            compile_model(CompileOptions(model=str(smollm2_gguf), output=out, target=target))
+            cache[target] = out
+        return cache[target]
+
+    return get
 
 
 def pytest_collection_modifyitems(config, items):

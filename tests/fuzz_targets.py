@@ -15,7 +15,7 @@ from fmc.errors import ArtifactError, InputError
 
 
 def read_safetensors(path: Path) -> None:
-    from fmc.frontend.safetensors_reader import SafetensorsFile
+    from fmc.artifacts.safetensors_reader import SafetensorsFile
 
     size = path.stat().st_size
     try:
@@ -54,7 +54,7 @@ def read_manifest_file(artifact: Path) -> None:
 
 
 def read_build_file(path: Path) -> None:
-    from fmc.build.config import load
+    from fmc.project.config import load
 
     try:
         builds = load(path)
@@ -79,9 +79,9 @@ def main() -> None:
     file_name, reader = TARGETS[name]
     with atheris.instrument_imports():
         import fmc.artifacts.manifest  # noqa: F401
-        import fmc.build.config  # noqa: F401
+        import fmc.artifacts.safetensors_reader  # noqa: F401
         import fmc.frontend.gguf_file  # noqa: F401
-        import fmc.frontend.safetensors_reader  # noqa: F401
+        import fmc.project.config  # noqa: F401
     directory = Path(tempfile.mkdtemp(prefix=f"fmc-fuzz-{name}-"))
     path = directory / file_name
 

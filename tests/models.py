@@ -19,6 +19,12 @@ TINY_MODELS: dict[str, tuple[str, dict]] = {
         "original_max_position_embeddings": 32}, rope_theta=500000.0)),
     "qwen2-bias": ("Qwen2Config", dict(tie_word_embeddings=True, rope_theta=1000000.0)),
     "mistral": ("MistralConfig", dict(sliding_window=None)),
+    # qwen3: per-head q/k RMSNorm; q/k/v/o biases; head_dim 32 with 4 heads, so q is 128
+    # wide over a hidden size of 64; untied.
+    "qwen3-bias": ("Qwen3Config", dict(head_dim=32, attention_bias=True,
+                                       rope_theta=1000000.0)),
+    # qwen3 without biases, tied embeddings, head_dim = hidden / heads.
+    "qwen3-tied": ("Qwen3Config", dict(head_dim=16, tie_word_embeddings=True)),
     # GQA that splits over 4 ranks (2 query heads per KV head on each).
     "llama-gqa-wide": ("LlamaConfig", dict(num_attention_heads=8, num_key_value_heads=4,
                                            intermediate_size=128)),
@@ -26,6 +32,22 @@ TINY_MODELS: dict[str, tuple[str, dict]] = {
     "llama-quant": ("LlamaConfig", dict(intermediate_size=128, tie_word_embeddings=True)),
     # Every reduction dimension a multiple of 256: the K-quants' super-block.
     "llama-kquant": ("LlamaConfig", dict(hidden_size=256, intermediate_size=512)),
+    "llama-deep": ("LlamaConfig", dict(num_hidden_layers=8)),
+    # Three query heads per KV head, head_dim 32, llama3 RoPE: under --tensor-parallel 2, the
+    # shape whose CUDA tree-attention kernel TIR's CSE broke (fmc/targets/tir_pipeline.py).
+    # Mixture of experts: 4 experts, top-2 (mixtral renormalises the two weights).
+    "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2,
+                                      sliding_window=None)),
+    # qwen3's attention (head_dim 32: q wider than the hidden size) with 4 experts of width
+    # 64, top-2, norm_topk_prob on (as Qwen3-30B-A3B).
+    "qwen3-moe": ("Qwen3MoeConfig", dict(num_experts=4, num_experts_per_tok=2,
+                                         moe_intermediate_size=64, head_dim=32,
+                                         norm_topk_prob=True, rope_theta=1000000.0)),
+    "llama-three-per-kv": ("LlamaConfig", dict(
+        hidden_size=192, num_attention_heads=6, num_key_value_heads=2, head_dim=32,
+        intermediate_size=256, rope_scaling={
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 128})),
 }
 
 
@@ -75,7 +97,11 @@ GGUF_LAYER_NAMES = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q"
                     "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
                     "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
                     "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-                    "mlp.down_proj": "ffn_down"}
+                    "mlp.down_proj": "ffn_down",
+                    # qwen3 (llama.cpp's LLM_TENSOR_ATTN_Q_NORM / ATTN_K_NORM)
+                    "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
+# model_type → llama.cpp's `general.architecture`; only "llama" permutes Q/K rows.
+GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 
 
 # GGML types gguf-py dequantizes but cannot quantize: the tests write random valid blocks.
@@ -100,9 +126,10 @@ def random_blocks(qtype, rows: int, k: int, seed: int = 0):
 
 
 def write_gguf_from_checkpoint(checkpoint: Path, path: Path, quant_types: dict | None = None):
-    """Convert a tiny llama checkpoint to GGUF as llama.cpp does (names, Q/K permutation,
-    metadata, a byte-level vocabulary); `quant_types` maps GGUF names to GGML types (types in
-    RANDOM_BLOCK_TYPES get random blocks instead of the checkpoint's values)."""
+    """Convert a tiny llama, qwen2 or qwen3 checkpoint to GGUF as llama.cpp does (names, Q/K
+    permutation for llama only, metadata, a byte-level vocabulary); `quant_types` maps GGUF
+    names to GGML types (types in RANDOM_BLOCK_TYPES get random blocks instead of the
+    checkpoint's values)."""
     import json
 
     import gguf
@@ -111,13 +138,17 @@ def write_gguf_from_checkpoint(checkpoint: Path, path: Path, quant_types: dict |
 
     config = json.loads((checkpoint / "config.json").read_text())
     state = load_file(str(checkpoint / "model.safetensors"))
-    writer = gguf.GGUFWriter(str(path), "llama")
+    arch = GGUF_ARCHITECTURES[config["model_type"]]
+    writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(config["num_hidden_layers"])
     writer.add_context_length(config["max_position_embeddings"])
     writer.add_embedding_length(config["hidden_size"])
     writer.add_feed_forward_length(config["intermediate_size"])
     writer.add_head_count(config["num_attention_heads"])
     writer.add_head_count_kv(config["num_key_value_heads"])
+    if config.get("head_dim"):
+        writer.add_key_length(config["head_dim"])
+        writer.add_value_length(config["head_dim"])
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_rope_freq_base(config.get("rope_theta")
                               or config["rope_parameters"]["rope_theta"])
@@ -141,7 +172,9 @@ def write_gguf_from_checkpoint(checkpoint: Path, path: Path, quant_types: dict |
             _, _, layer, rest = name.split(".", 3)
             module, kind = rest.rsplit(".", 1)
             gname = f"blk.{layer}.{GGUF_LAYER_NAMES[module]}.{kind}"
-        if name.endswith("q_proj.weight"):
+        if arch != "llama":
+            pass
+        elif name.endswith("q_proj.weight"):
             array = permute_like_llama_cpp(array, config["num_attention_heads"])
         elif name.endswith("k_proj.weight"):
             array = permute_like_llama_cpp(array, config["num_key_value_heads"])

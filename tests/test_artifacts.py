@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -10,11 +11,11 @@ import numpy as np
 import pytest
 
 import fmc
-from fmc.artifacts.manifest import ABI_VERSION
+from fmc.artifacts.abi import ABI_VERSION
+from fmc.artifacts.safetensors_reader import SafetensorsFile
 from fmc.artifacts.shards import sha256_array, sha256_file
 from fmc.compiler import PHASES, CompileOptions, compile_model
 from fmc.errors import ArtifactError, InputError, OutputError
-from fmc.frontend.safetensors_reader import SafetensorsFile
 
 
 def leftovers(parent):
@@ -82,7 +83,7 @@ def test_interrupted_compile_keeps_the_previous_artifact(phase, tiny_checkpoint,
         raise KeyboardInterrupt
 
     patched = list(PHASES)
-    patched[index] = type(original)(original.name, original.doc, interrupted)
+    patched[index] = dataclasses.replace(original, run=interrupted)
     monkeypatch.setattr("fmc.compiler.PHASES", patched)
     with pytest.raises(KeyboardInterrupt):
         compile_model(CompileOptions(model=model, output=out, force=True, quant="q0f16"))
@@ -167,16 +168,127 @@ def test_newer_abi_is_refused(tiny_artifact, tmp_path):
         fmc.load(out)
 
 
+def test_manifest_round_trips_byte_for_byte(tiny_artifact):
+    """Reading and writing back gives the file's own bytes; keys this fmc does not know
+    (written by another version) are kept, at the top level and inside entries."""
+    from fmc.artifacts.manifest import Manifest, read_manifest
+
+    artifact = tiny_artifact("llama-gqa-untied")
+    text = (artifact / "manifest.json").read_text()
+    assert read_manifest(artifact).to_json() == text
+    data = json.loads(text)
+    data["added_later"] = {"x": 1}
+    data["library"]["signature"] = "…"
+    data["params"][0]["note"] = 3
+    data["target"]["future_fact"] = True
+    assert json.loads(Manifest.from_json(json.dumps(data)).to_json()) == data
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: m["params"][1].pop("name"), r"manifest\.json: 'params\[1\]\.name' is missing"),
+    (lambda m: m["runtime"].__setitem__("page_size", 0),
+     r"manifest\.json: 'runtime\.page_size' must be positive"),
+    (lambda m: m["weights"]["shards"][0].__setitem__("file", "../x"),
+     r"manifest\.json: weights\.shards\[0\]\.file '\.\./x' is not a path inside the "
+     r"artifact"),
+    (lambda m: m.pop("target"), r"manifest\.json: 'target\.name' is missing"),
+    (lambda m: m.__setitem__("library", 5), r"manifest\.json: 'library' must be an object"),
+    (lambda m: m["model"].__setitem__("head_dim", 0), r"manifest\.json: 'model' is invalid "
+     r"\(head_dim must be a positive integer, got 0\)"),
+])
+def test_a_damaged_manifest_names_the_field(tiny_artifact, tmp_path, change, message):
+    import shutil
+
+    out = Path(shutil.copytree(tiny_artifact("llama-mha"), tmp_path / "copy"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    change(manifest)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=message):
+        fmc.load(out)
+
+
+_LOG_CALLS = {"debug", "info", "warning", "error", "exception", "critical"}
+
+
+def _literal_reads(source: str, keys: set[str], of: str | None) -> list[str]:
+    """Where `source` reads one of `keys` by a string literal: `x["key"]`, `x.get("key")`,
+    or — with `of` None — `f("key", …)` (a log call's message is not a read). With `of`,
+    only reads from an expression whose text contains `of` (other formats share words such
+    as "library" or "target")."""
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Subscript):
+            target, key = node.value, node.slice
+        elif isinstance(node, ast.Call) and node.args:
+            method = node.func.attr if isinstance(node.func, ast.Attribute) else None
+            is_get = method == "get"
+            if (of is not None and not is_get) or method in _LOG_CALLS:
+                continue
+            target, key = (node.func.value if is_get else node.func), node.args[0]
+        else:
+            continue
+        if isinstance(key, ast.Constant) and key.value in keys and \
+                (of is None or of in ast.unparse(target).lower()):
+            found.append(f"line {node.lineno}: {ast.unparse(node)[:80]}")
+    return found
+
+
+def _package_sources(*exempt: str):
+    root = Path(fmc.__file__).parent
+    for path in sorted(root.rglob("*.py")):
+        if str(path.relative_to(root.parent)) not in exempt:
+            yield path.relative_to(root.parent), path.read_text(encoding="utf-8")
+
+
+def test_no_manifest_key_is_read_outside_the_manifest_module():
+    """The manifest is read through `Manifest`'s fields, never by key: a read by key of a
+    manifest (or of manifest.json parsed by hand) anywhere else in fmc/ fails here."""
+    import dataclasses
+
+    from fmc.artifacts.manifest import Manifest
+
+    keys = {f.name for f in dataclasses.fields(Manifest)} - {"extra"}
+    assert {"library", "params", "weights", "runtime", "target", "model"} <= keys
+    bad = 'm = engine.manifest["model"]; read_manifest(p).get("target"); manifest["a"]'
+    assert len(_literal_reads(bad, keys, of="manifest")) == 2  # the check can fail
+    found = {str(path): reads for path, text in _package_sources("fmc/artifacts/manifest.py")
+             if (reads := _literal_reads(text, keys, of="manifest") + _file_names(text))}
+    assert found == {}
+
+
+def _file_names(source: str) -> list[str]:
+    """Where `source` spells the manifest's file name instead of naming MANIFEST."""
+    import ast
+
+    return [f"line {node.lineno}: 'manifest.json'" for node in ast.walk(ast.parse(source))
+            if isinstance(node, ast.Constant) and node.value == "manifest.json"]
+
+
+def test_entry_names_live_in_the_abi_module():
+    """The compiler and the runtime name entry functions by fmc.artifacts.abi's constants."""
+    from fmc.artifacts import abi
+
+    names = {*abi.ENTRY_FUNCTIONS, abi.DEBUG_ENTRY, abi.METADATA_FUNCTION}
+    bad = ('vm["decode"](x); builder.function("_metadata", []); labels = ("prefill",); '
+           'log.exception("decode")')
+    assert len(_literal_reads(bad, names, of=None)) == 2  # the check can fail
+    found = {str(path): reads for path, text in _package_sources("fmc/artifacts/abi.py")
+             if (reads := _literal_reads(text, names, of=None))}
+    assert found == {}
+
+
 def test_weights_free_preset_artifact(tmp_path):
     out = tmp_path / "preset"
     result = compile_model(CompileOptions(model="smollm2-135m", output=out))
     manifest = result.manifest
-    assert manifest["weights"] == {"present": False, "shards": [],
-                                   "shard_size_limit": manifest["weights"]["shard_size_limit"]}
+    assert not manifest.weights.present and manifest.weights.shards == ()
+    assert all(p.stored is None for p in manifest.params)
     assert (out / "model.so").stat().st_size > 100_000
     # embed, 6 per layer (2 norms, fused qkv, o, fused gate/up, down), final norm
-    assert len(manifest["params"]) == 1 + 30 * 6 + 1
-    assert manifest["memory"]["weights_bytes"] == 4 * 134_515_008
+    assert len(manifest.params) == 1 + 30 * 6 + 1
+    assert manifest.memory.weights_bytes == 4 * 134_515_008
     with pytest.raises(ArtifactError, match="weights-free"):
         fmc.load(out)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 
@@ -73,10 +74,15 @@ def test_build_skips_up_to_date_and_rebuilds_what_changed(tiny_checkpoint, tmp_p
     manifest = json.loads((project / "out" / "tiny-f32" / "manifest.json").read_text())
     assert manifest["runtime"]["context_window"] == 64
 
-    # A touched input rebuilds every build that reads it; --only limits the run.
+    # Freshness is content, as in the build cache's keys: a touched but unchanged input
+    # changes nothing; a changed one rebuilds every build that reads it (--only limits it).
     weights = project / "tiny" / "model.safetensors"
     stat = weights.stat()
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert _build(capsys, project) == (0, dict.fromkeys(names, "up-to-date"))
+    data = bytearray(weights.read_bytes())
+    data[-4:] = bytes(4)  # the last float of the last tensor
+    weights.write_bytes(bytes(data))
     assert _build(capsys, project, "--only", "tinyq-q8f16-cpu") == \
         (0, {"tinyq-q8f16-cpu": "built"})
     assert _build(capsys, project) == (0, {"tiny-f32": "built", "tinyq-q4f16-cpu": "built",
@@ -92,6 +98,8 @@ def test_build_skips_up_to_date_and_rebuilds_what_changed(tiny_checkpoint, tmp_p
     ('[defaults]\nquant = "q4f16"\n[targets]\nx = 1\n', r"fmc.toml:3: unknown table \[targets\]"),
     ('[defaults]\nquant = "q4f16"\n', r"fmc.toml: defines no builds"),
     ('[build.x\n', r"fmc.toml: "),
+    ('[defaults]\nquant = "q4f16"\n[[build]]\nname = "tiny"\nmodel = "m"\n',
+     r"fmc.toml:3: build is an array of tables; write one table per build: \[build.NAME\]"),
 ])
 def test_bad_build_files_name_the_key_and_line(text, message, tmp_path, capsys):
     import re
@@ -120,3 +128,54 @@ def test_the_compiler_does_not_load_the_runtime():
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_every_compile_option_is_one_field_for_the_cli_and_fmc_toml(tmp_path):
+    """fmc compile's options and fmc.toml's keys come from CompileOptions' metadata: the same
+    defaults, and fmc.toml sets plugins, kernel overrides, debug_layers, allow_nonfinite."""
+    import dataclasses
+
+    from fmc.cli.compile import compile_command, options_from_cli
+    from fmc.options import CompileOptions, described
+    from fmc.project.config import BUILD_KEYS, Build
+    from fmc.project.runner import compile_options, resolve
+
+    parameters = {p.name for p in inspect.signature(compile_command).parameters.values()}
+    own = {"dry_run", "depfile", "cache_dir", "no_cache", "json_out", "quiet"}
+    assert parameters == {item.name for item, meta in described()
+                          if meta.flags is not None} | own
+    assert {"quant_plugins", "pass_plugins", "arch_plugins", "override_kernels",
+            "debug_layers", "allow_nonfinite", "cpu_dot", "target_json"} <= set(BUILD_KEYS)
+    assert BUILD_KEYS["debug_layers"] == (bool,) and BUILD_KEYS["shard_size"] == (str, int)
+    # Nothing given: every field at its default, from the command line and from fmc.toml.
+    assert options_from_cli({"output": "o"}) == CompileOptions(output="o")
+    assert compile_options({"output": "o"}) == dataclasses.replace(
+        CompileOptions(output="o"), force=True)
+    (tmp_path / "report.py").write_text("")
+    (tmp_path / "kernel.py").write_text("")
+    settings = resolve(Build("b", {"output": "out", "pass_plugins": ["report.py"],
+                                   "override_kernels": ["decode/k=kernel.py"],
+                                   "debug_layers": True, "shard_size": "1MB"}), tmp_path)
+    options = compile_options(settings)
+    assert options.pass_plugins == [str(tmp_path / "report.py")]
+    assert options.override_kernels == [f"decode/k={tmp_path / 'kernel.py'}"]
+    assert options.debug_layers is True and options.shard_bytes == 10**6
+    # The stamp's key holds the content of every file an option names.
+    from fmc.compile_cache import options_key
+
+    key = options_key(options, [], None)
+    assert options_key(options, [], None) == key
+    (tmp_path / "kernel.py").write_text("# another kernel")
+    assert options_key(options, [], None) != key
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[build.x]\ndebug_layers = 1\n', r"build.x.debug_layers must be a boolean"),
+    ('[build.x]\ntensor_parallel = true\n', r"build.x.tensor_parallel must be a positive"),
+])
+def test_booleans_and_numbers_are_told_apart(text, message, tmp_path, capsys):
+    import re
+
+    (tmp_path / "fmc.toml").write_text(text)
+    assert main(["build", "-c", str(tmp_path / "fmc.toml")]) == 4
+    assert re.search(message, capsys.readouterr().err)

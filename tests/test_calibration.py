@@ -66,13 +66,13 @@ def test_calibrated_compile(tiny_checkpoint, tmp_path):
     cache = tmp_path / "cache"
     first = compile_model(CompileOptions(model=checkpoint, output=tmp_path / "a",
                                          quant="q4f16", calib=str(text), cache_dir=cache))
-    calibration = first.manifest["quantization"]["calibration"]
-    assert calibration["sha256"] == hashlib.sha256(text.read_bytes()).hexdigest()
-    assert calibration["tokens"] == 2 * 512  # the last window overlaps the first
+    calibration = first.manifest.quantization.calibration
+    assert calibration.sha256 == hashlib.sha256(text.read_bytes()).hexdigest()
+    assert calibration.tokens == 2 * 512  # the last window overlaps the first
     plain = compile_model(CompileOptions(model=checkpoint, output=tmp_path / "b", quant="q4f16",
                                          use_cache=False))
-    shas = {p["name"]: p["sha256"] for p in plain.manifest["params"]}
-    changed = [p["name"] for p in first.manifest["params"] if p["sha256"] != shas[p["name"]]]
+    shas = {p.name: p.stored.sha256 for p in plain.manifest.params}
+    changed = [p.name for p in first.manifest.params if p.stored.sha256 != shas[p.name]]
     assert any("q_weight" in name for name in changed)
     text.write_text(word_text(600, seed=1))
     again = compile_model(CompileOptions(model=checkpoint, output=tmp_path / "c",

@@ -65,10 +65,35 @@ def test_sampling_is_reproducible_with_a_seed(tiny_artifact, capsys):
     args = ["run", art, "-p", "w3 w4", "-n", "8", "--temperature", "1.5", "--seed", "7"]
     first = run_cli(capsys, *args)[1]
     assert run_cli(capsys, *args)[1] == first
-    # temperature and seed are used: greedy and another seed give other texts
+    # temperature and seed are used: greedy, another seed and another temperature with the
+    # same seed each give another text
     greedy = run_cli(capsys, "run", art, "-p", "w3 w4", "-n", "8")[1]
     other_seed = run_cli(capsys, *args[:-1], "8")[1]
-    assert first != greedy and first != other_seed
+    cooler = run_cli(capsys, *args[:6], "--temperature", "0.4", "--seed", "7")[1]
+    assert first != greedy and first != other_seed and first != cooler
+
+
+def test_top_k_one_and_a_tiny_top_p_sample_the_greedy_text(tiny_artifact, capsys):
+    """At a high temperature, top-k 1 and top-p 1e-6 leave only the likeliest token: the
+    greedy text whatever the seed, while plain sampling with those seeds is not greedy."""
+    base = ["run", str(tiny_artifact("llama-mha")), "-p", "w3 w4", "-n", "8", "--ignore-eos"]
+    greedy = run_cli(capsys, *base)[1]
+    sampled = set()
+    for seed in ("1", "2", "3"):
+        hot = [*base, "--temperature", "2", "--seed", seed]
+        sampled.add(run_cli(capsys, *hot)[1])
+        assert run_cli(capsys, *hot, "--top-k", "1")[1] == greedy
+        assert run_cli(capsys, *hot, "--top-p", "1e-6")[1] == greedy
+    assert greedy not in sampled and len(sampled) > 1
+
+
+def test_top_k_and_top_p_sampling_repeat_with_a_seed_and_vary_with_another(tiny_artifact,
+                                                                          capsys):
+    base = ["run", str(tiny_artifact("llama-mha")), "-p", "w3 w4", "-n", "8", "--ignore-eos",
+            "--temperature", "2"]
+    for limit in (["--top-k", "4"], ["--top-p", "0.9"]):
+        texts = [run_cli(capsys, *base, *limit, "--seed", seed)[1] for seed in ("5", "5", "6")]
+        assert texts[0] == texts[1] != texts[2], limit
 
 
 @pytest.mark.parametrize("args, code, message", [

@@ -4,6 +4,7 @@ artifact's logits stay within the documented tolerance of the float path."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -13,64 +14,87 @@ import fmc
 from fmc.compiler import CompileOptions, compile_model
 from fmc.errors import UsageError
 from fmc.lowering.kernels.int8_dot_cpu import GROUP, integer_dot
+from fmc.lowering.passes.cpu_int8_dot import SCHEMES as SCHEMES_WITH_KERNELS
 from fmc.quant import get
 from fmc.targets import get as get_target
 
-ZEROS = {"q4f16": 7, "q4f32": 7, "q4_0": 8, "q4_1": None, "q8f16": 128, "q4k": None}
-BITS = {"q8f16": 8}
 VNNI_CPU, PLAIN_AVX512_CPU = "icelake-server", "skylake-avx512"
+# Every scheme with an integer-dot kernel, and the reduction length its blocks need.
+SCHEMES = sorted(SCHEMES_WITH_KERNELS)
+SUPER_BLOCK_SCHEMES = ("q4k", "q5k", "q6k")
 
 
 def group_operands(scheme: str, weight: np.ndarray):
-    """(codes [n, k], scale [n, k/32], minimum [n, k/32] or None) of the scheme's quantized
-    weight, value = (code − zero)·scale or code·scale + minimum, from the reference
-    quantizer's arrays."""
+    """(codes [n, k], scale [n, k/sub], minimum [n, k/sub] or None, zero or None, sub) of the
+    scheme's quantized weight, value = (code − zero)·scale or code·scale + minimum, from the
+    reference quantizer's arrays through the packing helpers (not the kernel's code)."""
     from fmc.quant.kquant import from_words, unpack_scales
-    from fmc.quant.packing import unpack_nibbles
+    from fmc.quant.packing import join_five_bit, unpack_fields, unpack_nibbles
 
     stored = get(scheme).quantize(weight)
-    if scheme == "q4k":
-        # q4k's arrays: codes, the three packed-scale word arrays, d, dmin
-        codes, packed, (d, dmin) = unpack_nibbles(stored[0]), from_words(stored[1:4]), stored[4:]
-        n, k = codes.shape
-        sc, m = unpack_scales(packed.reshape(n, k // 256, 12))
+    n = weight.shape[0]
+    if scheme in ("q4k", "q5k"):
+        # codes (and q5k's 5th bits), the three packed-scale word arrays, d, dmin
+        codes = unpack_nibbles(stored[0]) if scheme == "q4k" else join_five_bit(*stored[:2])
+        words, (d, dmin) = stored[-5:-2], stored[-2:]
+        sc, m = unpack_scales(from_words(words).reshape(n, -1, 12))
         scale = d.astype(np.float32)[..., None] * sc.astype(np.float32)
         minimum = -(dmin.astype(np.float32)[..., None] * m.astype(np.float32))
-        return codes, scale.reshape(n, -1), minimum.reshape(n, -1)
+        return codes, scale.reshape(n, -1), minimum.reshape(n, -1), None, 32
+    if scheme == "q6k":
+        low, high, sc, d = stored
+        codes = unpack_nibbles(low) | (unpack_fields(high, 2) << 4)
+        scale = d.astype(np.float32)[..., None] * sc.reshape(n, d.shape[1], -1).astype(
+            np.float32)
+        return codes, scale.reshape(n, -1), None, 32, 16
     if scheme == "q8f16":  # the kernel reads the signed code c as the byte c + 128
-        return stored[0].astype(np.int64) + 128, stored[1], None
-    return unpack_nibbles(stored[0]), stored[1], stored[2] if len(stored) == 3 else None
+        return stored[0].astype(np.int64) + 128, stored[1], None, 128, 32
+    if scheme in ("q5_0", "q5_1"):
+        codes, rest = join_five_bit(*stored[:2]), stored[2:]
+    else:
+        codes, rest = unpack_nibbles(stored[0]), stored[1:]
+    zero = {"q4f16": 7, "q4f32": 7, "q4_0": 8, "q5_0": 16}.get(scheme)
+    return codes, rest[0], rest[1] if len(rest) == 2 else None, zero, 32
 
 
 def integer_model(codes: np.ndarray, scales: np.ndarray, mins: np.ndarray | None,
-                  x: np.ndarray, zero: int | None):
+                  zero: int | None, sub: int, x: np.ndarray):
     """numpy: x → int8 per block of 32 (amax/127, round half away from zero), exact integer
-    dot products per group, then the float scales — the kernel's arithmetic, written
-    independently of it."""
+    dot products per scale sub-block, then the float scales — the kernel's arithmetic,
+    written independently of it."""
     blocks = x.reshape(-1, GROUP).astype(np.float32)
     amax = np.abs(blocks).max(-1)
     inverse = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(
         np.float32)
     scaled = blocks * inverse[:, None]
-    xq = (np.sign(scaled) * np.floor(np.abs(scaled) + 0.5)).astype(np.int64)
-    xd = (amax * np.float32(1 / 127)).astype(np.float32)
-    dots = (codes.reshape(codes.shape[0], -1, GROUP).astype(np.int64) * xq).sum(-1)
+    xq = (np.sign(scaled) * np.floor(np.abs(scaled) + 0.5)).astype(np.int64).reshape(-1, sub)
+    xd = np.repeat((amax * np.float32(1 / 127)).astype(np.float32), GROUP // sub)
+    dots = (codes.reshape(codes.shape[0], -1, sub).astype(np.int64) * xq).sum(-1)
     if zero is None:  # value = c·s + m
         terms = dots.astype(np.float32) * (scales.astype(np.float32) * xd) + \
             (mins.astype(np.float32) * xd) * xq.sum(-1).astype(np.float32)
     else:
-        centred = dots - zero * xq.sum(-1)  # exact integers [n, groups]
+        centred = dots - zero * xq.sum(-1)  # exact integers [n, sub-blocks]
         terms = centred.astype(np.float32) * (scales.astype(np.float32) * xd)
-    return terms.sum(-1, dtype=np.float64).astype(np.float32), xq, xd
+    return terms.sum(-1, dtype=np.float64).astype(np.float32)
 
 
-@pytest.mark.parametrize("scheme", sorted(ZEROS))
+def kernel_for(scheme: str, n: int, k: int, stored, residual: bool, tokens: str = "one"):
+    """The integer-dot kernel the pass would choose for this scheme's stored arrays."""
+    fmt = SCHEMES_WITH_KERNELS[scheme]
+    if fmt.scales.startswith("group"):
+        fmt = dataclasses.replace(fmt, scale_dtype=str(stored[1 + (fmt.high_bits > 0)].dtype))
+    assert [(a.shape, str(a.dtype)) for a in stored] == fmt.arrays(n, k)
+    return integer_dot(n, k, fmt, residual, tokens)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("n, k", [(48, 64), (64, 576)])
 @pytest.mark.parametrize("residual", [False, True])
 def test_kernel_equals_the_integer_model(scheme, n, k, residual):
     import tvm
 
-    if scheme == "q4k":  # super-blocks of 256
+    if scheme in SUPER_BLOCK_SCHEMES:  # super-blocks of 256
         k = 4 * k
     stored_scheme = get(f"{scheme}_rows16")
     rng = np.random.default_rng(n + k)
@@ -78,24 +102,21 @@ def test_kernel_equals_the_integer_model(scheme, n, k, residual):
     stored = stored_scheme.quantize(weight)
     x = rng.standard_normal((1, 1, k)).astype(np.float32)
     res = rng.standard_normal((1, 1, n)).astype(np.float32)
-    zero = ZEROS[scheme]
-    bits = BITS.get(scheme, 4)
-    func = integer_dot(n, k, bits, zero or 0, str(stored[1].dtype), residual, with_min=zero is None,
-                kquant=scheme == "q4k")
+    func = kernel_for(scheme, n, k, stored, residual)
     target = get_target(f"cpu:{VNNI_CPU}").tvm_target()
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
                       target=target)
     assembly = lib.mod.inspect_source("asm")
     if "vpdpbusd" not in assembly:
         pytest.fail("no VNNI instruction in the integer-dot kernel")
-    if bits == 8 and "vpermb" not in assembly:
+    if scheme == "q8f16" and "vpermb" not in assembly:
         pytest.fail("the 8-bit kernel's byte transpose is not one vpermb")
     if not get_target("cpu").has_vnni():
         pytest.skip("this CPU cannot run VNNI code (the assembly was checked)")
     out = tvm.runtime.tensor(np.zeros((1, 1, n), np.float32))
     args = [*stored, x, *([res] if residual else [])]
     lib["main"](*[tvm.runtime.tensor(a) for a in args], out)
-    expected, _, _ = integer_model(*group_operands(scheme, weight), x[0, 0], zero)
+    expected = integer_model(*group_operands(scheme, weight), x[0, 0])
     if residual:
         expected = expected + res[0, 0]
     # Integer sums are exact; only the float accumulation order of the groups differs.
@@ -103,7 +124,7 @@ def test_kernel_equals_the_integer_model(scheme, n, k, residual):
                                atol=2e-6 * np.abs(expected).max())
 
 
-@pytest.mark.parametrize("scheme", ["q4f16", "q4_1", "q8f16", "q4k"])
+@pytest.mark.parametrize("scheme", ["q4f16", "q4_1", "q8f16", "q4k", "q5_0", "q6k"])
 @pytest.mark.parametrize("tokens, shape", [("seq", (1, 7)), ("batch", (5, 1))])
 def test_many_token_kernel_equals_the_integer_model_per_token(scheme, tokens, shape):
     """Prefill ([1, T, K]: tiles of 4 tokens and a tail) and batched decode ([B, 1, K])."""
@@ -115,9 +136,7 @@ def test_many_token_kernel_equals_the_integer_model_per_token(scheme, tokens, sh
     stored = get(f"{scheme}_rows16").quantize(weight)
     x = rng.standard_normal((*shape, k)).astype(np.float32)
     res = rng.standard_normal((*shape, n)).astype(np.float32)
-    zero = ZEROS[scheme]
-    func = integer_dot(n, k, BITS.get(scheme, 4), zero or 0, str(stored[1].dtype), True,
-                with_min=zero is None, kquant=scheme == "q4k", tokens=tokens)
+    func = kernel_for(scheme, n, k, stored, True, tokens)
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
                       target=get_target(f"cpu:{VNNI_CPU}").tvm_target())
     if not get_target("cpu").has_vnni():
@@ -126,7 +145,7 @@ def test_many_token_kernel_equals_the_integer_model_per_token(scheme, tokens, sh
     lib["main"](*[tvm.runtime.tensor(a) for a in [*stored, x, res]], out)
     operands = group_operands(scheme, weight)
     rows = x.reshape(-1, k)
-    expected = np.stack([integer_model(*operands, row, zero)[0] for row in rows])
+    expected = np.stack([integer_model(*operands, row) for row in rows])
     expected = expected + res.reshape(-1, n)
     np.testing.assert_allclose(out.numpy().reshape(-1, n), expected, rtol=2e-6,
                                atol=2e-6 * np.abs(expected).max())
@@ -147,9 +166,10 @@ def test_vnni_only_where_the_cpu_has_it(monkeypatch):
     monkeypatch.delenv("FMC_CPU_DOT")
     plain = get_target(f"cpu:{PLAIN_AVX512_CPU}")
     assert not plain.has_vnni()
+    assert not get_target("cpu:cascadelake").has_vnni()  # VNNI, but no VBMI byte permutes
     plain.configure_dot(None)
     assert plain.dot == "float" and plain.kernel_passes() == []
-    with pytest.raises(UsageError, match="--cpu-dot int8 needs AVX-512 VNNI"):
+    with pytest.raises(UsageError, match="--cpu-dot int8 needs AVX-512 VNNI and VBMI"):
         plain.configure_dot("int8")
     with pytest.raises(UsageError, match="--cpu-dot applies to cpu targets"):
         get_target("metal").configure_dot("int8")

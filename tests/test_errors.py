@@ -8,9 +8,12 @@ the same exit codes."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import struct
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +22,9 @@ import numpy as np
 import pytest
 
 from fmc.cli import main
+from fmc.frontend.archs.registry import model_types
+
+MODEL_TYPES = model_types()  # every registered family's (the message lists them)
 
 DOC = Path(__file__).parent.parent / "docs" / "errors.md"
 MODEL = "llama-gqa-untied"
@@ -136,6 +142,11 @@ def _compile(checkpoint: Path | str, tmp: Path, *extra: str) -> list[str]:
     return ["compile", str(checkpoint), "-o", str(tmp / "out"), *extra]
 
 
+def _fuse_qkv_short(tensors: dict) -> None:
+    parts = [tensors.pop(f"model.layers.0.self_attn.{p}_proj.weight") for p in "qkv"]
+    tensors["model.layers.0.self_attn.qkv_proj.weight"] = np.concatenate(parts)[:-1]
+
+
 def _nan(tensors: dict) -> None:
     tensors["model.layers.1.mlp.up_proj.weight"][3, 4] = np.nan
 
@@ -159,7 +170,7 @@ CASES = [
     Case("config-wrong-type", 4, r"config\.json: .*'num_attention_heads' must be an integer",
          lambda t, c, a: (_config(c, num_attention_heads="4"), _compile(c, t))[1]),
     Case("config-unknown-model-type", 4, r"config\.json: .*model_type 'gpt_neox' is not "
-         r"supported; supported: llama",
+         rf"supported; supported: {', '.join(MODEL_TYPES)}$",
          lambda t, c, a: (_config(c, model_type="gpt_neox"), _compile(c, t))[1]),
     Case("config-heads-do-not-divide", 4, r"config\.json: .*hidden_size \(66\) is not a "
          r"multiple of num_attention_heads \(4\)",
@@ -175,6 +186,31 @@ CASES = [
          r"'model\.layers\.1\.self_attn\.o_proj\.weight' is missing",
          lambda t, c, a: (_tensors(c, lambda w: w.pop(
              "model.layers.1.self_attn.o_proj.weight")), _compile(c, t))[1]),
+    # phi3: a fused qkv_proj whose rows disagree with the config (one row of v missing)
+    Case("weights-fused-rows", 4, r"model\.safetensors: tensor "
+         r"'model\.layers\.0\.self_attn\.qkv_proj\.weight' has shape \[127, 64\]; the "
+         r"config makes self_attn\.qkv_proj 128 rows \(q_proj 64 \+ k_proj 32 \+ v_proj 32\)",
+         lambda t, c, a: (_config(c, model_type="phi3"), _tensors(c, _fuse_qkv_short),
+                          _compile(c, t))[2]),
+    # mixture of experts (a llama checkpoint's config turned into a MoE family's)
+    Case("config-moe-dense-layers", 4, r"config\.json: 'mlp_only_layers' \(dense layers "
+         r"among the experts\) is not supported for qwen3_moe",
+         lambda t, c, a: (_config(c, model_type="qwen3_moe", moe_intermediate_size=96,
+                                  num_experts=4, num_experts_per_tok=2, mlp_only_layers=[0]),
+                          _compile(c, t))[1]),
+    Case("weights-missing-expert", 4, r"model\.safetensors: tensor "
+         r"'model\.layers\.0\.block_sparse_moe\.experts\.1\.w1\.weight' is missing",
+         lambda t, c, a: (_config(c, model_type="mixtral", num_local_experts=3,
+                                  num_experts_per_tok=2),
+                          _tensors(c, lambda w: w.update({
+                              f"model.layers.0.block_sparse_moe.experts.{e}.w1.weight":
+                              np.zeros((96, 64), np.float32) for e in (0, 2)})),
+                          _compile(c, t))[2]),
+    Case("calib-moe", 2, r"--calib is not supported for mixture-of-experts models",
+         lambda t, c, a: (_config(c, model_type="mixtral", num_local_experts=4,
+                                  num_experts_per_tok=2),
+                          (t / "x.txt").write_text("w1 w2 w3"),
+                          _compile(c, t, "--quant", "q4f16", "--calib", str(t / "x.txt")))[2]),
     # -- files -------------------------------------------------------------------------------
     Case("safetensors-truncated-header", 4, r"model\.safetensors: not a safetensors file",
          lambda t, c, a: (_bytes(c, lambda d: d[:5]), _compile(c, t))[1]),
@@ -203,6 +239,10 @@ CASES = [
          lambda t, c, a: _compile(c, t, "--quant", "q4f17")),
     Case("unknown-target", 2, r"unknown target 'cdua' \(did you mean 'cuda'\?\)",
          lambda t, c, a: _compile(c, t, "--target", "cdua")),
+    Case("gemma-gpu-target", 2, r"gemma2 needs attention-logit soft-capping and "
+         r"sliding-window attention, which the cuda target's attention kernels \(TVM's\) do "
+         r"not compute; fmc supplies them on the CPU targets only",
+         lambda t, c, a: _compile("gemma-2-2b", t, "--target", "cuda")),
     Case("tensor-parallel-does-not-divide", 2, r"--tensor-parallel 3 does not divide "
          r"num_attention_heads \(4\)",
          lambda t, c, a: _compile(c, t, "--tensor-parallel", "3")),
@@ -224,6 +264,15 @@ CASES = [
          r"GGUF type IQ4_NL has no fmc scheme to keep it in \(--quant gguf\); choose one "
          r"with --quant-override",
          lambda t, c, a: _compile(_gguf_with(t, c, "blk.0.ffn_down.weight", "IQ4_NL"), t)),
+    Case("tokenizer-not-json", 4, r"checkpoint/tokenizer\.json: not a Hugging Face tokenizer \(",
+         lambda t, c, a: ((c / "tokenizer.json").write_text('{"a": 1'), _compile(c, t))[1]),
+    Case("tokenizer-config-not-an-object", 4, r"checkpoint/tokenizer_config\.json: must be a "
+         r"JSON object, got list",
+         lambda t, c, a: ((c / "tokenizer_config.json").write_text("[]"), _compile(c, t))[1]),
+    Case("chat-template-does-not-parse", 4, r"checkpoint/tokenizer_config\.json: chat_template "
+         r"does not parse \(",
+         lambda t, c, a: ((c / "tokenizer_config.json").write_text(
+             json.dumps({"chat_template": "{% for m in messages %}"})), _compile(c, t))[1]),
     Case("calib-unreadable", 4, r"nope\.txt: cannot read the calibration text",
          lambda t, c, a: _compile(c, t, "--quant", "q4f16", "--calib", str(t / "nope.txt"))),
     Case("output-exists", 6, r"out: already exists \(pass --force",
@@ -247,6 +296,10 @@ CASES = [
          lambda t, c, a: (_flip_last_byte(_artifact_copy(t, a) /
                                           "params/shard-00000.safetensors"),
                           _run(t / "artifact"))[1]),
+    Case("artifact-tokenizer-corrupt", 5, r"tokenizer/tokenizer\.json: corrupt \(.*\); "
+         r"recompile the artifact",
+         lambda t, c, a: ((_artifact_copy(t, a) / "tokenizer/tokenizer.json").write_text("{"),
+                          _run(t / "artifact", "--no-verify"))[1]),
     Case("artifact-abi-newer", 5, r"manifest\.json: ABI version 999 is newer than this fmc "
          r"supports \(1\); upgrade fmc",
          lambda t, c, a: (_edit_manifest(_artifact_copy(t, a),
@@ -254,7 +307,25 @@ CASES = [
                           _run(t / "artifact"))[1]),
     Case("prompt-too-long", 2, r"the prompt is 300 tokens; the context window holds 256",
          lambda t, c, a: ["run", str(a), "--prompt", " ".join(["w5"] * 300)]),
+    # -- devices (a Vulkan artifact: `a` is VULKAN_ARTIFACT for these) ---------------------
+    Case("vulkan-no-loader", 7, r"no Vulkan loader \(libvulkan-missing\.so\.1\) on this "
+         r"machine; install it \(apt-get install libvulkan1\)", lambda t, c, a: _run(a)),
+    Case("vulkan-runtime-unbuildable", 3, r"g\+\+ not found on PATH \(needed to build fmc's "
+         r"Vulkan runtime\); install it: apt-get install g\+\+ libvulkan-dev",
+         lambda t, c, a: _run(a)),
+    Case("vulkan-no-device", 7, r"no Vulkan device: vkCreateInstance failed \(VkResult -9\): "
+         r"no Vulkan driver \(ICD\) found; install a Vulkan 1\.2 driver",
+         lambda t, c, a: _run(a)),
 ]
+VULKAN_ARTIFACT = ("llama-quant", "q4f16", "vulkan")  # shared with test_vulkan_runtime.py
+
+
+def _in_a_fresh_process(argv: list[str], **env: str) -> tuple[int, str, str]:
+    """The CLI in a new process: what a Vulkan driver list read once per process needs."""
+    code = "import sys; from fmc.cli import main; sys.exit(main(sys.argv[1:]))"
+    done = subprocess.run([sys.executable, "-c", code, "--quiet", *argv], capture_output=True,
+                          text=True, env={**os.environ, **env})
+    return done.returncode, done.stdout, done.stderr
 
 
 def _truncated(path: Path) -> Path:
@@ -282,14 +353,24 @@ def inputs(tiny_checkpoint, tiny_artifact, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input_gives_one_line_and_its_exit_code(case, inputs, capsys):
+def test_bad_input_gives_one_line_and_its_exit_code(case, inputs, capsys, request):
     tmp, checkpoint, artifact, monkeypatch, empty = inputs
+    if case.id.startswith("vulkan-"):
+        artifact = request.getfixturevalue("tiny_artifact")(*VULKAN_ARTIFACT)
     argv = case.make(tmp, checkpoint, artifact)
     if case.id == "missing-toolchain":
         monkeypatch.setenv("PATH", str(empty))
+    if case.id == "vulkan-no-loader":
+        monkeypatch.setattr("fmc.devices.vulkan_runtime.VULKAN_LOADER", "libvulkan-missing.so.1")
     capsys.readouterr()
-    code = main(["--quiet", *argv])
-    out, err = capsys.readouterr()
+    if case.id == "vulkan-no-device":  # a driver list that names no driver
+        code, out, err = _in_a_fresh_process(argv, VK_ICD_FILENAMES=str(tmp / "none.json"))
+    elif case.id == "vulkan-runtime-unbuildable":  # no runtime built yet, no compiler
+        code, out, err = _in_a_fresh_process(argv, FMC_CACHE_DIR=str(tmp / "cache"),
+                                             PATH=str(empty))
+    else:
+        code = main(["--quiet", *argv])
+        out, err = capsys.readouterr()
     lines = err.strip().splitlines()
     assert code == case.code, err
     assert len(lines) == 1 and lines[0].startswith("fmc: error: "), err

@@ -11,13 +11,14 @@ import torch
 from models import permute_like_llama_cpp, write_gguf_from_checkpoint
 
 import fmc
+from fmc.artifacts.safetensors_reader import SafetensorsFile
 from fmc.compiler import CompileOptions, compile_model
 from fmc.errors import InputError
 from fmc.frontend import open_model
 from fmc.frontend.architectures import config_from_hf
+from fmc.frontend.archs.registry import model_types
 from fmc.frontend.gguf_file import unpermute_rows
 from fmc.frontend.presets import PRESETS
-from fmc.frontend.safetensors_reader import SafetensorsFile
 
 
 def test_unpermute_inverts_llama_cpp_permutation():
@@ -108,15 +109,15 @@ def test_hub_id_resolves_from_the_local_cache_only(tiny_checkpoint, tmp_path, mo
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     with pytest.raises(InputError, match="not in the local Hugging Face cache"):
-        open_model("someorg/tiny-llama")
+        open_model("someorg/tiny-llama", offline=True)
     # Lay out a snapshot exactly as huggingface_hub stores downloads.
     revision = "0123456789abcdef0123456789abcdef01234567"
     repo = cache / "models--someorg--tiny-llama"
     shutil.copytree(tiny_checkpoint("llama-mha"), repo / "snapshots" / revision)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(revision)
-    source = open_model("someorg/tiny-llama")
-    assert source.kind == "hub" and source.weights is not None
+    source = open_model("someorg/tiny-llama", offline=True)
+    assert source.kind == "hub" and source.weights is not None and source.commit == revision
     assert source.config.num_attention_heads == 4
 
 
@@ -140,8 +141,8 @@ def test_preset_with_weights_checks_shapes(smollm2_gguf):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"model_type": "gpt_neox"}, "model_type 'gpt_neox' is not supported; supported: llama, "
-                                 "mistral, qwen2"),
+    ({"model_type": "gpt_neox"}, "model_type 'gpt_neox' is not supported; supported: "
+                                 f"{', '.join(model_types())}$"),
     ({"hidden_size": None}, "'hidden_size' is missing"),
     ({"hidden_size": 4096.5}, "'hidden_size' must be an integer"),
     ({"num_attention_heads": "8"}, "'num_attention_heads' must be an integer"),

@@ -10,8 +10,8 @@ import pytest
 from safetensors.numpy import load_file
 
 import fmc
+from fmc.artifacts.safetensors_reader import SafetensorsFile
 from fmc.compiler import CompileOptions, build_ir, compile_model
-from fmc.frontend.safetensors_reader import SafetensorsFile
 
 
 def kernel_launches(mod, entry: str) -> int:

@@ -4,8 +4,6 @@ scheme's own layout and in the CPU's row-interleaved one."""
 
 from __future__ import annotations
 
-import types
-
 import numpy as np
 import pytest
 
@@ -25,7 +23,7 @@ def build_linear(scheme_name: str, target_name: str = "cpu", rows: int | str = "
     from tvm import relax
     from tvm.relax.frontend import nn
 
-    from fmc.lowering.pipeline import IRDumper, run_phase
+    from fmc.lowering.pipeline import IRDumper, PassContext, run_phase
     from fmc.targets import get as get_target
 
     target = get_target(target_name)
@@ -43,15 +41,12 @@ def build_linear(scheme_name: str, target_name: str = "cpu", rows: int | str = "
     spec = {"forward": {"x": nn.spec.Tensor([1, rows, K], dtype),
                         "$": {"param_mode": "packed", "effect_mode": "none"}}}
     mod, params = model.export_tvm(spec=nn.spec.ModuleSpec.from_raw(spec, model))
-    ctx = types.SimpleNamespace(target=target, entry_functions=("forward",), params=[],
-                                options=types.SimpleNamespace(override_kernels=[]),
-                                compute_dtype=dtype)
-    target.prepare()
+    ctx = PassContext(target, dtype, entry_functions=("forward",))
     for phase in ("fuse", "lower"):
         mod = run_phase(phase, mod, ctx, target.default_disabled_passes(), IRDumper(None))
     kernels = [gv.name_hint for gv, f in mod.functions_items()
                if isinstance(f, tvm.tirx.PrimFunc)]
-    with target.tvm_target():
+    with target.codegen_hooks(), target.tvm_target():
         executable = relax.build(mod, target=target.tvm_target(), relax_pipeline=None,
                                  **target.build_options())
     return executable, [p.shape for _, p in params], kernels

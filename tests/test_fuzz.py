@@ -9,6 +9,7 @@ atheris for a few seconds per reader."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import struct
 import subprocess
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from fuzz_targets import read_build_file, read_gguf, read_manifest_file, read_safetensors
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from fmc.errors import ArtifactError, InputError
@@ -128,7 +129,7 @@ def test_safetensors_reader_refuses_invalid_headers(tmp_path, kind, size, bad, v
     path = tmp_path / "model.safetensors"
     path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + bytes(offset + 8 * 64))
     with pytest.raises(InputError, match=r"model\.safetensors"):
-        from fmc.frontend.safetensors_reader import SafetensorsFile
+        from fmc.artifacts.safetensors_reader import SafetensorsFile
 
         file = SafetensorsFile(path)
         for name in file.index():
@@ -157,6 +158,31 @@ def test_gguf_reader_refuses_absurd_counts_quickly(seeds, tmp_path, count, which
     path = tmp_path / "model.gguf"
     path.write_bytes(bytes(data))
     read_gguf(path)
+
+
+@FUZZ
+@given(kind=st.sampled_from(["magic", "version", "cut"]), magic=st.binary(min_size=4, max_size=4),
+       version=st.sampled_from([0, 1]) | st.integers(4, 0xFFFF), cut=st.floats(0, 1,
+                                                                             exclude_max=True))
+def test_gguf_reader_refuses_invalid_files(seeds, tmp_path, kind, magic, version, cut):
+    """Acceptance, not just robustness: another magic, an unsupported version or a file cut
+    anywhere is refused as an InputError (exit 4) naming the file."""
+    data = bytearray(seeds["gguf"])
+    if kind == "magic":
+        data[:4] = magic if magic != b"GGUF" else b"GGUG"
+    elif kind == "version":
+        data[4:8] = struct.pack("<I", version)
+    else:
+        del data[int(cut * len(data)):]
+    path = tmp_path / "model.gguf"
+    path.write_bytes(bytes(data))
+    with pytest.raises(InputError, match=r"^" + re.escape(str(path)) + ":") as refused:
+        from fmc.frontend.gguf_file import open_gguf
+
+        _, weights, _, _ = open_gguf(path)
+        for name in weights.index():
+            weights.load(name)
+    assert refused.value.exit_code == 4
 
 
 def _array_count_offsets(path: Path) -> dict[str, int]:
@@ -259,6 +285,47 @@ def test_manifest_reader_on_mutated_manifests(seeds, tmp_path, changes):
     read_manifest_file(artifact)
 
 
+# Fields the loader and `fmc verify` need: JSON path → (the name errors give it, its type).
+REQUIRED_FIELDS = {
+    "target.name": ("target.name", str), "library": ("library", dict),
+    "library.file": ("library.file", str), "library.sha256": ("library.sha256", str),
+    "library.bytes": ("library.bytes", int), "quantization": ("quantization", dict),
+    "weights.present": ("weights.present", bool), "weights.shards": ("weights.shards", list),
+    "weights.shards.0.file": ("weights.shards[0].file", str),
+    "runtime.context_window": ("runtime.context_window", int),
+    "runtime.page_size": ("runtime.page_size", int), "params": ("params", list),
+    "params.0.name": ("params[0].name", str), "params.0.dtype": ("params[0].dtype", str),
+    "params.0.shape": ("params[0].shape", list), "params.0.shard": ("params[0].shard", str),
+    "model": ("model", dict)}
+
+
+def _is_kind(value, kind) -> bool:
+    return isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+
+
+@FUZZ
+@given(field=st.sampled_from(sorted(REQUIRED_FIELDS)), delete=st.booleans(),
+       value=JSON_VALUES)
+def test_manifest_reader_refuses_a_missing_or_mistyped_field(seeds, tmp_path, field, delete,
+                                                            value):
+    """Acceptance: a manifest missing a field the loader needs, or holding a value of the
+    wrong type there, is refused as an ArtifactError (exit 5) naming manifest.json and the
+    field."""
+    name, kind = REQUIRED_FIELDS[field]
+    assume(delete or not _is_kind(value, kind))
+    artifact = tmp_path / "artifact"
+    if not artifact.exists():
+        shutil.copytree(seeds["artifact"], artifact)
+    manifest = json.loads((seeds["artifact"] / "manifest.json").read_text())
+    _set(manifest, field, value, delete)
+    (artifact / "manifest.json").write_text(json.dumps(manifest))
+    from fmc.artifacts.manifest import read_manifest
+
+    with pytest.raises(ArtifactError, match=r"manifest\.json: .*" + re.escape(name)) as refused:
+        read_manifest(artifact)
+    assert refused.value.exit_code == 5
+
+
 @FUZZ
 @given(data=st.binary(max_size=512))
 def test_manifest_reader_on_arbitrary_bytes(tmp_path, data):
@@ -304,6 +371,79 @@ def test_build_file_parser_on_generated_documents(tmp_path, tables):
         lines += [f"{key} = {_toml_value(value)}" for key, value in entries]
     path = tmp_path / "fmc.toml"
     path.write_text("\n".join(lines) + "\n")
+    read_build_file(path)
+
+
+# Values each key can never take (fmc.toml's types: docs/integration.md).
+TEXT = st.text(alphabet="ab xy09-_.", max_size=6)
+WRONG_VALUES = {
+    "context_window": TEXT | st.booleans() | st.floats() | st.integers(-5, 0)
+    | st.lists(st.integers(), max_size=2),
+    "model": st.integers() | st.booleans() | st.lists(TEXT, max_size=2)
+    | st.sampled_from(["", "  "]),
+    "quant_overrides": TEXT | st.integers() | st.lists(st.integers(), min_size=1, max_size=2)
+    | st.just([""]),
+}
+
+
+@FUZZ
+@given(section=st.sampled_from(["defaults", "build.a", "matrix.m"]), data=st.data(),
+       unknown=st.from_regex(r"[a-z][a-z0-9_]{0,8}", fullmatch=True) | st.none())
+def test_build_file_parser_refuses_unknown_keys_and_wrong_values(tmp_path, section, data,
+                                                                 unknown):
+    """Acceptance: one unknown key (a made-up `x_…` name) or one known key with a value of
+    the wrong type, in an otherwise valid fmc.toml, is refused as an InputError (exit 4)
+    naming the file, the line and the key."""
+    if unknown is None:
+        key = data.draw(st.sampled_from(sorted(WRONG_VALUES)))
+        entry = f"{key} = {_toml_value(data.draw(WRONG_VALUES[key]))}"
+    else:
+        key = f"x_{unknown}"
+        entry = f"{key} = 1"
+    tables = {"defaults": {"target": '"cpu"'}, "build.a": {"model": '"m"'},
+              "matrix.m": {"model": '"m"', "quants": '["q0f32"]'}}
+    tables[section][key] = None  # replaces a valid entry of the same key
+    lines = []
+    for name, entries in tables.items():
+        lines.append(f"[{name}]")
+        lines += [entry if value is None else f"{k} = {value}" for k, value in entries.items()]
+    path = tmp_path / "fmc.toml"
+    path.write_text("\n".join(lines) + "\n")
+    line = lines.index(entry) + 1
+    with pytest.raises(InputError, match=rf"^{re.escape(str(path))}:{line}: .*{key}") as refused:
+        from fmc.project.config import load
+
+        load(path)
+    assert refused.value.exit_code == 4
+
+
+def _toml_inline(value) -> str:
+    """Any nesting of tables and lists as TOML inline values (parses to the same structure
+    as [table] and [[array]] headers would)."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {_toml_inline(v)}"
+                               for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_inline(v) for v in value) + "]"
+    return _toml_value(value)
+
+
+# fmc's own keys holding values of every kind and nesting: a table where a list or a
+# string belongs, a list of tables where a table belongs ([[build]]), and so on.
+TOML_SHAPES = st.recursive(
+    st.integers(-5, 10) | st.booleans() | st.text(max_size=6) | st.floats(),
+    lambda inner: st.lists(inner, max_size=3)
+    | st.dictionaries(st.sampled_from([*KEYS, "a", "b"]), inner, max_size=3),
+    max_leaves=10)
+
+
+@FUZZ
+@given(document=st.dictionaries(st.sampled_from(["defaults", "build", "matrix", "other"]),
+                                TOML_SHAPES, max_size=3))
+def test_build_file_parser_on_structurally_wrong_documents(tmp_path, document):
+    path = tmp_path / "fmc.toml"
+    path.write_text("".join(f"{key} = {_toml_inline(value)}\n"
+                            for key, value in document.items()))
     read_build_file(path)
 
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import fmc
+from fmc.artifacts.safetensors_reader import SafetensorsFile
 from fmc.compiler import CompileOptions, compile_model
 from fmc.errors import InputError
-from fmc.frontend.safetensors_reader import SafetensorsFile
 from fmc.quant import all_schemes, get, load_plugin
 
 EXAMPLE_PLUGIN = Path(__file__).parent.parent / "examples" / "quant_plugin_int3.py"

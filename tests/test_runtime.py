@@ -221,3 +221,33 @@ def test_bench_batch_reports_aggregate_rates(engine):
     assert engine.history == {}
     with pytest.raises(UsageError, match="--batch must be in 1..8"):
         benchmark(engine, batch=9)
+
+
+def test_only_the_paged_cache_calls_the_kv_cache_builtins():
+    """Engine, sessions, chat and the scheduler go through fmc.runtime.kv_cache.PagedCache:
+    no other module names a `kv_state_*` / `attention_kv_cache_*` builtin (DiscoRanks lists
+    those whose results it reads back from the workers)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(fmc.__file__).parent
+    allowed = {"runtime/kv_cache.py", "runtime/tensor_parallel.py"}
+    found = [f"{path.relative_to(root)}:{node.lineno}" for path in sorted(root.rglob("*.py"))
+             if str(path.relative_to(root)) not in allowed
+             for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+             if isinstance(node, ast.Constant) and isinstance(node.value, str) and
+             node.value.startswith(("vm.builtin.kv_state_", "vm.builtin.attention_kv_cache_"))]
+    assert found == []
+
+
+def test_loading_chooses_the_device_from_the_manifest(tiny_artifact):
+    """The device comes from the manifest's device kind: loading and generating never
+    import the compile-time target registry (every target plugin and its tools)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, fmc; e = fmc.load(sys.argv[1]); e.logits([1, 2, 3]); "
+            "print(e.artifact.device, 'fmc.targets.registry' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(tiny_artifact(MODEL))], check=True,
+                         capture_output=True, text=True).stdout.split()
+    assert out == ["cpu:0", "False"]

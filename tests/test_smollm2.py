@@ -74,11 +74,10 @@ def test_greedy_32_tokens_equal_transformers(reference, gguf_artifact):
 
 
 @pytest.fixture(scope="module")
-def kept_types_artifact(smollm2_gguf, tmp_path_factory):
-    """The default compile of the GGUF: every tensor kept in its stored type (Q4_1, Q8_0)."""
-    out = tmp_path_factory.mktemp("smollm2") / "gguf-kept"
-    compile_model(CompileOptions(model=str(smollm2_gguf), output=out))
-    return out
+def kept_types_artifact(smollm2_default_artifact):
+    """The default compile of the GGUF: every tensor kept in its stored type (Q4_1, Q8_0);
+    shared with tests/test_vulkan_runtime.py."""
+    return smollm2_default_artifact("cpu")
 
 
 @pytest.mark.parametrize("artifact", ["gguf_artifact", "kept_types_artifact"])
@@ -88,8 +87,8 @@ def test_logits_match_transformers(reference, artifact, request):
     tokenizer, model = reference
     engine = fmc.load(request.getfixturevalue(artifact))
     if artifact == "kept_types_artifact":
-        layers = engine.manifest["quantization"]["layers"]
-        assert engine.manifest["quantization"]["default"] == "gguf"
+        layers = engine.manifest.quantization.layers
+        assert engine.manifest.quantization.default == "gguf"
         assert layers["model.layers.0.mlp.up_proj"] == "q4_1"
         assert layers["model.embed_tokens"] == "q8f16"
     ids = tokenizer("Paris is the capital and most populous city of France.")["input_ids"]

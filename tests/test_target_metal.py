@@ -44,7 +44,7 @@ def test_macos_dylib_is_arm64_mach_o_exporting_the_library(tiny_checkpoint, tmp_
     exports = objdump("--exports-trie", str(dylib))
     assert "___tvm_ffi__library_bin" in exports  # the VM executable: every entry function
     assert "___tvm_ffi_fused_dequantize" in exports  # kernel launchers
-    from fmc.frontend.llama_model import ENTRY_FUNCTIONS
+    from fmc.artifacts.abi import ENTRY_FUNCTIONS
 
     data = dylib.read_bytes()  # the VM program inside the blob names every entry function
     assert all(entry.encode() in data for entry in ENTRY_FUNCTIONS)

@@ -8,8 +8,9 @@ import json
 
 import numpy as np
 import pytest
+from vulkan_runner import recording_launches
 
-from fmc.compiler import CompileOptions, build_ir, compile_model
+from fmc.compiler import CompileOptions, build_ir
 from fmc.quant.registry import get as get_scheme
 from fmc.targets.vulkan import GLSLC, SPIRV_VAL
 from fmc.targets.vulkan_module import LibraryBlob, find_vulkan_module
@@ -19,25 +20,32 @@ pytestmark = pytest.mark.skipif(not (GLSLC.path() and SPIRV_VAL.path()),
                                        "spirv-tools)")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _launches_recorded():
+    """Shaders built in this module carry their launch grid and buffer shapes (run alone)."""
+    with recording_launches():
+        yield
+
+
 @pytest.fixture(scope="module")
-def vulkan_build(tiny_checkpoint, tmp_path_factory):
+def vulkan_build(tiny_checkpoint, tiny_artifact):
     """(artifact, the target object of a second in-memory build: GLSL and launch grids)."""
     from tvm import relax
 
     model = str(tiny_checkpoint("llama-quant"))
-    out = tmp_path_factory.mktemp("vulkan") / "tiny-q4f16"
-    compile_model(CompileOptions(model=model, output=out, target="vulkan", quant="q4f16"))
+    out = tiny_artifact("llama-quant", "q4f16", "vulkan")  # shared with test_vulkan_runtime
     state = build_ir(CompileOptions(model=model, target="vulkan", quant="q4f16"))
-    state.target.prepare()
     target = state.target.tvm_target()
-    with target:
-        relax.build(state.mod, target=target, relax_pipeline=None)
+    with state.target.codegen_hooks(), target:
+        # the compiler's own build options: GPU targets lower TIR with fmc's pipeline
+        relax.build(state.mod, target=target, relax_pipeline=None,
+                    **state.target.build_options())
     return out, state.target
 
 
 @pytest.fixture(scope="module")
 def device():
-    from fmc.targets.vulkan_runner import VulkanDevice
+    from vulkan_runner import VulkanDevice
 
     device = VulkanDevice()
     yield device
@@ -60,30 +68,29 @@ def test_every_kernel_is_valid_spirv_inside_the_library(vulkan_build):
                                             for t in kernel.launch_params)
 
 
-def test_tvm_hands_the_embedded_module_to_its_vulkan_loader(vulkan_build):
+def test_tvm_hands_the_embedded_module_to_fmcs_vulkan_loader(vulkan_build):
     """The library's blob is TVM's format: TVM parses it, finds the "vulkan" import and
-    calls `ffi.Module.load_from_bytes.vulkan` with our bytes (registered here in Python,
-    since the wheel has no Vulkan runtime)."""
+    hands exactly our bytes to `ffi.Module.load_from_bytes.vulkan` (fmc's runtime plugin),
+    whose module then resolves every kernel by name."""
     import tvm
-    import tvm_ffi
 
     from fmc.targets.vulkan_module import decode_vulkan_module
+    from fmc.devices.vulkan_runtime import ensure_vulkan_runtime
 
     artifact, _ = vulkan_build
-    received = []
-
-    def loader(data):
-        received.append(decode_vulkan_module(bytes(data)))
-        return tvm.get_global_func("runtime.CSourceModuleCreate")("/**/", "c", [], [])
-
-    tvm_ffi.register_global_func("ffi.Module.load_from_bytes.vulkan", loader, override=True)
-    try:
-        tvm.runtime.load_module(str(artifact / "model.so"))
-    finally:
-        tvm_ffi.register_global_func("ffi.Module.load_from_bytes.vulkan",
-                                     lambda data: None, override=True)
-    (loaded,) = received
+    ensure_vulkan_runtime()
+    library = tvm.runtime.load_module(str(artifact / "model.so"))
+    (vulkan,) = [m for m in library.imports[0].imports if m.kind == "vulkan"]
+    # Packing it again (under a placeholder root) serialises it: the bytes it was given.
+    root = tvm.get_global_func("runtime.CSourceModuleCreate")("/**/", "c", [], [])
+    root.import_module(vulkan)
+    packed = tvm.get_global_func("runtime.ModulePackImportsToTensor")(root)
+    blob = LibraryBlob.parse(bytes(packed.numpy().tobytes()))
+    loaded = decode_vulkan_module(blob.modules[blob.index_of("vulkan")][1])
+    assert loaded == find_vulkan_module((artifact / "model.so").read_bytes())
     assert {k.name for k in loaded} == set(kernels_in(artifact))
+    assert all(vulkan.implements_function(k.name) for k in loaded)
+    assert not vulkan.implements_function("no_such_kernel")
 
 
 def test_library_blob_round_trips():
@@ -167,7 +174,7 @@ def test_paged_decode_attention_runs_on_lavapipe(vulkan_build, device, name):
     sliding-window variant gets a window that starts at 0 with no sink (full attention)."""
     import math
 
-    from fmc.targets.vulkan_runner import run_shader
+    from vulkan_runner import run_shader
 
     artifact, target = vulkan_build
     heads, kv_heads, head_dim = model_dims(vulkan_build)
@@ -218,7 +225,7 @@ def model_dims(vulkan_build) -> tuple[int, int, int]:
 
 
 def run_kernel(vulkan_build, device, name, arrays, known):
-    from fmc.targets.vulkan_runner import run_shader
+    from vulkan_runner import run_shader
 
     artifact, target = vulkan_build
     return run_shader(device, target.shaders[name], kernels_in(artifact)[name].spirv, arrays,

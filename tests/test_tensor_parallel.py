@@ -28,7 +28,8 @@ def test_rank_shards_concatenate_back_to_the_checkpoint(tiny_checkpoint, name, r
         np.testing.assert_array_equal(unshard(parts, sharding_of(tensor)), full.load(tensor))
 
 
-@pytest.mark.parametrize("name, ranks", [("llama-gqa-untied", 2), ("qwen2-bias", 2)])
+@pytest.mark.parametrize("name, ranks", [("llama-gqa-untied", 2), ("qwen2-bias", 2),
+                                         ("qwen3-bias", 2)])
 def test_local_shapes_are_the_local_models_parameters(tiny_checkpoint, name, ranks):
     """What a rank loads is exactly what the model of `local_config` expects."""
     from fmc.frontend.llama_model import LlamaForCausalLM
@@ -120,7 +121,9 @@ def tp_artifact(tiny_checkpoint, tiny_artifact, tmp_path_factory):
 
 CASES = [("llama-gqa-untied", "q0f32", 2), ("llama-gqa-wide", "q0f32", 2),
          ("llama-gqa-wide", "q0f32", 4), ("llama-mha", "q0f32", 4), ("qwen2-bias", "q0f32", 2),
-         ("llama-quant", "q4f16", 2)]
+         ("llama-quant", "q4f16", 2),
+         # per-head q/k norms (replicated), q/k/v/o biases, head_dim ≠ hidden / heads
+         ("qwen3-bias", "q0f32", 2)]
 
 
 @pytest.mark.parametrize("name, quant, ranks", CASES)
@@ -170,25 +173,25 @@ def test_rank_shards_concatenate_to_the_unsharded_artifacts_tensors(tp_artifact,
     from fmc.frontend.tensor_parallel import unshard_stored
 
     whole_dir, sharded_dir = tp_artifact(name, quant, 1), tp_artifact(name, quant, ranks)
-    whole = {e["name"]: load_file(whole_dir / e["shard"])[e["name"]]
-             for e in read_manifest(whole_dir)["params"]}
+    whole = {e.name: load_file(whole_dir / e.stored.shard)[e.name]
+             for e in read_manifest(whole_dir).params}
     manifest = read_manifest(sharded_dir)
-    assert manifest["tensor_parallel"]["ranks"] == ranks
+    assert manifest.tensor_parallel.ranks == ranks
     files = {}
     kinds = set()
-    for entry in manifest["params"]:
-        assert [r["shard"].split("/")[1] for r in entry["ranks"]] == \
+    for entry in manifest.params:
+        assert [r.shard.split("/")[1] for r in entry.ranks] == \
             [f"rank-{r}" for r in range(ranks)]
         parts = []
-        for location in entry["ranks"]:
-            if location["shard"] not in files:
-                files[location["shard"]] = load_file(sharded_dir / location["shard"])
-            parts.append(files[location["shard"]][entry["name"]])
-        assert all(list(p.shape) == entry["shape"] for p in parts)
+        for location in entry.ranks:
+            if location.shard not in files:
+                files[location.shard] = load_file(sharded_dir / location.shard)
+            parts.append(files[location.shard][entry.name])
+        assert all(tuple(p.shape) == entry.shape for p in parts)
         rebuilt = unshard_stored(entry, parts)
-        assert rebuilt is not None, entry["name"]
-        np.testing.assert_array_equal(rebuilt, whole[entry["name"]], err_msg=entry["name"])
-        kinds.add((entry["sharding"]["axis"], entry["sharding"].get("stacked", False)))
+        assert rebuilt is not None, entry.name
+        np.testing.assert_array_equal(rebuilt, whole[entry.name], err_msg=entry.name)
+        kinds.add((entry.sharding["axis"], entry.sharding.get("stacked", False)))
     assert kinds == {(None, False), (0, True), (1, False)}  # replicated, fused rows, columns
 
 
@@ -201,9 +204,9 @@ def test_rank_shards_concatenate_to_the_checkpoint(tp_artifact, tiny_checkpoint)
 
     directory = tp_artifact("llama-gqa-wide", "q0f32", 4)
     checkpoint = open_model(str(tiny_checkpoint("llama-gqa-wide"))).weights
-    for entry in read_manifest(directory)["params"]:
-        parts = [load_file(directory / r["shard"])[entry["name"]] for r in entry["ranks"]]
-        sources = [m["source"] for m in entry.get("fused_from", [])] or [entry["source"]]
+    for entry in read_manifest(directory).params:
+        parts = [load_file(directory / r.shard)[entry.name] for r in entry.ranks]
+        sources = [m.source for m in entry.fused_from or ()] or [entry.source]
         expected = np.concatenate([checkpoint.load(s) for s in sources], axis=0)
         np.testing.assert_array_equal(unshard_stored(entry, parts), expected)
 

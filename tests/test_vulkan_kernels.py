@@ -11,6 +11,7 @@ import re
 
 import numpy as np
 import pytest
+from vulkan_runner import recording_launches
 
 from fmc.compiler import CompileOptions, build_ir
 from fmc.lowering import pipeline
@@ -18,6 +19,14 @@ from fmc.lowering.pipeline import PassSpec
 from fmc.targets.vulkan import GLSLC
 
 pytestmark = pytest.mark.skipif(GLSLC.path() is None, reason="needs glslc")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _launches_recorded():
+    """Shaders built in this module carry their launch grid and buffer shapes (run alone)."""
+    with recording_launches():
+        yield
+
 
 SHAPE_VALUES = 3  # every symbolic dimension (batch_size, seq_len, …)
 
@@ -57,7 +66,7 @@ def runnable(func) -> bool:
 
 
 def random_arrays(func, env, rng, float_scale: float = 1.0) -> dict[str, np.ndarray]:
-    from fmc.targets.vulkan_runner import evaluate
+    from vulkan_runner import evaluate
 
     arrays = {}
     for param in func.params:
@@ -105,10 +114,9 @@ def vulkan_shaders(name, func):
     from fmc.targets import get
 
     target = get("vulkan")
-    target.prepare()
     tvm_target = target.tvm_target()
     mod = tvm.IRModule({name: func.with_attr("global_symbol", name)})
-    with tvm_target:
+    with target.codegen_hooks(), tvm_target:
         for _, _, schedule in target.schedule_passes():
             mod = schedule(mod)
         tvm.compile(mod, target=tvm_target)
@@ -123,7 +131,7 @@ def kernels(tiny_checkpoint):
 
 @pytest.fixture(scope="module")
 def device():
-    from fmc.targets.vulkan_runner import VulkanDevice
+    from vulkan_runner import VulkanDevice
 
     device = VulkanDevice()
     yield device
@@ -134,7 +142,7 @@ def relative_errors(name, func, device, rng, perturb: str | None = None,
                     float_scale: float = 1.0) -> dict[str, float]:
     """Max |vulkan - cpu| / max(1, max |cpu|) per buffer of one kernel (optionally with one
     input changed for the Vulkan run only: a negative control)."""
-    from fmc.targets.vulkan_runner import run_shader
+    from vulkan_runner import run_shader
 
     env = symbolic_dims(func)
     arrays = random_arrays(func, env, rng, float_scale)

@@ -9,8 +9,26 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
+from fmc.errors import UsageError
+
 SHARD_DIR = "params"
 DEFAULT_SHARD_BYTES = 512 * 1024 * 1024
+
+
+def parse_size(text: str) -> int:
+    """A shard size as written on the command line or in fmc.toml: '512MB', '1GiB',
+    '1048576' → bytes."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20,
+             "GIB": 2**30, "K": 2**10, "M": 2**20, "G": 2**30}
+    value = text.strip().upper()
+    number = value.rstrip("KMGIB")
+    unit = value[len(number):]
+    try:
+        if unit not in units:
+            raise ValueError
+        return int(float(number) * units[unit])
+    except ValueError:
+        raise UsageError(f"cannot parse size {text!r} (e.g. 512MB, 1GiB)") from None
 
 
 def _umask() -> int:

@@ -34,6 +34,7 @@ def _global(debug: bool = typer.Option(False, "--debug", help="Show tracebacks o
 
 def _register() -> None:
     from fmc.cli import (
+        archs,
         bench,
         build,
         cache,
@@ -46,6 +47,7 @@ def _register() -> None:
         ppl,
         quant,
         run,
+        serve,
         targets,
         verify,
     )
@@ -54,10 +56,12 @@ def _register() -> None:
     app.command("build")(build.build_command)
     app.command("run")(run.run_command)
     app.command("chat")(chat.chat_command)
+    app.command("serve")(serve.serve_command)
     app.command("inspect")(inspect.inspect_command)
     app.command("bench")(bench.bench_command)
     app.command("ppl")(ppl.ppl_command)
     app.command("passes")(passes.passes_command)
+    app.command("archs")(archs.archs_command)
     app.command("compare")(compare.compare_command)
     app.command("targets")(targets.targets_command)
     app.command("verify")(verify.verify_command)

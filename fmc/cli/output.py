@@ -95,20 +95,3 @@ def human_bytes(count: float) -> str:
             return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
         count /= 1024
     return f"{count:.1f} GiB"
-
-
-def parse_size(text: str) -> int:
-    """'512MB', '1GiB', '1048576' → bytes."""
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20,
-             "GIB": 2**30, "K": 2**10, "M": 2**20, "G": 2**30}
-    value = text.strip().upper()
-    number = value.rstrip("KMGIB")
-    unit = value[len(number):]
-    from fmc.errors import UsageError
-
-    try:
-        if unit not in units:
-            raise ValueError
-        return int(float(number) * units[unit])
-    except ValueError:
-        raise UsageError(f"cannot parse size {text!r} (e.g. 512MB, 1GiB)") from None

@@ -45,7 +45,7 @@ def ppl_command(
     if kl_base is not None:
         base = fmc.load(kl_base, verify=verify, threads=threads,
                         context_window=max(context, 1))
-        if base.manifest["model"]["vocab_size"] != engine.manifest["model"]["vocab_size"]:
+        if base.config.vocab_size != engine.config.vocab_size:
             raise InputError(f"{kl_base}: --kl-base has a different vocabulary than "
                              f"{artifact}")
 
@@ -55,7 +55,7 @@ def ppl_command(
     result = perplexity(engine, tokens, context, max_chunks, progress=report, base=base,
                         decode=decode)
     result.update(artifact=str(artifact), text=str(text),
-                  quantization=engine.manifest["quantization"]["default"])
+                  quantization=engine.manifest.quantization.default)
     if json_out:
         emit_json(result)
     else:

@@ -80,10 +80,10 @@ def _memory_report(engine, baseline: int | None, tokenizer: int | None, peak: in
     TVM and fmc imported) and without the tokenizer's own tables, which the estimate does not
     model — next to the compiler's estimate scaled to this run's context window (and summed
     over the ranks of a tensor-parallel artifact run in one process)."""
-    estimate = engine.manifest["memory"]
-    kv = estimate["kv_cache_bytes"] * engine.context_window // estimate["context_window"]
+    estimate = engine.manifest.memory
+    kv = estimate.kv_cache_bytes * engine.context_window // estimate.context_window
     # per rank for a tensor-parallel artifact, whose ranks all live in this process
-    expected = (estimate["weights_bytes"] + kv + estimate["workspace_bytes"]) * engine.ranks
+    expected = (estimate.weights_bytes + kv + estimate.workspace_bytes) * engine.ranks
     model = None if baseline is None else peak - baseline - tokenizer
     return {"baseline_rss_bytes": baseline, "tokenizer_rss_bytes": tokenizer,
             "peak_rss_bytes": peak, "model_peak_bytes": model, "estimate_bytes": expected,

@@ -14,6 +14,7 @@ def targets_command(
 ) -> None:
     """List targets with the tools each needs (found on PATH, and their versions)."""
     setup_logging(quiet or json_out)
+    from fmc.cli.doctor import runtime_line
     from fmc.targets.registry import families, get
 
     rows = []
@@ -24,6 +25,9 @@ def targets_command(
                  for tool in target.tools]
         rows.append({"name": name, "description": target.description, "tools": tools,
                      "ready": all(tool["path"] for tool in tools)})
+        runtime = target.runtime_status()
+        if runtime is not None:
+            rows[-1]["runtime"] = runtime
     if json_out:
         emit_json(rows)
         return
@@ -34,5 +38,7 @@ def targets_command(
         tools = "\n".join(
             f"[green]✓[/] {t['name']} ({t['version'] or 'found'})" if t["path"]
             else f"[red]✗[/] {t['name']} — {t['install']}" for t in row["tools"]) or "—"
+        if "runtime" in row:
+            tools += f"\nruns here: {runtime_line(row['runtime'])}"
         table.add_row(row["name"], row["description"], tools)
     stdout.print(table)

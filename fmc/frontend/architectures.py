@@ -1,8 +1,10 @@
-"""Hugging Face `config.json` → ModelConfig, one parser per supported `model_type`."""
+"""Config mapping shared by the families: Hugging Face `config.json` and GGUF metadata →
+ModelConfig. Each family (`fmc/frontend/archs/`) maps its own keys with these helpers;
+`config_from_hf` finds the family by `model_type`."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import numbers
 from typing import Any
 
 from fmc.errors import InputError
@@ -79,7 +81,8 @@ def _rope(reader: ConfigReader) -> tuple[float, dict[str, Any] | None]:
     return float(theta), {"rope_type": "llama3", **{k: float(merged[k]) for k in ROPE_SCALING_KEYS}}
 
 
-def _common(reader: ConfigReader, architecture: str, **overrides: Any) -> ModelConfig:
+def llama_config(reader: ConfigReader, architecture: str, **overrides: Any) -> ModelConfig:
+    """The keys every llama-style config shares; `overrides` sets the family's own."""
     act = reader.data.get("hidden_act", "silu")
     if act != "silu":
         raise reader._fail("hidden_act", f"{act!r} is not supported (only silu)")
@@ -113,27 +116,105 @@ def _common(reader: ConfigReader, architecture: str, **overrides: Any) -> ModelC
         raise InputError(f"{reader.origin}: {str(exc).removeprefix('config: ')}") from None
 
 
-def parse_llama(reader: ConfigReader) -> ModelConfig:
-    bias = reader.bool("attention_bias", False)
-    return _common(reader, "llama", qkv_bias=bias, o_bias=bias,
-                   mlp_bias=reader.bool("mlp_bias", False))
+_common = llama_config  # the name before families had their own modules
 
 
-def parse_mistral(reader: ConfigReader) -> ModelConfig:
-    return _common(reader, "mistral", sliding_window=reader.optional_int("sliding_window"))
+def numpy_bool() -> type:
+    import numpy
+
+    return numpy.bool_
 
 
-def parse_qwen2(reader: ConfigReader) -> ModelConfig:
-    if reader.bool("use_sliding_window", False):
-        raise reader._fail("use_sliding_window", "true is not supported for qwen2")
-    return _common(reader, "qwen2", qkv_bias=True)
+class GGUFMetadata:
+    """A GGUF file's metadata for a family's config mapping: `get(key)` reads
+    `<arch>.<key>`; every error names the file and the key."""
+
+    def __init__(self, fields: dict, tensor_names: set[str], origin: str, read_tensor=None):
+        self.fields = fields
+        self.tensor_names = tensor_names
+        self.origin = origin
+        self.arch = fields.get("general.architecture")
+        self._read_tensor = read_tensor
+
+    def get(self, key: str, default: Any = ...) -> Any:
+        full = f"{self.arch}.{key}"
+        if full in self.fields:
+            return self.fields[full]
+        if default is ...:
+            raise InputError(f"{self.origin}: GGUF metadata {full!r} is missing")
+        return default
+
+    def int(self, key: str, default: Any = ...) -> int:
+        """`get` for an integer: a value of another type is an error naming the key."""
+        value = self.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise self._wrong_type(key, "an integer", value)
+        return int(value)
+
+    def float(self, key: str, default: Any = ...) -> float:
+        value = self.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise self._wrong_type(key, "a number", value)
+        return float(value)
+
+    def bool(self, key: str, default: Any = ...) -> bool:
+        value = self.get(key, default)
+        if not isinstance(value, (bool, numpy_bool())):
+            raise self._wrong_type(key, "true or false", value)
+        return bool(value)
+
+    def _wrong_type(self, key: str, wanted: str, value: Any) -> InputError:
+        shown = repr(value)
+        return InputError(f"{self.origin}: GGUF metadata '{self.arch}.{key}' must be {wanted}, "
+                          f"got {shown[:60] + '…' if len(shown) > 60 else shown}")
+
+    def has_tensor(self, name: str) -> bool:
+        return name in self.tensor_names
+
+    def tensor(self, name: str) -> Any:
+        """A tensor that holds configuration (`Architecture.gguf_config_tensors`), flat
+        float32."""
+        if name not in self.tensor_names or self._read_tensor is None:
+            raise InputError(f"{self.origin}: GGUF tensor {name!r} is missing")
+        return self._read_tensor(name)
 
 
-ARCHITECTURES: dict[str, Callable[[ConfigReader], ModelConfig]] = {
-    "llama": parse_llama,
-    "mistral": parse_mistral,
-    "qwen2": parse_qwen2,
-}
+def llama_config_from_gguf(meta: GGUFMetadata, architecture: str,
+                           **overrides: Any) -> ModelConfig:
+    """The llama-style keys of GGUF metadata (llama.cpp's `LLM_KV_*` names)."""
+    if f"{meta.arch}.rope.scaling.type" in meta.fields or meta.has_tensor("rope_freqs.weight"):
+        raise InputError(f"{meta.origin}: GGUF RoPE scaling (rope_freqs) is not supported; "
+                         "compile the Hugging Face checkpoint instead")
+    heads = meta.int("attention.head_count")
+    hidden = meta.int("embedding_length")
+    tokens = meta.fields.get("tokenizer.ggml.tokens") or []
+    if not isinstance(tokens, list):
+        raise InputError(f"{meta.origin}: GGUF metadata 'tokenizer.ggml.tokens' must be a "
+                         f"list of strings, got {type(tokens).__name__}")
+    eos = meta.fields.get("tokenizer.ggml.eos_token_id")
+    values: dict[str, Any] = dict(
+        architecture=architecture,
+        vocab_size=meta.int("vocab_size", len(tokens)),
+        hidden_size=hidden,
+        intermediate_size=meta.int("feed_forward_length"),
+        num_hidden_layers=meta.int("block_count"),
+        num_attention_heads=heads,
+        num_key_value_heads=meta.int("attention.head_count_kv", heads),
+        head_dim=meta.int("attention.key_length", hidden // heads if heads else 0),
+        rms_norm_eps=meta.float("attention.layer_norm_rms_epsilon"),
+        rope_theta=meta.float("rope.freq_base", 10000.0),
+        max_position_embeddings=meta.int("context_length"),
+        tie_word_embeddings=not meta.has_tensor("output.weight"),
+        qkv_bias=meta.has_tensor("blk.0.attn_q.bias"),
+        o_bias=meta.has_tensor("blk.0.attn_output.bias"),
+        bos_token_id=meta.fields.get("tokenizer.ggml.bos_token_id"),
+        eos_token_ids=(eos,) if isinstance(eos, int) else (),
+    )
+    values.update(overrides)
+    try:
+        return ModelConfig(**values)
+    except InputError as exc:
+        raise InputError(f"{meta.origin}: {str(exc).removeprefix('config: ')}") from None
 
 
 def config_from_hf(data: object, origin: str) -> ModelConfig:
@@ -143,8 +224,10 @@ def config_from_hf(data: object, origin: str) -> ModelConfig:
     model_type = data.get("model_type")
     if model_type is None:
         raise InputError(f"{origin}: 'model_type' is missing")
-    parser = ARCHITECTURES.get(model_type)
-    if parser is None:
+    from fmc.frontend.archs import registry
+
+    arch = registry.by_model_type(model_type) if isinstance(model_type, str) else None
+    if arch is None:
         raise InputError(f"{origin}: model_type {model_type!r} is not supported; supported: "
-                         f"{', '.join(sorted(ARCHITECTURES))}")
-    return parser(ConfigReader(data, origin))
+                         f"{', '.join(registry.model_types())}")
+    return arch.config_from_hf(ConfigReader(data, origin))

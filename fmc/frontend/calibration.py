@@ -71,11 +71,12 @@ def _rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
 
 
 def rope_frequencies(config: ModelConfig) -> np.ndarray:
-    """Inverse frequencies [head_dim/2], llama3 scaling applied when the config has it."""
+    """Inverse frequencies [head_dim/2], llama3 scaling applied when the config has it
+    (other scalings, such as phi3's LongRoPE, get the plain frequencies: statistics only)."""
     d = config.head_dim
     inv = 1.0 / config.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d)
     scaling = config.rope_scaling
-    if scaling:
+    if scaling and scaling.get("rope_type") == "llama3":
         factor = scaling["factor"]
         low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
         old = scaling["original_max_position_embeddings"]
@@ -144,6 +145,9 @@ def activation_statistics(config: ModelConfig, weights: WeightSource,
         q = linear(f"{attn}.q_proj", x).reshape(*ids.shape, -1, dim)
         k = linear(f"{attn}.k_proj", x).reshape(*ids.shape, -1, dim)
         v = linear(f"{attn}.v_proj", x).reshape(*ids.shape, -1, dim)
+        if config.qk_norm:  # qwen3: per-head RMSNorm before RoPE
+            q = _rms_norm(q, load(f"{attn}.q_norm.weight"), eps)
+            k = _rms_norm(k, load(f"{attn}.k_norm.weight"), eps)
         out = _attention(_rotate(q, cos, sin), _rotate(k, cos, sin), v, config)
         record([f"{attn}.o_proj.weight"], out)
         h = h + linear(f"{attn}.o_proj", out)

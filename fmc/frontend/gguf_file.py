@@ -1,8 +1,10 @@
 """Load a GGUF file: metadata → ModelConfig, tensors → canonical HF names, tokenizer rebuilt.
 
-Tensors are dequantized to float32 on demand with the `gguf` package, and llama.cpp's Q/K
-row permutation (applied by convert_hf_to_gguf.py for arch "llama") is undone, so every
-tensor equals what the Hugging Face checkpoint would hold.
+The family (fmc/frontend/archs/) is found by `general.architecture`; it maps the metadata to
+a config and the tensor names to its parameters. Tensors are dequantized to float32 on demand
+with the `gguf` package, and llama.cpp's Q/K row permutation (applied by convert_hf_to_gguf.py
+for arch "llama") is undone where the family says so, as is the +1 it adds to gemma's norm
+weights, so every tensor equals what the Hugging Face checkpoint would hold.
 """
 
 from __future__ import annotations
@@ -13,39 +15,26 @@ from pathlib import Path
 import numpy as np
 
 from fmc.errors import InputError
+from fmc.frontend.archs.registry import GGUF_GLOBAL_NAMES as GLOBAL_NAMES
+from fmc.frontend.archs.registry import GGUF_LAYER_NAMES as LAYER_NAMES
 from fmc.frontend.gguf_tokenizer import tokenizer_from_gguf
 from fmc.frontend.weights import TensorInfo
 from fmc.model_config import ModelConfig
 
-GLOBAL_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-LAYER_NAMES = {
-    "attn_norm": "input_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_norm": "post_attention_layernorm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
 LAYER_PATTERN = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
-# GGUF `general.architecture` → fmc architecture. Only "llama" files carry the Q/K permutation.
-ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}
-PERMUTED_ARCHITECTURES = {"llama"}
 
 
-def hf_name(gguf_name: str) -> str | None:
-    if gguf_name in GLOBAL_NAMES:
-        return GLOBAL_NAMES[gguf_name]
+def hf_name(gguf_name: str, arch=None) -> str | None:
+    """The model's parameter name of a GGUF tensor, by the family's name tables (`arch`, an
+    `Architecture`; None: the llama-style tables)."""
+    global_names = GLOBAL_NAMES if arch is None else arch.gguf_global_names
+    layer_names = LAYER_NAMES if arch is None else arch.gguf_layer_names
+    if gguf_name in global_names:
+        return global_names[gguf_name]
     match = LAYER_PATTERN.fullmatch(gguf_name)
-    if match and match.group(2) in LAYER_NAMES:
+    if match and match.group(2) in layer_names:
         layer, part, kind = match.groups()
-        return f"model.layers.{layer}.{LAYER_NAMES[part]}.{kind}"
+        return f"model.layers.{layer}.{layer_names[part]}.{kind}"
     return None
 
 
@@ -164,16 +153,19 @@ def _can_dequantize(kind) -> bool:
 class GGUFWeights:
     """A GGUF file's tensors under canonical names, dequantized one at a time."""
 
-    def __init__(self, path: Path, reader, fields: dict, config: ModelConfig):
+    def __init__(self, path: Path, reader, fields: dict, config: ModelConfig, arch):
         self.path = path
         self._reader = reader
         self._tensors = {}
         self._index: dict[str, TensorInfo] = {}
-        permute = fields.get("general.architecture") in PERMUTED_ARCHITECTURES
+        permute = arch.gguf_permuted_qk
         self._heads = {}
+        self._offsets: dict[str, float] = {}
         readable: dict = {}
         for tensor in reader.tensors:
-            name = hf_name(tensor.name)
+            if tensor.name in arch.gguf_config_tensors:
+                continue  # configuration, read by the family's config_from_gguf
+            name = hf_name(tensor.name, arch)
             if name is None:
                 raise InputError(f"{path}: tensor {tensor.name!r} has no mapping in fmc "
                                  "(unsupported model variant?)")
@@ -188,6 +180,9 @@ class GGUFWeights:
                 self._heads[name] = config.num_attention_heads
             elif permute and name.endswith("k_proj.weight"):
                 self._heads[name] = config.num_key_value_heads
+            for suffix, offset in arch.gguf_weight_offsets.items():
+                if name.endswith(suffix):
+                    self._offsets[name] = offset
 
     def index(self) -> dict[str, TensorInfo]:
         return dict(self._index)
@@ -205,12 +200,17 @@ class GGUFWeights:
         array = np.asarray(array, dtype=np.float32).reshape(shape)
         if name in self._heads:
             array = unpermute_rows(array, self._heads[name])
+        if name in self._offsets:
+            array = array + np.float32(self._offsets[name])
         return array
 
     def raw(self, name: str) -> tuple[str, np.ndarray]:
         """(GGML type name, stored blocks as [rows, bytes per row]) with Q/K rows unpermuted,
         for schemes that import quantized data without loss."""
         tensor = self._tensors[name]
+        if name in self._offsets:  # stored shifted: only the dequantized values can be fixed
+            raise InputError(f"{self.path}: tensor {tensor.name!r} is stored with an offset "
+                             "and cannot be imported without dequantizing")
         blocks = np.asarray(tensor.data)
         rows = self._index[name].shape[0]
         blocks = blocks.reshape(rows, -1)
@@ -222,60 +222,47 @@ class GGUFWeights:
         return [self.path]
 
 
-def _config(fields: dict, reader, origin: str) -> ModelConfig:
-    arch = fields.get("general.architecture")
-    if arch not in ARCHITECTURES:
-        raise InputError(f"{origin}: GGUF architecture {arch!r} is not supported; supported: "
-                         f"{', '.join(sorted(ARCHITECTURES))}")
+def _architecture(fields: dict, origin: str):
+    from fmc.frontend.archs import registry
 
-    def get(key: str, default=...):
-        full = f"{arch}.{key}"
-        if full in fields:
-            return fields[full]
-        if default is ...:
-            raise InputError(f"{origin}: GGUF metadata {full!r} is missing")
-        return default
+    name = fields.get("general.architecture")
+    arch = registry.by_gguf_architecture(name) if isinstance(name, str) else None
+    if arch is None or arch.config_from_gguf is None:
+        raise InputError(f"{origin}: GGUF architecture {name!r} is not supported; supported: "
+                         f"{', '.join(registry.gguf_architectures())}")
+    return arch
 
-    if f"{arch}.rope.scaling.type" in fields or any(t.name == "rope_freqs.weight"
-                                                      for t in reader.tensors):
-        raise InputError(f"{origin}: GGUF RoPE scaling (rope_freqs) is not supported; "
-                         "compile the Hugging Face checkpoint instead")
-    tensor_names = {t.name for t in reader.tensors}
-    heads = int(get("attention.head_count"))
-    hidden = int(get("embedding_length"))
-    tokens = fields.get("tokenizer.ggml.tokens") or []
-    eos = fields.get("tokenizer.ggml.eos_token_id")
-    try:
-        return ModelConfig(
-            architecture=ARCHITECTURES[arch],
-            vocab_size=int(get("vocab_size", len(tokens))),
-            hidden_size=hidden,
-            intermediate_size=int(get("feed_forward_length")),
-            num_hidden_layers=int(get("block_count")),
-            num_attention_heads=heads,
-            num_key_value_heads=int(get("attention.head_count_kv", heads)),
-            head_dim=int(get("attention.key_length", hidden // heads if heads else 0)),
-            rms_norm_eps=float(get("attention.layer_norm_rms_epsilon")),
-            rope_theta=float(get("rope.freq_base", 10000.0)),
-            max_position_embeddings=int(get("context_length")),
-            tie_word_embeddings="output.weight" not in tensor_names,
-            qkv_bias="blk.0.attn_q.bias" in tensor_names,
-            o_bias="blk.0.attn_output.bias" in tensor_names,
-            bos_token_id=fields.get("tokenizer.ggml.bos_token_id"),
-            eos_token_ids=(eos,) if isinstance(eos, int) else (),
-        )
-    except InputError as exc:
-        raise InputError(f"{origin}: {str(exc).removeprefix('config: ')}") from None
+
+def _config(fields: dict, reader, origin: str, arch) -> ModelConfig:
+    from fmc.frontend.architectures import GGUFMetadata
+
+    tensors = {t.name: t for t in reader.tensors}
+
+    def read(name: str) -> np.ndarray:
+        import gguf
+
+        tensor = tensors[name]
+        return np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type),
+                          dtype=np.float32).reshape(-1)
+
+    return arch.config_from_gguf(GGUFMetadata(fields, set(tensors), origin, read))
 
 
 def open_gguf(path: Path, with_weights: bool = True, with_tokenizer: bool = True):
     """Return (config, weights or None, tokenizer file contents, input files)."""
     reader = _open_reader(path)
     fields = _field_values(reader, path)
-    config = _config(fields, reader, str(path))
-    weights = GGUFWeights(path, reader, fields, config) if with_weights else None
+    arch = _architecture(fields, str(path))
+    config = _config(fields, reader, str(path), arch)
+    weights = GGUFWeights(path, reader, fields, config, arch) if with_weights else None
+    if weights is not None and arch.fused_weights:
+        from fmc.frontend.fused_weights import SplitFusedWeights
+
+        weights = SplitFusedWeights(weights, arch.fused_weights, config)
     tokenizer = {}
     if with_tokenizer:
         fields["context_length"] = config.max_position_embeddings
+        if "tokenizer.chat_template" not in fields and arch.chat_template is not None:
+            fields["tokenizer.chat_template"] = arch.chat_template
         tokenizer = tokenizer_from_gguf(fields, str(path))
     return config, weights, tokenizer, [path]

@@ -1,4 +1,6 @@
-"""The Llama-family decoder (llama, mistral, qwen2) as a `tvm.relax.frontend.nn` module.
+"""The shared llama-style decoder blocks as `tvm.relax.frontend.nn` modules: llama, mistral,
+qwen2 and qwen3 are this model parameterized by their `ModelConfig` (biases, per-head q/k
+norms, tied embeddings); a family with other blocks subclasses these (docs/architectures.md).
 
 Plain as in the checkpoint: separate q/k/v and gate/up projections, so the parameter names
 are Hugging Face's and every optimisation is a later pass. Attention and RoPE come from
@@ -13,14 +15,9 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
 
+from fmc.artifacts import abi
 from fmc.model_config import ModelConfig
 from fmc.nn_ops import take
-
-# Entry functions every artifact exports; the runtime calls exactly these.
-ENTRY_FUNCTIONS = ("embed", "prefill", "decode", "batch_prefill", "batch_decode",
-                   "create_kv_cache")
-# Added by a debug build (--debug-layers): every layer's output, for `fmc compare`.
-DEBUG_ENTRY = "layer_outputs"
 
 
 class Embedding(nn.Embedding):
@@ -50,11 +47,23 @@ class LlamaAttention(nn.Module):
         self.k_proj = nn.Linear(hidden, kv_dim, bias=config.qkv_bias, dtype=dtype)
         self.v_proj = nn.Linear(hidden, kv_dim, bias=config.qkv_bias, dtype=dtype)
         self.o_proj = nn.Linear(q_dim, hidden, bias=config.o_bias, dtype=dtype)
+        self.qk_norm = config.qk_norm
+        if config.qk_norm:  # qwen3: RMSNorm over each head's q and k, before RoPE
+            eps = config.rms_norm_eps
+            self.q_norm = nn.RMSNorm(self.head_dim, -1, eps, bias=False, dtype=dtype)
+            self.k_norm = nn.RMSNorm(self.head_dim, -1, eps, bias=False, dtype=dtype)
 
     def forward(self, x: nn.Tensor, cache: PagedKVCache, layer_id: int) -> nn.Tensor:
         batch, seq, _ = x.shape
-        qkv = op.concat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
-        qkv = op.reshape(qkv, (batch, seq, self.num_q + 2 * self.num_kv, self.head_dim))
+        if self.qk_norm:
+            d = self.head_dim
+            q = self.q_norm(op.reshape(self.q_proj(x), (batch, seq, self.num_q, d)))
+            k = self.k_norm(op.reshape(self.k_proj(x), (batch, seq, self.num_kv, d)))
+            v = op.reshape(self.v_proj(x), (batch, seq, self.num_kv, d))
+            qkv = op.concat([q, k, v], dim=2)
+        else:
+            qkv = op.concat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+            qkv = op.reshape(qkv, (batch, seq, self.num_q + 2 * self.num_kv, self.head_dim))
         out = cache.attention_with_fused_qkv(layer_id, qkv, self.num_q,
                                              sm_scale=self.head_dim**-0.5)
         out = self.o_proj(op.reshape(out, (batch, seq, self.num_q * self.head_dim)))
@@ -108,6 +117,10 @@ class LlamaForCausalLM(nn.Module):
     (`fmc.frontend.tensor_parallel.local_config`): its heads, KV heads and MLP slice; the
     attention and MLP outputs are all-reduced, so every rank holds the full hidden state and
     computes the (replicated) embeddings, norms and logits itself."""
+
+    # What this model asks of the paged KV cache (`Architecture.kv_cache`): "normal" — the
+    # cache applies RoPE to q and k at append; "none" — the model has rotated them.
+    rope_mode = RopeMode.NORMAL
 
     def __init__(self, config: ModelConfig, dtype: str, target, debug_layers: bool = False,
                  tensor_parallel: int = 1):
@@ -189,7 +202,7 @@ class LlamaForCausalLM(nn.Module):
             v_head_dim=c.head_dim,
             mla_original_qk_head_dim=0,
             mla_original_v_head_dim=0,
-            rope_mode=RopeMode.NORMAL,
+            rope_mode=self.rope_mode,
             rope_scale=1,
             rope_theta=c.rope_theta,
             rope_scaling=dict(c.rope_scaling or {}),
@@ -205,22 +218,23 @@ class LlamaForCausalLM(nn.Module):
         packed = {"param_mode": "packed", "effect_mode": "none"}
         cache = nn.spec.Object(object_type=PagedKVCache)
         spec = {
-            "embed": {"input_ids": nn.spec.Tensor(["seq_len"], "int32"), "$": packed},
-            "prefill": {"input_embed": nn.spec.Tensor([1, "seq_len", hidden], dtype),
-                        "paged_kv_cache": cache, "$": packed},
-            "decode": {"input_embed": nn.spec.Tensor([1, 1, hidden], dtype),
-                       "paged_kv_cache": cache, "$": packed},
-            "batch_prefill": {
+            abi.EMBED: {"input_ids": nn.spec.Tensor(["seq_len"], "int32"), "$": packed},
+            abi.PREFILL: {"input_embed": nn.spec.Tensor([1, "seq_len", hidden], dtype),
+                          "paged_kv_cache": cache, "$": packed},
+            abi.DECODE: {"input_embed": nn.spec.Tensor([1, 1, hidden], dtype),
+                         "paged_kv_cache": cache, "$": packed},
+            abi.BATCH_PREFILL: {
                 "input_embeds": nn.spec.Tensor([1, "seq_len", hidden], dtype),
                 "logit_positions": nn.spec.Tensor(["num_logits"], "int32"),
                 "paged_kv_cache": cache, "$": packed},
-            "batch_decode": {"input_embeds": nn.spec.Tensor(["batch_size", 1, hidden], dtype),
-                             "paged_kv_cache": cache, "$": packed},
-            "create_kv_cache": {
+            abi.BATCH_DECODE: {
+                "input_embeds": nn.spec.Tensor(["batch_size", 1, hidden], dtype),
+                "paged_kv_cache": cache, "$": packed},
+            abi.CREATE_KV_CACHE: {
                 "max_batch_size": int, "max_total_seq_len": int, "prefill_chunk_size": int,
                 "page_size": int, "$": {"param_mode": "none", "effect_mode": "none"}},
         }
         if self.debug_layers:
-            spec[DEBUG_ENTRY] = {"input_embed": nn.spec.Tensor([1, "seq_len", hidden], dtype),
+            spec[abi.DEBUG_ENTRY] = {"input_embed": nn.spec.Tensor([1, "seq_len", hidden], dtype),
                                  "paged_kv_cache": cache, "$": packed}
         return nn.spec.ModuleSpec.from_raw(spec, self)

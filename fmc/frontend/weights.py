@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
+# A tensor's header (name, shape, dtype, file); defined beside the safetensors reader, which
+# the runtime shares, and part of this interface.
+from fmc.artifacts.safetensors_reader import TensorInfo
 
-@dataclass(frozen=True)
-class TensorInfo:
-    """What a source knows about a tensor without reading its data."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str  # source storage type, e.g. "float32", "bfloat16", "gguf:Q4_1"
-    file: Path
+__all__ = ["TensorInfo", "WeightSource"]
 
 
 class WeightSource(Protocol):

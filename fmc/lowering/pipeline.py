@@ -1,19 +1,23 @@
 """The IR pipeline: named passes of the `fuse` and `lower` phases, in order, in one place.
 
 Each entry is a `PassSpec`: a name users can list, disable or dump after, a one-line doc,
-and a factory that builds the TVM pass for a given compile context."""
+and a factory that builds the TVM pass from a `PassContext` — the read-only facts of one
+compile (target, activation dtype, entry functions, kernel overrides). A pass changes the
+module only; one that changes the parameter list records the new plan on the module
+(fmc.lowering.param_plan)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import tvm
 from tvm import relax
 
 from fmc.errors import UsageError, take_pass_error
+from fmc.lowering import param_plan
 from fmc.lowering.passes.canonical_shape_funcs import CanonicalShapeFuncs
 from fmc.lowering.passes.fuse_dequantize_matmul import FuseDequantizeMatmul
 from fmc.lowering.passes.fuse_horizontal import FuseHorizontal
@@ -21,7 +25,22 @@ from fmc.lowering.passes.fuse_norm import FuseAddNorm, FuseNormMatmul
 from fmc.lowering.passes.inline_dequantize import InlineDequantize
 from fmc.lowering.passes.mark_noalias import MarkNoAlias
 from fmc.lowering.passes.override_kernels import OverrideKernels
+from fmc.lowering.passes.share_views import DropParamKills, ShareViews
 from fmc.lowering.passes.simplify_copies import SimplifyCopies
+
+if TYPE_CHECKING:
+    from fmc.targets import Target
+
+
+@dataclass(frozen=True)
+class PassContext:
+    """What a pass may know about the compile, frozen (not TVM's `tvm.transform.PassContext`).
+    The stored-parameter plan is not here: it travels on the module (`param_plan`)."""
+
+    target: Target
+    compute_dtype: str  # activations and KV cache
+    entry_functions: tuple[str, ...]  # what dead-code elimination keeps
+    override_kernels: tuple[str, ...] = ()  # --override-kernel "[ENTRY/]KERNEL=FILE"
 
 
 @dataclass(frozen=True)
@@ -29,26 +48,27 @@ class PassSpec:
     name: str
     phase: str  # "fuse" or "lower"
     doc: str
-    make: Callable[[Any], tvm.transform.Pass]
+    make: Callable[[PassContext], tvm.transform.Pass]
     # Passes whose removal would produce an unbuildable module cannot be disabled.
     required: bool = False
     # Opt-in passes (--enable-pass) are legal but do not pay on every target yet.
     default: bool = True
 
 
-def _relax(factory: Callable[[], tvm.transform.Pass]) -> Callable[[Any], tvm.transform.Pass]:
+def _relax(factory: Callable[[], tvm.transform.Pass]) -> Callable[[PassContext],
+                                                                 tvm.transform.Pass]:
     return lambda ctx: factory()
 
 
-def _entry_dce(ctx) -> tvm.transform.Pass:
+def _entry_dce(ctx: PassContext) -> tvm.transform.Pass:
     return relax.transform.DeadCodeElimination(list(ctx.entry_functions))
 
 
-def _target_kernels(ctx) -> tvm.transform.Pass:
+def _target_kernels(ctx: PassContext) -> tvm.transform.Pass:
     return tvm.transform.Sequential(ctx.target.kernel_passes(), name="target-kernels")
 
 
-def _schedule(ctx) -> tvm.transform.Pass:
+def _schedule(ctx: PassContext) -> tvm.transform.Pass:
     passes = [p for _, _, p in ctx.target.schedule_passes()]
     return tvm.transform.Sequential(passes, name="schedule")
 
@@ -96,7 +116,7 @@ PIPELINE: list[PassSpec] = [
              _schedule),
     PassSpec("override-kernels", "lower",
              "swap in users' kernels given with --override-kernel (signature-checked)",
-             lambda ctx: OverrideKernels(ctx.options.override_kernels)),
+             lambda ctx: OverrideKernels(list(ctx.override_kernels))),
     PassSpec("rewrite-dataflow-reshape", "lower", "turn reshapes into views",
              _relax(relax.transform.RewriteDataflowReshape)),
     PassSpec("to-non-dataflow", "lower", "leave the dataflow form",
@@ -109,8 +129,14 @@ PIPELINE: list[PassSpec] = [
              _relax(relax.transform.StaticPlanBlockMemory)),
     PassSpec("lower-alloc", "lower", "lower allocations to VM builtins",
              _relax(relax.transform.LowerAllocTensor), required=True),
+    PassSpec("share-views", "lower",
+             "one tensor object per distinct view of planned memory; reshapes of views are "
+             "views (fewer VM builtin calls per step)", _relax(ShareViews)),
     PassSpec("kill-after-last-use", "lower", "free intermediates as soon as they die",
              _relax(relax.transform.KillAfterLastUse)),
+    PassSpec("drop-param-kills", "lower",
+             "no kill calls for parameter-tuple elements (they free nothing)",
+             _relax(DropParamKills)),
     PassSpec("lower-runtime-builtin", "lower", "lower remaining ops to VM builtins",
              _relax(relax.transform.LowerRuntimeBuiltin), required=True),
     PassSpec("compute-prim-value", "lower", "compute symbolic scalars on the host",
@@ -212,23 +238,30 @@ class IRDumper:
         if self.directory is None:
             return
         path = self.directory / f"{self.count:02d}-{phase}-{name}.py"
-        path.write_text(mod.script(show_meta=False), encoding="utf-8")
+        text = param_plan.strip(mod).script(show_meta=False)  # the plan is not IR to read
+        path.write_text(text, encoding="utf-8")
         self.count += 1
 
 
-def run_phase(phase: str, mod: tvm.IRModule, ctx, disabled: set[str],
+def run_phase(phase: str, mod: tvm.IRModule, ctx: PassContext, disabled: set[str],
               dumper: IRDumper) -> tvm.IRModule:
-    """Run the enabled passes of `phase` in order, dumping the IR after each."""
+    """Run the enabled passes of `phase` in order, dumping the IR after each. The module's
+    stored-parameter plan is kept through passes that rebuild the module without its
+    attributes (a pass that changes the plan writes a new one)."""
     with ctx.target.tvm_target():
         for spec in PIPELINE:
             if spec.phase != phase or spec.name in disabled:
                 continue
+            plan = mod.get_attr(param_plan.ATTR)
             try:
                 mod = spec.make(ctx)(mod)
-            except Exception:
+                if plan is not None and mod.get_attr(param_plan.ATTR) is None:
+                    mod = mod.with_attr(param_plan.ATTR, plan)
+            except Exception as exc:
                 original = take_pass_error()
                 if original is not None:
                     raise original from None
+                exc.fmc_pass = spec.name  # named in a code generator failure (exit 8)
                 raise
             dumper.dump(phase, spec.name, mod)
     return mod

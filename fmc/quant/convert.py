@@ -8,33 +8,19 @@ import logging
 import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 
 from fmc.errors import InputError
 from fmc.frontend.weights import WeightSource
-from fmc.quant import registry
+from fmc.quant import experts, registry
 from fmc.quant.modules import QuantizedParam
+from fmc.quant.stored import StoredParam
 
 log = logging.getLogger("fmc")
 
 # Tensors some checkpoints carry that no fmc model reads (recomputed buffers).
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
-
-
-@dataclass(frozen=True)
-class StoredParam:
-    """One parameter of the compiled model and where its data comes from."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-    source: str  # checkpoint tensor it is made from
-    scheme: str | None  # quantization scheme; None for plain casts (norms, biases)
-    part: int = 0  # index among the scheme's storage tensors
-    # Horizontal fusion: this parameter is these parameters stacked along axis 0.
-    members: tuple[StoredParam, ...] = ()
 
 
 def plan_params(params: list[tuple[str, tuple[int, ...], str]],
@@ -92,7 +78,11 @@ def takes_importance(scheme) -> bool:
 def quantize_rows(scheme, tensor: np.ndarray, importance: np.ndarray | None = None
                   ) -> list[np.ndarray]:
     """`scheme.quantize` over blocks of rows (schemes are row-independent by contract);
-    `importance` [K] is passed on when given."""
+    `importance` [K] is passed on when given. Stacked experts [E, out, K] are quantized as
+    [E·out, K] and each stored array split back to [E, …] (fmc.quant.experts)."""
+    if experts.is_stacked(tensor.shape):
+        return experts.split(quantize_rows(scheme, experts.flatten(tensor), importance),
+                             tensor.shape[0])
     rows = tensor.shape[0]
     granularity = scheme.row_granularity
     step = max(1, ROW_BLOCK_BYTES // max(1, tensor[0].size * 4) // granularity) * granularity
@@ -125,7 +115,13 @@ def _stored_parts(weights: WeightSource, plan: StoredParam, allow_nonfinite: boo
     if scheme is not None and scheme.gguf_types and raw is not None:
         type_name, blocks = raw(plan.source)
         if type_name in scheme.gguf_types:
-            parts = scheme.from_gguf(type_name, blocks, weights.index()[plan.source].shape)
+            shape = weights.index()[plan.source].shape
+            if experts.is_stacked(shape):  # [E, out, in]: the rows of every expert in turn
+                flat = (shape[0] * shape[1], shape[2])
+                parts = experts.split(
+                    scheme.from_gguf(type_name, blocks.reshape(flat[0], -1), flat), shape[0])
+            else:
+                parts = scheme.from_gguf(type_name, blocks, shape)
             _check_finite(weights, plan.source, parts, allow_nonfinite)
             stats["lossless"] = stats.get("lossless", 0) + 1
             return parts

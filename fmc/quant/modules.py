@@ -10,7 +10,9 @@ from dataclasses import dataclass
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
+from fmc.nn_moe import ExpertLinear, expert_matmul
 from fmc.nn_ops import take
+from fmc.quant import experts
 from fmc.quant.layout import RowInterleaved, interleave
 from fmc.quant.plan import QuantPlan
 from fmc.quant.scheme import QuantScheme
@@ -78,6 +80,34 @@ class QuantizedEmbedding(_QuantizedWeight):
         return op.matmul(x, op.permute_dims(self.dequantized_weight()))
 
 
+class QuantizedExpertLinear(nn.Module):
+    """Stacked expert weights [E, out, in] stored per expert in the scheme's layout
+    (fmc.quant.experts); the gathered matmul dequantizes only the experts it reads once
+    `inline-dequantize` has put the decode into its loop."""
+
+    def __init__(self, linear: ExpertLinear, scheme: QuantScheme, layer: str, dtype: str):
+        self.num_experts = linear.num_experts
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.scheme = scheme
+        self.compute_dtype = dtype
+        self.storage = experts.storage(
+            scheme, (linear.num_experts, linear.out_features, linear.in_features),
+            f"{layer}.weight")
+        for tensor in self.storage:
+            setattr(self, tensor.name, nn.Parameter(tensor.shape, tensor.dtype))
+
+    def weight_tensors(self) -> list[nn.Tensor]:
+        return [getattr(self, tensor.name) for tensor in self.storage]
+
+    def weight_reader(self, tensors):
+        return experts.dequantized_reader(self.scheme, tensors, self.out_features,
+                                          self.compute_dtype)
+
+    def forward(self, x: nn.Tensor, chosen: nn.Tensor) -> nn.Tensor:
+        return expert_matmul(x, chosen, self.weight_tensors(), self.weight_reader,
+                             self.out_features, f"moe_experts_{self.scheme.name}")
+
+
 class _Quantizer(nn.Mutator):
     def __init__(self, plan: QuantPlan, dtype: str, output_layers: set[str],
                  row_block: int | None):
@@ -89,6 +119,18 @@ class _Quantizer(nn.Mutator):
         self.stored: dict[str, QuantizedParam] = {}
 
     def visit_module(self, name: str, node: nn.Module):
+        if isinstance(node, ExpertLinear):
+            # Each expert is quantized as its own [out, in] weight; experts are not stored
+            # row-interleaved (their gathered kernel does not use the row-lane schedule).
+            scheme = self.plan.scheme_for(name, False, (node.out_features, node.in_features))
+            self.layers[name] = scheme.name
+            if scheme.is_identity(node.weight.dtype):
+                return node
+            layer = QuantizedExpertLinear(node, scheme, name, self.dtype)
+            for part, tensor in enumerate(layer.storage):
+                self.stored[f"{name}.{tensor.name}"] = QuantizedParam(
+                    f"{name}.weight", scheme.name, part)
+            return layer
         if isinstance(node, (nn.Linear, nn.Embedding)):
             shape = (node.out_features, node.in_features) if isinstance(node, nn.Linear) \
                 else (node.num, node.dim)

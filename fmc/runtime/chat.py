@@ -30,12 +30,16 @@ class ChatTemplate:
         path = artifact / "tokenizer" / "tokenizer_config.json"
         try:
             config = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        except FileNotFoundError:
             config = {}
+        except (OSError, ValueError) as exc:
+            raise ArtifactError(f"{path}: corrupt ({exc}); recompile the artifact") from None
+        if not isinstance(config, dict):
+            raise ArtifactError(f"{path}: corrupt (not a JSON object); recompile the artifact")
         template = config.get("chat_template")
         if isinstance(template, list):  # named templates: use the default one
-            template = next((t["template"] for t in template if t.get("name") == "default"),
-                            None)
+            template = next((t.get("template") for t in template
+                             if isinstance(t, dict) and t.get("name") == "default"), None)
         if not isinstance(template, str) or not template:
             raise ArtifactError(f"{path}: no chat_template; this model has no chat format "
                                 "(use fmc run)")

@@ -3,43 +3,20 @@
 from __future__ import annotations
 
 import contextlib
-import itertools
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fmc.errors import UsageError
-from fmc.model_config import ModelConfig
+from fmc.artifacts import abi
+from fmc.errors import ArtifactError, UsageError
 from fmc.runtime.artifact import open_artifact
 from fmc.runtime.generation import Generation, Step, StopRule
+from fmc.runtime.kv_cache import PagedCache
 from fmc.runtime.sampling import SamplingParams
 from fmc.runtime.threads import configure_threads
 from fmc.runtime.tokenizer import TextTokenizer
-
-
-class _Builtins:
-    """The VM's KV-cache functions, looked up once."""
-
-    def __init__(self, vm):
-        # (a tensor-parallel engine's run on every Disco worker, on each rank's cache)
-        get = vm.builtin
-        self.add_sequence = get("vm.builtin.kv_state_add_sequence")
-        self.remove_sequence = get("vm.builtin.kv_state_remove_sequence")
-        self.fork_sequence = get("vm.builtin.kv_state_fork_sequence")
-        self.popn = get("vm.builtin.kv_state_popn")
-        self.begin_forward = get("vm.builtin.kv_state_begin_forward")
-        self.end_forward = get("vm.builtin.kv_state_end_forward")
-        self.sequence_length = get("vm.builtin.attention_kv_cache_get_sequence_length")
-        self.available_pages = get("vm.builtin.attention_kv_cache_get_num_available_pages")
-        self.reshape = get("vm.builtin.reshape")
-        # Checkpointing a sequence's pages (save/restore, offload).
-        self.checkpoint_metadata = get("vm.builtin.attention_kv_cache_get_checkpoint_metadata")
-        self.export_page_group = get("vm.builtin.attention_kv_cache_export_page_group")
-        self.prepare_import = get("vm.builtin.attention_kv_cache_prepare_import")
-        self.import_page_group = get("vm.builtin.attention_kv_cache_import_page_group")
-        self.finish_import = get("vm.builtin.attention_kv_cache_finish_import")
 
 
 class _Stream:
@@ -68,13 +45,13 @@ class Engine:
         self.artifact = open_artifact(path, device, verify)
         self.path = self.artifact.path
         self.manifest = self.artifact.manifest
-        self.config = ModelConfig.from_dict(self.manifest["model"])
-        runtime = self.manifest["runtime"]
-        self.context_window = context_window or runtime["context_window"]
+        self.config = self.manifest.model
+        runtime = self.manifest.runtime
+        self.context_window = context_window or runtime.context_window
         if self.context_window > self.config.context_window:
             raise UsageError(f"context window {self.context_window} exceeds the model's "
                              f"{self.config.context_window}")
-        self.prefill_chunk = runtime["prefill_chunk_size"]
+        self.prefill_chunk = runtime.prefill_chunk_size
         self.max_batch_size = max_batch_size
         self._vm = self.artifact.vm  # LocalVM, or DiscoRanks for a tensor-parallel artifact
         self.ranks = self._vm.ranks
@@ -82,17 +59,18 @@ class Engine:
         self._device = self.artifact.device
         self._tvm = tvm
         self._shape = ShapeTuple
-        self._kv_builtins = _Builtins(self._vm)
-        self.kv_cache = self._vm["create_kv_cache"](
-            ShapeTuple([max_batch_size]), ShapeTuple([self.context_window]),
-            ShapeTuple([self.prefill_chunk]), ShapeTuple([runtime["page_size"]]))
-        self._sequence_ids = itertools.count(1)  # 0 is fmc.runtime.session's
-        # Token ids in each live sequence's cache (save files, repetition penalty, chat).
-        self.history: dict[int, list[int]] = {}
+        self._reshape = self._vm.builtin("vm.builtin.reshape")
+        self.cache = PagedCache(self._vm, max_batch_size, self.context_window,
+                                self.prefill_chunk, runtime.page_size)
         self._offloaded: dict[int, Any] = {}
         self.last_import = ""  # how the last restore/bring_back rebuilt its pages
         self._scheduler = None
         self._tokenizer: TextTokenizer | None = None
+
+    @property
+    def history(self) -> dict[int, list[int]]:
+        """Token ids in each live sequence's cache (save files, repetition penalty, chat)."""
+        return self.cache.history
 
     # -- tokenizer ---------------------------------------------------------------------------
     @property
@@ -123,34 +101,19 @@ class Engine:
 
     def _embed(self, ids: np.ndarray, shape: list[int]):
         tensor = self._tvm.runtime.tensor(ids, self._device)
-        embedded = self._vm["embed"](tensor, self._params)
-        return self._kv_builtins.reshape(embedded, self._shape([*shape, self.config.hidden_size]))
+        embedded = self._vm[abi.EMBED](tensor, self._params)
+        return self._reshape(embedded, self._shape([*shape, self.config.hidden_size]))
 
-    def _forward(self, function: str, seq_ids: list[int], lengths: list[int], *args) -> np.ndarray:
-        b = self._kv_builtins
-        b.begin_forward(self.kv_cache, self._shape(seq_ids), self._shape(lengths))
-        try:
-            out = self._vm[function](*args, self.kv_cache, self._params)
-        except BaseException:
-            # begin_forward already lengthened the sequences: undo it, so an interrupted
-            # step (Ctrl-C in chat) leaves the cache matching `history`.
-            b.end_forward(self.kv_cache)
-            for seq, length in zip(seq_ids, lengths, strict=True):
-                if seq in self.history and int(b.sequence_length(self.kv_cache, seq)) > \
-                        len(self.history[seq]):
-                    b.popn(self.kv_cache, seq, length)
-            raise
-        b.end_forward(self.kv_cache)
+    def _forward(self, function: str, seqs: list[int], tokens: list, *args) -> np.ndarray:
+        """Run entry `function`, appending `tokens[i]` to `seqs[i]`; its first output."""
+        with self.cache.forward(seqs, tokens):
+            out = self._vm[function](*args, self.cache.handle, self._params)
         return self._vm.first_output(out)
 
     def new_sequence(self) -> int:
-        seq = next(self._sequence_ids)
-        self._add_sequence(seq)
+        seq = self.cache.new_id()
+        self.cache.add(seq)
         return seq
-
-    def _add_sequence(self, seq: int) -> None:
-        self._kv_builtins.add_sequence(self.kv_cache, seq)
-        self.history[seq] = []
 
     def _check_sequence(self, seq: int) -> None:
         if seq in self._offloaded:
@@ -162,8 +125,7 @@ class Engine:
         if self._offloaded.pop(seq, None) is not None:
             return
         self._check_sequence(seq)
-        self._kv_builtins.remove_sequence(self.kv_cache, seq)
-        del self.history[seq]
+        self.cache.remove(seq)
 
     def fork(self, seq: int, at: int | None = None) -> int:
         """A new sequence holding `seq`'s first `at` tokens (all by default); full pages of
@@ -172,9 +134,8 @@ class Engine:
         length = len(self.history[seq])
         if at is not None and not 0 < at <= length:
             raise UsageError(f"fork position {at} is outside sequence {seq} (1..{length})")
-        child = next(self._sequence_ids)
-        self._kv_builtins.fork_sequence(self.kv_cache, seq, child, -1 if at is None else at)
-        self.history[child] = list(self.history[seq][:at])
+        child = self.cache.new_id()
+        self.cache.fork(seq, child, at)
         return child
 
     def pop(self, seq: int, count: int) -> None:
@@ -183,38 +144,31 @@ class Engine:
         if not 0 <= count <= len(self.history[seq]):
             raise UsageError(f"cannot pop {count} of sequence {seq}'s "
                              f"{len(self.history[seq])} tokens")
-        if count:
-            self._kv_builtins.popn(self.kv_cache, seq, count)
-            del self.history[seq][-count:]
+        self.cache.pop(seq, count)
 
     def available_pages(self) -> int:
         """Free pages of the KV cache (a page holds `page_size` tokens of every layer)."""
-        return int(self._kv_builtins.available_pages(self.kv_cache))
+        return self.cache.available_pages()
 
     # -- save, restore, offload --------------------------------------------------------------
     def export_sequence(self, seq: int):
         """(checkpoint metadata JSON, page groups as numpy arrays, token history) of `seq`."""
-        from fmc.runtime.session import export_pages
-
         self._check_sequence(seq)
-        return export_pages(self, seq)
+        return self.cache.export(seq)
 
     def import_sequence(self, metadata: str, groups: list[np.ndarray],
                         tokens: list[int], seq: int | None = None) -> int:
         """Recreate a sequence from `export_sequence`'s output (as `seq`, or a new id) by
         copying its pages in. TVM 0.27 imports only into an empty cache, so with other live
         sequences the pages are recomputed from the token history instead (one prefill)."""
-        from fmc.runtime.session import import_pages
-
-        seq = next(self._sequence_ids) if seq is None else seq
+        seq = self.cache.new_id() if seq is None else seq
         if self.history:
-            self._add_sequence(seq)
+            self.cache.add(seq)
             if tokens:
                 self.prefill(seq, list(tokens))
             self.last_import = "recomputed"
         else:
-            import_pages(self, seq, metadata, groups)
-            self.history[seq] = list(tokens)
+            self.cache.import_pages(seq, metadata, groups, tokens)
             self.last_import = "copied"
         return seq
 
@@ -230,7 +184,11 @@ class Engine:
         from fmc.runtime.session import read_session
 
         metadata, groups, tokens, extra = read_session(self, Path(path))
-        return self.import_sequence(metadata, groups, tokens), extra
+        try:
+            return self.import_sequence(metadata, groups, tokens), extra
+        except (RuntimeError, ArtifactError) as exc:  # TVM's errors are RuntimeErrors
+            detail = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+            raise ArtifactError(f"{path}: the saved KV state does not load ({detail})") from None
 
     def offload(self, seq: int) -> None:
         """Move `seq`'s KV pages to host memory, freeing them in the cache; `bring_back`
@@ -246,7 +204,7 @@ class Engine:
         self.import_sequence(metadata, groups, tokens, seq)
 
     def sequence_length(self, seq: int) -> int:
-        return int(self._kv_builtins.sequence_length(self.kv_cache, seq))
+        return self.cache.length(seq)
 
     def check_prompt(self, ids: list[int], what: str = "the prompt", room: int = 0) -> None:
         """A prompt must fit the context window, with `room` tokens to spare."""
@@ -268,8 +226,7 @@ class Engine:
         self._check_room(seq, len(array))
         logits = None
         for _, chunk, embedded in self._embedded_chunks(array):
-            logits = self._forward("prefill", [seq], [len(chunk)], embedded)
-            self.history[seq].extend(int(t) for t in chunk)
+            logits = self._forward(abi.PREFILL, [seq], [chunk], embedded)
         return logits[0, -1]
 
     def _embedded_chunks(self, array: np.ndarray):
@@ -283,9 +240,7 @@ class Engine:
         array = self._check_ids([token])
         self._check_room(seq, 1)
         embedded = self._embed(array, [1, 1])
-        logits = self._forward("decode", [seq], [1], embedded)[0, -1]
-        self.history[seq].append(int(token))
-        return logits
+        return self._forward(abi.DECODE, [seq], [array], embedded)[0, -1]
 
     def decode_batch(self, seqs: list[int], tokens: list[int]) -> np.ndarray:
         """One decode step for several sequences at once → logits [len(seqs), vocab]."""
@@ -300,10 +255,8 @@ class Engine:
         for seq in seqs:
             self._check_room(seq, 1)
         embedded = self._embed(array, [len(seqs), 1])
-        logits = self._forward("batch_decode", list(seqs), [1] * len(seqs), embedded)[:, -1]
-        for seq, token in zip(seqs, tokens, strict=True):
-            self.history[seq].append(int(token))
-        return logits
+        return self._forward(abi.BATCH_DECODE, list(seqs), [[t] for t in array],
+                             embedded)[:, -1]
 
     def prefill_batch(self, seqs: list[int], prompts: list[list[int]]) -> np.ndarray:
         """Append each prompt to its sequence in packed forward passes (up to a prefill
@@ -336,10 +289,9 @@ class Engine:
         positions = np.cumsum(lengths) - 1
         index = self._tvm.runtime.tensor(positions.astype(np.int32), self._device)
         embedded = self._embed(packed, [1, len(packed)])
-        logits = self._forward("batch_prefill", list(seqs), lengths, embedded, index)[0]
-        for row, seq, array, result in zip(rows, seqs, arrays, logits, strict=True):
+        logits = self._forward(abi.BATCH_PREFILL, list(seqs), arrays, embedded, index)[0]
+        for row, result in zip(rows, logits, strict=True):
             out[row] = result
-            self.history[seq].extend(int(t) for t in array)
 
     def logits(self, token_ids: list[int], positions: list[int] | None = None) -> np.ndarray:
         """Logits after each of `token_ids` [n, vocab] in a fresh sequence, or only at
@@ -358,7 +310,7 @@ class Engine:
                 if not keep:  # still run the chunk (later chunks attend to it), discard logits
                     local = np.array([len(chunk) - 1])
                 index = self._tvm.runtime.tensor(local.astype(np.int32), self._device)
-                out = self._forward("batch_prefill", [seq], [len(chunk)], embedded, index)[0]
+                out = self._forward(abi.BATCH_PREFILL, [seq], [chunk], embedded, index)[0]
                 if keep:
                     parts.append(out)
         finally:
@@ -369,10 +321,8 @@ class Engine:
     def layer_outputs(self, token_ids: list[int]) -> np.ndarray:
         """[layers + 2, n, hidden]: the embeddings, every decoder layer's output and the
         final norm's for `token_ids` in a fresh sequence (artifacts built --debug-layers)."""
-        from fmc.frontend.llama_model import DEBUG_ENTRY
-
-        if DEBUG_ENTRY not in self.manifest.get("entry_functions", []):
-            raise UsageError(f"{self.path}: built without --debug-layers (no {DEBUG_ENTRY} "
+        if abi.DEBUG_ENTRY not in self.manifest.entry_functions:
+            raise UsageError(f"{self.path}: built without --debug-layers (no {abi.DEBUG_ENTRY} "
                              "entry); recompile with it to compare layers")
         array = self._check_ids(token_ids)
         if len(array) > self.prefill_chunk:
@@ -382,7 +332,7 @@ class Engine:
         try:
             self._check_room(seq, len(array))
             embedded = self._embed(array, [1, len(array)])
-            return self._forward(DEBUG_ENTRY, [seq], [len(array)], embedded)
+            return self._forward(abi.DEBUG_ENTRY, [seq], [array], embedded)
         finally:
             self.remove(seq)
 

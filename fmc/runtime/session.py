@@ -1,10 +1,9 @@
-"""A sequence's KV state outside the cache: host arrays (offload) and session files (save,
-restore, `fmc chat --session`).
+"""Session files: a sequence's KV state on disk (save, restore, `fmc chat --session`).
 
-TVM's paged KV cache exports a sequence as page groups (one per layer: [1, pages, 2,
-kv_heads, page_size, head_dim] holding the rotated keys and the values) plus a JSON
-description, and imports them into a new sequence (a tensor-parallel engine: every rank's
-groups, stacked along a leading axis). A session file is a safetensors file:
+The pages come from `PagedCache.export` (fmc.runtime.kv_cache): page groups, one per layer
+([1, pages, 2, kv_heads, page_size, head_dim] holding the rotated keys and the values; a
+tensor-parallel engine's stacked along a leading rank axis) plus TVM's JSON description.
+A session file is a safetensors file:
 the groups as tensors `group.N`, and in its metadata the format and version, the artifact it
 belongs to (library and weight hashes, ABI), the cache's JSON description, the token history
 and any extra JSON (chat messages). Loading checks all of it before touching the cache."""
@@ -18,60 +17,22 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fmc.artifacts.manifest import ABI_VERSION
+from fmc.artifacts.abi import ABI_VERSION
+from fmc.artifacts.manifest import Manifest
 from fmc.errors import ArtifactError, InputError
 
 if TYPE_CHECKING:
     from fmc.runtime.engine import Engine
-
-# TVM 0.27 checkpoints only sequence id 0; the engine never hands it out and moves a
-# sequence through it with a fork (which shares pages instead of copying them).
-CHECKPOINT_SEQ = 0
 
 FORMAT = "fmc-session"
 VERSION = 1
 SUFFIX = ".fmcs"
 
 
-def artifact_identity(manifest: dict[str, Any]) -> str:
+def artifact_identity(manifest: Manifest) -> str:
     """What a saved KV state is only valid for: this library and these weights."""
-    parts = [manifest["library"]["sha256"], *(s["sha256"] for s in manifest["weights"]["shards"])]
+    parts = [entry.sha256 for entry in manifest.files]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
-
-
-def export_pages(engine: Engine, seq: int) -> tuple[str, list[np.ndarray], list[int]]:
-    b = engine._kv_builtins
-    buffers = engine._vm  # device tensors to and from the host, one per rank if sharded
-    b.fork_sequence(engine.kv_cache, seq, CHECKPOINT_SEQ, -1)
-    try:
-        metadata = str(b.checkpoint_metadata(engine.kv_cache, CHECKPOINT_SEQ))
-        groups = []
-        for group in json.loads(metadata)["groups"]:
-            out = buffers.empty(group["shape"], group["dtype"])
-            b.export_page_group(engine.kv_cache, CHECKPOINT_SEQ, group["group_index"], out)
-            groups.append(buffers.to_host(out))
-    finally:
-        b.remove_sequence(engine.kv_cache, CHECKPOINT_SEQ)
-    return metadata, groups, list(engine.history[seq])
-
-
-def import_pages(engine: Engine, seq: int, metadata: str, groups: list[np.ndarray]) -> None:
-    b = engine._kv_builtins
-    buffers = engine._vm
-    described = json.loads(metadata)["groups"]
-    if len(described) != len(groups) or any(
-            list(g.shape) != buffers.host_shape(d["shape"]) or str(g.dtype) != d["dtype"]
-            for g, d in zip(groups, described, strict=False)):
-        raise ArtifactError("the saved KV pages do not match their description")
-    b.prepare_import(engine.kv_cache, CHECKPOINT_SEQ, metadata)
-    try:
-        for group, array in zip(described, groups, strict=True):
-            b.import_page_group(engine.kv_cache, CHECKPOINT_SEQ, group["group_index"],
-                                buffers.from_host(array))
-        b.finish_import(engine.kv_cache, CHECKPOINT_SEQ)
-        b.fork_sequence(engine.kv_cache, CHECKPOINT_SEQ, seq, -1)
-    finally:
-        b.remove_sequence(engine.kv_cache, CHECKPOINT_SEQ)
 
 
 def write_session(engine: Engine, seq: int, path: Path, extra: dict[str, Any]) -> None:
@@ -92,8 +53,20 @@ def write_session(engine: Engine, seq: int, path: Path, extra: dict[str, Any]) -
         temp.unlink(missing_ok=True)
 
 
+def _page_groups(description: object) -> int:
+    """How many page groups a KV-cache description (TVM's export JSON) lists, after checking
+    the fields fmc reads from it."""
+    groups = description["groups"] if isinstance(description, dict) else None
+    if not isinstance(groups, list) or not all(
+            isinstance(g, dict) and isinstance(g.get("shape"), list)
+            and all(type(d) is int for d in g["shape"]) and isinstance(g.get("dtype"), str)
+            and type(g.get("group_index")) is int for g in groups):
+        raise ValueError("kv_cache must describe its page groups (shape, dtype, group_index)")
+    return len(groups)
+
+
 def read_session(engine: Engine, path: Path) -> tuple[str, list[np.ndarray], list[int], dict]:
-    from fmc.frontend.safetensors_reader import SafetensorsFile
+    from fmc.artifacts.safetensors_reader import SafetensorsFile
 
     if not path.is_file():
         raise InputError(f"{path}: no such session file")
@@ -116,9 +89,17 @@ def read_session(engine: Engine, path: Path) -> tuple[str, list[np.ndarray], lis
             tokens = json.loads(header["tokens"])
             extra = json.loads(header.get("extra", "{}"))
             metadata = header["kv_cache"]
-            count = len(json.loads(metadata)["groups"])
+            count = _page_groups(json.loads(metadata))
         except (KeyError, ValueError, TypeError) as exc:
             raise ArtifactError(f"{path}: corrupt session metadata ({exc})") from None
+        vocab = engine.manifest.model.vocab_size
+        if not isinstance(tokens, list) or not all(
+                type(t) is int and 0 <= t < vocab for t in tokens):
+            raise ArtifactError(f"{path}: corrupt session metadata (tokens must be a list of "
+                                f"token ids below {vocab})")
+        if not isinstance(extra, dict):
+            raise ArtifactError(f"{path}: corrupt session metadata (extra must be a JSON "
+                                "object)")
         try:
             groups = [file.load(f"group.{i}") for i in range(count)]
         except (KeyError, InputError) as exc:

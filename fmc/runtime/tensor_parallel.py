@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from fmc.artifacts.manifest import Manifest
 from fmc.errors import ArtifactError, UsageError
 
 REDUCE_SUM = 0  # Disco's ReduceKind::kSum
@@ -37,14 +38,13 @@ def _worker_id() -> int:
 
 def _load_rank_params(artifact: str, manifest_json: str) -> list:
     """Runs in a worker: its rank's weights onto its device (registered in each worker)."""
-    import json
-
     import tvm
 
     from fmc.runtime.artifact import load_params
 
     device = tvm.get_global_func("runtime.disco.device")()
-    return load_params(Path(artifact), json.loads(manifest_json), device, _worker_id())
+    return load_params(Path(artifact), Manifest.from_json(manifest_json), device,
+                       _worker_id())
 
 
 def _register_loader() -> None:
@@ -174,16 +174,14 @@ class _Remote:
 
 
 class DiscoRanks:
-    """A Disco session over N ranks with the interface of `fmc.runtime.artifact.LocalVM`:
+    """A Disco session over N ranks as an `Executor` (fmc.runtime.executor):
     `ranks["prefill"](*args)` calls `prefill` on every worker, host tensors are broadcast,
     remote values (parameters, KV caches, intermediate tensors) stay on the workers."""
 
-    def __init__(self, artifact: Path, manifest: dict[str, Any], device):
-        import json
-
+    def __init__(self, artifact: Path, manifest: Manifest, device):
         import tvm
 
-        self.ranks = int(manifest["tensor_parallel"]["ranks"])
+        self.ranks = manifest.ranks
         on_cpu = device.dlpack_device_type() == tvm.cpu().dlpack_device_type()
         ccl = None if on_cpu else \
             "nccl" if device.dlpack_device_type() == tvm.cuda().dlpack_device_type() else "rccl"
@@ -201,11 +199,11 @@ class DiscoRanks:
         else:  # GPUs: worker r on device r, NCCL (CUDA) or RCCL (ROCm) between them
             self.session.init_ccl(ccl, *range(self.ranks))
             placement = None  # each worker's own device, set by init_ccl
-        library = artifact / manifest["library"]["file"]
+        library = artifact / manifest.library.file
         self._placement = placement
         self.module = self.session.load_vm_module(str(library), placement)
         self.params = self.session.call_packed(self.session.get_global_func(LOAD_RANK_PARAMS),
-                                               str(artifact), json.dumps(manifest))
+                                               str(artifact), manifest.to_json())
         self._globals: dict[str, Any] = {}
         self._tuple_getitem = self.session.get_global_func("vm.builtin.tuple_getitem")
         # Closed when collected or at exit, whichever comes first: a worker still busy when

@@ -37,7 +37,10 @@ def default_threads() -> int:
 
 
 def configure_threads(threads: int | None = None) -> int:
-    """Size TVM's thread pool; returns the count in use."""
+    """Size TVM's thread pool; returns the count in use. TVM_NUM_THREADS stays set for the
+    process: TVM reads it again after the pool is sized, and putting it back right after
+    left the kernels on one thread (`fmc bench --threads 2` ran at `--threads 1`'s speed,
+    measured 2026-12-05)."""
     import tvm
 
     if threads is None:

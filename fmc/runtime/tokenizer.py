@@ -15,7 +15,12 @@ class TextTokenizer:
         if not path.is_file():
             raise ArtifactError(f"{path}: missing; this artifact has no tokenizer (pass token "
                                 "ids through the Python API instead)")
-        self._tokenizer = Tokenizer.from_file(str(path))
+        try:
+            self._tokenizer = Tokenizer.from_file(str(path))
+        except Exception as exc:  # noqa: BLE001 - tokenizers raises its own untyped Exception
+            detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ArtifactError(f"{path}: corrupt ({detail}); recompile the artifact") \
+                from None
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids; chat-template output passes add_special_tokens=False (the template

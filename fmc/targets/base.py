@@ -7,6 +7,8 @@ import os
 import re
 import shutil
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,9 +80,17 @@ class Target:
     # Store quantized weights row-interleaved in blocks of this many rows (fmc.quant.layout)
     # for kernels that give each SIMD lane a row; None keeps the schemes' row-major layout.
     row_block: int | None = None
+    # `--target-json`: kernels are compiled for exactly this `tvm.target.Target` (set by
+    # `registry.from_json`); None: the target's own (`default_tvm_target`).
+    exact_tvm_target = None
 
     def tvm_target(self):
         """The `tvm.target.Target` kernels are compiled for."""
+        exact = self.exact_tvm_target
+        return exact if exact is not None else self.default_tvm_target()
+
+    def default_tvm_target(self):
+        """This target's own `tvm.target.Target` (its family, variant and limits)."""
         raise NotImplementedError
 
     def compute_dtype(self, preferred: str) -> str:
@@ -106,9 +116,12 @@ class Target:
         (e.g. a fusion whose kernels the target's schedules cannot handle yet)."""
         return {}
 
-    def prepare(self) -> None:
-        """Set up process-wide state the build needs (runtime libraries, compiler hooks);
-        called once before the IR phases."""
+    @contextmanager
+    def codegen_hooks(self) -> Iterator[None]:
+        """TVM's process-wide hooks this target's code generation needs (an intrinsic
+        lowering, a codegen callback), installed for the `with` block around `relax.build`
+        and put back as they were after: a compile for one target never changes another."""
+        yield
 
     def validate(self, library: Path, executable) -> dict:
         """Check the built library (and the executable it came from) as far as this machine
@@ -128,8 +141,10 @@ class Target:
         """Write the compiled library to `path`."""
         executable.export_library(str(path))
 
-    def device(self):
-        """The TVM device the runtime runs this target's artifacts on, or None."""
+    def runtime_status(self) -> dict | None:
+        """For `fmc doctor` / `fmc targets`: whether this machine can run the target's
+        artifacts ({"ready", "problem", …}), found without building anything; None when
+        nothing beyond the toolchain is worth reporting."""
         return None
 
     def describe(self) -> dict:
@@ -157,6 +172,28 @@ class DlightGPUTarget(Target):
         from fmc.lowering.passes.schedule_gpu import DLIGHT_UNSUPPORTED_PASSES
 
         return dict(DLIGHT_UNSUPPORTED_PASSES)
+
+    def build_options(self) -> dict:
+        from fmc.targets.tir_pipeline import gpu_tir_pipeline
+
+        return {"tir_pipeline": gpu_tir_pipeline()}
+
+
+@contextmanager
+def global_func(name: str, function) -> Iterator[None]:
+    """TVM global `name` is `function` inside the block, and whatever it was (or nothing)
+    after: TVM's codegen looks its callbacks up by name in one process-wide table."""
+    import tvm_ffi
+
+    previous = tvm_ffi.get_global_func(name, allow_missing=True)
+    tvm_ffi.register_global_func(name, function, override=True)
+    try:
+        yield
+    finally:
+        if previous is None:
+            tvm_ffi.remove_global_func(name)
+        else:
+            tvm_ffi.register_global_func(name, previous, override=True)
 
 
 def _target_json(target) -> dict:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from fmc.errors import ArtifactError, UsageError
@@ -34,7 +36,9 @@ def host_cpu() -> str:
 # How decode GEMVs over 4-bit weights multiply (`--cpu-dot`): "float" decodes the codes to
 # float32; "int8" quantizes the activations to int8 and uses the VNNI integer dot product.
 CPU_DOTS = ("float", "int8")
-VNNI_FEATURE = "avx512vnni"
+# The integer-dot kernels use vpdpbusd (VNNI) and VBMI's byte permutes (vpermb,
+# vpmultishiftqb); Cascade Lake has the first without the second.
+INT8_DOT_FEATURES = ("avx512vnni", "avx512vbmi")
 CPU_DOT_VARIABLE = "FMC_CPU_DOT"  # the default for --cpu-dot (CI pinning exact numerics)
 
 
@@ -58,9 +62,11 @@ class HostCPU(Target):
         self._mcpu = value
 
     def has_vnni(self) -> bool:
+        """Whether the CPU runs the integer-dot kernels: AVX-512 VNNI and VBMI."""
         from tvm.target import codegen
 
-        return bool(codegen.target_has_features(VNNI_FEATURE, self.tvm_target()))
+        return all(codegen.target_has_features(feature, self.tvm_target())
+                   for feature in INT8_DOT_FEATURES)
 
     def configure_dot(self, choice: str | None) -> None:
         """`--cpu-dot`: None takes FMC_CPU_DOT if set, else picks int8 where the CPU has
@@ -74,7 +80,7 @@ class HostCPU(Target):
         if choice not in CPU_DOTS:
             raise UsageError(f"{source} {choice!r}: choose one of {', '.join(CPU_DOTS)}")
         if choice == "int8" and not self.has_vnni():
-            raise UsageError(f"{source} int8 needs AVX-512 VNNI, which LLVM CPU "
+            raise UsageError(f"{source} int8 needs AVX-512 VNNI and VBMI, which LLVM CPU "
                              f"{self.mcpu!r} lacks (use --cpu-dot float)")
         self.dot = choice
 
@@ -86,7 +92,7 @@ class HostCPU(Target):
     def describe_build(self) -> dict:
         return {"cpu_dot": self.dot}
 
-    def tvm_target(self):
+    def default_tvm_target(self):
         import tvm
 
         return tvm.target.Target({"kind": "llvm", "mcpu": self.mcpu})
@@ -112,15 +118,13 @@ class HostCPU(Target):
                 ("attention", "paged decode attention parallel over heads, SIMD over the "
                  "head dimension", ReplaceCPUAttention(self.lanes))]
 
-    def prepare(self) -> None:
+    @contextmanager
+    def codegen_hooks(self) -> Iterator[None]:
         from fmc.targets import fast_exp
 
-        fast_exp.register()
+        with fast_exp.lowering():
+            yield
 
-    def device(self):
-        import tvm
-
-        return tvm.cpu()
 
 
 class CrossCPU(HostCPU):
@@ -136,7 +140,7 @@ class CrossCPU(HostCPU):
         self.triple, self.mcpu, self.machine, self.lanes = CROSS[variant]
         self.description = f"cross-compiled for {variant} ({self.triple}), shared library"
 
-    def tvm_target(self):
+    def default_tvm_target(self):
         import tvm
 
         return tvm.target.Target({"kind": "llvm", "mtriple": self.triple, "mcpu": self.mcpu})
@@ -172,9 +176,6 @@ class CrossCPU(HostCPU):
 
     def describe_build(self) -> dict:
         return {"cross": self.variant, "cpu_dot": self.dot}
-
-    def device(self):
-        return None
 
 
 @register("cpu")

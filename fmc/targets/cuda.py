@@ -1,7 +1,7 @@
 """`cuda`: NVIDIA GPUs. Kernels are scheduled with TVM's dlight GPU rules and compiled ahead of
 time by nvcc into one fatbin holding SASS for every requested architecture plus PTX for the
 newest (forward compatibility), embedded in the shared library: nothing is compiled when the
-artifact loads. Builds on machines without a GPU or driver (fmc/targets/cuda_driver.py).
+artifact loads. Builds on machines without a GPU or driver (fmc/devices/cuda_driver.py).
 
     cuda                      sm_75, sm_80, sm_86, sm_89, sm_90 + compute_90 PTX
     cuda:sm_80,sm_90          the listed architectures + PTX of the newest
@@ -15,10 +15,12 @@ import shutil
 import struct
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from fmc.errors import ArtifactError, UsageError
-from fmc.targets.base import DlightGPUTarget, Target, Tool
+from fmc.targets.base import DlightGPUTarget, Target, Tool, global_func
 from fmc.targets.registry import register
 
 DEFAULT_ARCHS = ("sm_75", "sm_80", "sm_86", "sm_89", "sm_90")
@@ -29,13 +31,41 @@ DEVICE_LIMITS = {"max_shared_memory_per_block": 49152, "max_threads_per_block": 
 
 
 def gencode_flags(archs: tuple[str, ...]) -> list[str]:
-    """nvcc flags: SASS per architecture, and PTX of the newest for later GPUs."""
+    """nvcc flags: SASS per architecture, and PTX for later GPUs.
+
+    nvcc's front end (cicc, about three quarters of a compile) runs once per *virtual*
+    architecture, so the architectures of one major version share the PTX of the oldest of
+    them: `arch=compute_80,code=[sm_80,sm_86,sm_89]`, the form CUDA libraries ship. The SASS
+    is still built per architecture; what the newer minor versions give up is cicc's own
+    choices for them (on the tiny test model one kernel's instruction order). Arch-specific
+    variants (sm_90a) keep their own PTX. The PTX embedded for forward compatibility is the
+    newest group's."""
+    groups: dict[str, list[str]] = {}
+    for arch in sorted(dict.fromkeys(archs), key=_arch_order):
+        number = ARCH.fullmatch(arch).group(1)
+        major = arch if not arch[3:].isdigit() else number[:-1]
+        groups.setdefault(major, []).append(arch)
+    ptx = ptx_architecture(archs)
     flags = []
-    for arch in archs:
-        number = arch[3:]
-        flags += ["-gencode", f"arch=compute_{number},code={arch}"]
-    newest = max(archs, key=lambda a: int(ARCH.fullmatch(a).group(1)))[3:]
-    return flags + ["-gencode", f"arch=compute_{newest},code=compute_{newest}"]
+    for members in groups.values():
+        virtual = members[0][3:]
+        codes = members + ([ptx] if f"compute_{virtual}" == ptx else [])
+        flags += ["-gencode", f"arch=compute_{virtual},code=[{','.join(codes)}]"]
+    return flags
+
+
+def ptx_architecture(archs: tuple[str, ...]) -> str:
+    """The virtual architecture whose PTX the fatbin carries for later GPUs: the newest
+    portable group's (arch-specific PTX such as compute_90a runs nowhere else)."""
+    portable = [arch for arch in archs if arch[3:].isdigit()] or list(archs)
+    newest = max(portable, key=_arch_order)
+    same_major = [a for a in portable if a[3:].isdigit() == newest[3:].isdigit()
+                  and ARCH.fullmatch(a).group(1)[:-1] == ARCH.fullmatch(newest).group(1)[:-1]]
+    return f"compute_{min(same_major, key=_arch_order)[3:]}"
+
+
+def _arch_order(arch: str) -> tuple[int, str]:
+    return int(ARCH.fullmatch(arch).group(1)), arch
 
 
 FATBIN_MAGIC = struct.pack("<I", 0xBA55ED50)
@@ -89,7 +119,7 @@ class CUDA(DlightGPUTarget):
     def __init__(self, archs: tuple[str, ...] = DEFAULT_ARCHS):
         self.archs = archs
 
-    def tvm_target(self):
+    def default_tvm_target(self):
         import tvm
 
         # Code generation follows the oldest architecture so that every SASS build is legal;
@@ -98,23 +128,24 @@ class CUDA(DlightGPUTarget):
         return tvm.target.Target({"kind": "cuda", "arch": oldest, **DEVICE_LIMITS},
                                  host={"kind": "llvm", "mtriple": "x86_64-unknown-linux-gnu"})
 
-    def prepare(self) -> None:
-        import tvm_ffi
+    @contextmanager
+    def codegen_hooks(self) -> Iterator[None]:
         from tvm.support import nvcc
 
-        from fmc.targets.cuda_driver import ensure_cuda_runtime
+        from fmc.devices.cuda_driver import ensure_cuda_runtime
 
         ensure_cuda_runtime()
         flags = gencode_flags(self.archs)
 
         def compile_fatbin(code: str) -> bytes:
-            # --threads 0: one nvcc worker per architecture, as many as there are cores
+            # --threads 0: one nvcc worker per virtual and per real architecture, as many as
+            # there are cores
             return nvcc.compile_cuda(code, target_format="fatbin", arch=list(flags),
                                      options=["--threads", "0"], compiler="nvcc")
 
         # TVM's CUDA codegen calls this global once per module with all kernels' source.
-        tvm_ffi.register_global_func("tvm_callback_cuda_compile", compile_fatbin,
-                                     override=True)
+        with global_func("tvm_callback_cuda_compile", compile_fatbin):
+            yield
 
     def validate(self, library: Path, executable=None) -> dict:
         """The library must hold a fatbin (else TVM embedded CUDA source, which would be
@@ -142,19 +173,8 @@ class CUDA(DlightGPUTarget):
         return {"fatbins": len(fatbins), "checked_with": "cuobjdump", **contents}
 
     def describe_build(self) -> dict:
-        newest = gencode_flags(self.archs)[-1].rsplit("=", 1)[1]
-        return {"cuda_archs": list(self.archs), "ptx": newest}
+        return {"cuda_archs": list(self.archs), "ptx": ptx_architecture(self.archs)}
 
-    def device(self):
-        import tvm
-
-        from fmc.targets.cuda_driver import driver_is_stub, ensure_cuda_runtime
-
-        ensure_cuda_runtime()
-        if driver_is_stub():
-            raise ArtifactError("no NVIDIA driver on this machine (libcuda.so.1 not found): "
-                                "CUDA artifacts build here but run only on a GPU machine")
-        return tvm.cuda(0)
 
 
 @register("cuda")

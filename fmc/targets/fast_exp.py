@@ -10,6 +10,8 @@ clamped to ±88.38."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -21,7 +23,11 @@ LN2_HIGH, LN2_LOW = 0.693359375, -2.12194440e-4  # ln 2 = HIGH + LOW; n·HIGH is
 POLYNOMIAL = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2,
               1.6666665459e-1, 5.0000001201e-1)
 
-_registered = False
+# TVM's lowering table is an attribute of the `tirx.exp` op; its own entry has the default
+# priority, which a registration at a higher one overrides.
+LOWERING_ATTR = "llvm.FLowerIntrinsic"
+TVM_LEVEL, FMC_LEVEL = 10, 99
+_depth = 0  # nesting of `lowering()` blocks in this process
 
 
 def fast_exp(x: tirx.PrimExpr) -> tirx.PrimExpr:
@@ -47,17 +53,20 @@ def fast_exp(x: tirx.PrimExpr) -> tirx.PrimExpr:
     return p * two_to_n
 
 
-def register() -> None:
-    """Make every later LLVM build in this process lower float32 `exp` this way (TVM's
-    intrinsic lowering table is process-wide; a registration at a higher level wins). Other
-    dtypes keep TVM's own lowering."""
-    global _registered
-    if _registered:
-        return
+@contextmanager
+def lowering() -> Iterator[None]:
+    """LLVM builds inside the block lower float32 `exp` this way (other dtypes keep TVM's
+    lowering); TVM's own lowering is put back after, so builds outside it — another target's,
+    or a user's `tvm.compile` in the same process — are untouched."""
+    global _depth
     import tvm
     from tvm import tirx
 
-    tvm_lowering = tvm.ir.Op.get("tirx.exp").get_attr("llvm.FLowerIntrinsic")
+    if _depth:  # already in effect (a nested build)
+        yield
+        return
+    op = tvm.ir.Op.get("tirx.exp")
+    tvm_lowering = op.get_attr(LOWERING_ATTR)
 
     def lower_exp(call: tirx.Call) -> tirx.PrimExpr:
         dtype = call.args[0].ty.dtype
@@ -65,5 +74,11 @@ def register() -> None:
             return fast_exp(call.args[0])
         return tvm_lowering(call)
 
-    tirx.register_intrin_lowering("tirx.exp", target="llvm", f=lower_exp, level=99)
-    _registered = True
+    tirx.register_intrin_lowering("tirx.exp", target="llvm", f=lower_exp, level=FMC_LEVEL)
+    _depth += 1
+    try:
+        yield
+    finally:
+        _depth -= 1
+        op.reset_attr(LOWERING_ATTR)
+        op.set_attr(LOWERING_ATTR, tvm_lowering, TVM_LEVEL)

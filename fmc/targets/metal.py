@@ -91,7 +91,7 @@ class Metal(DlightGPUTarget):
                             else "Apple GPU (Metal), iOS arm64 static library")
         self.tools = (LLD if platform == "macos" else LLVM_AR, CLANG, OBJDUMP)
 
-    def tvm_target(self):
+    def default_tvm_target(self):
         import tvm
 
         return tvm.target.Target({"kind": "metal"},
@@ -100,7 +100,7 @@ class Metal(DlightGPUTarget):
     def build_options(self) -> dict:
         # A static library has no loader to look kernels up by symbol: the system library
         # registers them from a static constructor instead.
-        return {"system_lib": self.platform == "ios"}
+        return {**super().build_options(), "system_lib": self.platform == "ios"}
 
     def export(self, executable, path: Path) -> None:
         if self.platform == "macos":
@@ -146,9 +146,6 @@ class Metal(DlightGPUTarget):
     def describe_build(self) -> dict:
         minimum = MACOS_MIN if self.platform == "macos" else IOS_MIN
         return {"platform": self.platform, "min_os": minimum}
-
-    def device(self):
-        return None  # TVM's runtime in this wheel has no Metal device: nothing runs here
 
 
 @register("metal")

@@ -71,6 +71,6 @@ def from_json(text: str) -> Target:
     except Exception as exc:  # TVM reports unknown keys and bad values in its own types
         raise UsageError(f"--target-json: TVM rejects it: {str(exc).splitlines()[-1]}") from None
     target = get(family)
-    target.tvm_target = lambda: tvm_target  # the expert's target, verbatim
+    target.exact_tvm_target = tvm_target  # the expert's target, verbatim
     target.spec = family
     return target

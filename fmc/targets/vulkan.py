@@ -1,17 +1,20 @@
 """`vulkan`: any Vulkan 1.2 GPU, through fmc's own SPIR-V route (the pinned TVM wheel has no
 Vulkan codegen): dlight schedules → lowered device TIR → GLSL (fmc/targets/vulkan_glsl.py) →
 SPIR-V by glslc → TVM's serialised Vulkan module (fmc/targets/vulkan_module.py), embedded in
-the shared library next to the host code, where TVM's Vulkan runtime (built with
-USE_VULKAN=ON) finds its kernels. Verified by running kernels on Mesa's lavapipe."""
+the shared library next to the host code, where TVM's Vulkan runtime finds its kernels:
+fmc's own plugin (fmc/devices/vulkan_runtime.py) on the pinned wheel, or a TVM built with
+USE_VULKAN=ON. Verified by running whole models on Mesa's lavapipe."""
 
 from __future__ import annotations
 
 import subprocess
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from fmc.errors import ArtifactError, UsageError
-from fmc.targets.base import DlightGPUTarget, Target, Tool
+from fmc.targets.base import DlightGPUTarget, Target, Tool, global_func
 from fmc.targets.registry import register
 
 GLSLC = Tool("glslc", "compiling the generated GLSL kernels to SPIR-V", "apt-get install glslc")
@@ -59,18 +62,21 @@ class Vulkan(DlightGPUTarget):
         self.kernels: list = []  # KernelInfo of the last build
         self.shaders: dict = {}  # kernel name → Shader (GLSL, parameters, launch grid)
 
-    def tvm_target(self):
+    def default_tvm_target(self):
         import tvm
 
         return tvm.target.Target({"kind": "vulkan", **TARGET_FEATURES},
                                  host={"kind": "llvm", "mtriple": "x86_64-unknown-linux-gnu"})
 
-    def prepare(self) -> None:
+    @contextmanager
+    def codegen_hooks(self) -> Iterator[None]:
+        """fmc's SPIR-V route as TVM's Vulkan code generator for this build; the kernels
+        it makes are this target's (`kernels`, `shaders`: read by `export` and `validate`),
+        and TVM's generator (none in the wheel) is back after the block."""
         import tvm
-        import tvm_ffi
 
         glslc = GLSLC.require()
-        target = self
+        kernels, shaders = [], {}
 
         def build_vulkan(mod, _target):
             """TVM's codegen hook for device kernels: fmc's SPIR-V, kept for `export`; the
@@ -80,16 +86,17 @@ class Vulkan(DlightGPUTarget):
 
             for gv, func in mod.functions_items():
                 name = str((func.attrs or {}).get("global_symbol", gv.name_hint))
-                shader = target.shaders[name] = emit_shader(name, func)
+                shader = shaders[name] = emit_shader(name, func)
                 spirv = compile_glsl(name, shader.glsl, glslc)
                 arg_types = ["handle" if p.is_buffer else p.dtype for p in shader.params]
-                target.kernels.append(KernelInfo(name, arg_types, shader.launch_params, spirv))
+                kernels.append(KernelInfo(name, arg_types, shader.launch_params, spirv))
             return tvm.get_global_func("runtime.CSourceModuleCreate")("/* fmc: kernels are "
                                                                        "SPIR-V */\n", "c", [],
                                                                        [])
 
-        self.kernels, self.shaders = [], {}
-        tvm_ffi.register_global_func("target.build.vulkan", build_vulkan, override=True)
+        self.kernels, self.shaders = kernels, shaders  # this build's, not an earlier one's
+        with global_func("target.build.vulkan", build_vulkan):
+            yield
 
     def export(self, executable, path: Path) -> None:
         from fmc.targets.vulkan_module import LibraryBlob, c_source, encode_vulkan_module
@@ -120,8 +127,10 @@ class Vulkan(DlightGPUTarget):
             raise ArtifactError(f"{library}: the Vulkan module is missing from the library")
         return {"spirv_kernels": len(self.kernels), "checked_with": f"spirv-val {SPIRV_ENV}"}
 
-    def device(self):
-        return None  # the pinned wheel has no Vulkan runtime: see docs/targets.md
+    def runtime_status(self) -> dict:
+        from fmc.devices.vulkan_runtime import status
+
+        return status()
 
 
 @register("vulkan")

@@ -62,10 +62,6 @@ class Shader:
     workgroup: tuple[int, int, int]
     # blockIdx extents where constant (None: computed by the host from the shapes)
     grid: tuple[int | None, int | None, int | None] = (1, 1, 1)
-    # For launching a kernel on its own (fmc/targets/vulkan_runner.py): the TIR expressions
-    # of the blockIdx extents, and each buffer parameter's declared (flat) shape.
-    grid_exprs: tuple = (1, 1, 1)
-    buffer_shapes: dict = field(default_factory=dict)
 
 
 def glsl_type(dtype) -> str:
@@ -127,9 +123,6 @@ class GLSLEmitter:
     extensions: set = field(default_factory=set)
     thread_extents: dict = field(default_factory=dict)
     block_extents: dict = field(default_factory=dict)
-    block_exprs: dict = field(default_factory=dict)
-    param_names: dict = field(default_factory=dict)  # data Var → parameter name
-    decl_shapes: dict = field(default_factory=dict)  # parameter name → shape expressions
     helpers: dict = field(default_factory=dict)
     lets: dict = field(default_factory=dict)  # Let-expression Var → emitted value
 
@@ -384,8 +377,6 @@ class GLSLEmitter:
         merged = source.offset if extra is None else \
             (extra if source.offset is None else f"({source.offset} + {extra})")
         self.storage[key(buffer)] = self.buffer_names[buffer.name] = _Storage(source.expr, merged)
-        if key(data) in self.param_names:
-            self.decl_shapes[self.param_names[key(data)]] = list(buffer.shape)
         return []
 
     def _s_AllocBuffer(self, node, indent):
@@ -420,7 +411,6 @@ class GLSLEmitter:
                 self.thread_extents[axis] = constant
             else:
                 self.block_extents[axis] = constant
-                self.block_exprs[axis] = node.value
             name = self.declare(iter_var.var)
             line = f"{self.use_type(var_dtype(iter_var.var))} {name} = " \
                    f"{self.use_type(var_dtype(iter_var.var))}({THREAD_BUILTINS[family]}.{axis});"
@@ -503,7 +493,6 @@ def emit_shader(name: str, func) -> Shader:
             declarations.append(f"layout(std430, set = 0, binding = {binding}) restrict buffer "
                                 f"B{binding} {{ {storage_type} v[]; }} {block};")
             emitter.storage[key(param)] = _Storage(f"{block}.v")
-            emitter.param_names[key(param)] = param.name
             params.append(ShaderParam(param.name, dtype, True))
         else:
             dtype = str(ty.dtype)
@@ -534,6 +523,4 @@ def emit_shader(name: str, func) -> Shader:
     lines += list(emitter.helpers.values())
     lines += ["void main() {", *body, "}"]
     grid = tuple(emitter.block_extents.get(axis, 1) for axis in "xyz")
-    grid_exprs = tuple(emitter.block_exprs.get(axis, 1) for axis in "xyz")
-    return Shader(name, "\n".join(lines) + "\n", params, launch, workgroup, grid, grid_exprs,
-                  emitter.decl_shapes)
+    return Shader(name, "\n".join(lines) + "\n", params, launch, workgroup, grid)

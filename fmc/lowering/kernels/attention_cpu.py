@@ -8,7 +8,18 @@ empty sequence gives the same output), so the cache's C++ side calls it unchange
 
 fmc builds its caches with RoPE applied before the append (`RopeMode.NORMAL`), so the cache
 never asks for inline RoPE here (`rotary_mode` 1); the kernel asserts that instead of
-carrying a second, scalar code path."""
+carrying a second, scalar code path.
+
+Two options a model may ask for (gemma2/gemma3, `fmc.frontend.gemma_model`), compiled into
+the kernels: `softcap` — attention-logit soft-capping, scores become cap·tanh(score / cap)
+before the softmax; `window` — sliding-window attention: a query at position p sees keys at
+positions > p − window. The window applies to the calls whose `sm_scale` is negative (the
+sliding layers pass −scale): `sm_scale` is the one per-layer value the cache's C++ side hands
+its kernels unchanged, and with every layer of kind "mha" the cache passes each key block's
+true start position (`k_rope_pos_offset`) and each query's position (`q_rope_position`), so
+the window is exact whatever the block tree (forks) and the prefill chunking. (TVM's own
+per-layer window, attention kind "mha_sliding", is not used: it cuts each block-tree depth to
+its own last `window` keys and leaves the new tokens of a prefill chunk unwindowed.)"""
 
 from __future__ import annotations
 
@@ -27,13 +38,25 @@ KEYS_PER_STEP = 16  # keys scored per online-softmax update in prefill
 LOG2E = math.log2(math.e)
 
 
-def _attention_steps(head_dim: int, lanes: int, dtype: str):
+def _attention_steps(head_dim: int, lanes: int, dtype: str, softcap: float = 0.0):
     """TVMScript macros the kernels share: one (query, head) pair's online softmax in the log2
     domain. Keys and values come through accessors (`key(r, d)`, `value(r, d)`), so the same
-    steps read cache pages or ragged new-token rows. `state` holds m, d, new m, rescale."""
+    steps read cache pages or ragged new-token rows. `state` holds m, d, new m, rescale.
+    With `softcap`, q carries the plain scale and each score becomes cap·tanh(s / cap)·log2(e)
+    (`q_scale` gives the factor to fold into q for either)."""
     chunks = head_dim // lanes
 
     # fmt: off
+    if softcap:
+        @T.macro
+        def cap(scores, count):
+            for r in T.serial(count):
+                scores[r] = T.float32(softcap * LOG2E) * T.tanh(scores[r] * T.float32(1 / softcap))
+    else:
+        @T.macro
+        def cap(scores, count):
+            T.evaluate(0)
+
     @T.macro
     def begin(q_local, o_local, state, query, scale):
         state[0] = T.float32(-5e4)  # TVM's initial state: an empty sequence gives 0, lse -5e4
@@ -57,6 +80,7 @@ def _attention_steps(head_dim: int, lanes: int, dtype: str):
             scores[r] = T.float32(0)
             for lane in T.serial(lanes):
                 scores[r] = scores[r] + acc[lane]
+        cap(scores, count)
         state[2] = state[0]
         for r in T.serial(count):
             state[2] = T.max(state[2], scores[r])
@@ -77,15 +101,31 @@ def _attention_steps(head_dim: int, lanes: int, dtype: str):
             output[row, head, d] = T.Cast(dtype, o_local[d] / state[1])
         lse[row, head] = state[0] + T.log2(state[1])
     # fmt: on
-    return begin, attend, finish
+
+    def q_scale(sm_scale):
+        """What q is multiplied by: |sm_scale| (its sign flags a sliding layer), times log2(e)
+        unless the soft-cap applies it after the tanh."""
+        return T.max(sm_scale, -sm_scale) * T.float32(1.0 if softcap else LOG2E)
+
+    return begin, attend, finish, q_scale
+
+
+def _first_visible(window: int, sm_scale, q_position, k_start):
+    """Index, among keys starting at position `k_start`, of the first key a query at
+    `q_position` sees: 0 without a window or on a layer that does not slide (sm_scale ≥ 0)."""
+    if not window:
+        return 0
+    return T.if_then_else(sm_scale < T.float32(0),
+                          T.max(q_position - k_start - (window - 1), 0), 0)
 
 
 def decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: str,
-                     page_size: int = 16, lanes: int = 16):
+                     page_size: int = 16, lanes: int = 16, softcap: float = 0.0,
+                     window: int = 0):
     H_qo, H_kv, D = num_qo_heads, num_kv_heads, head_dim
     group = H_qo // H_kv
     lanes = math.gcd(lanes, D)
-    begin, attend, finish = _attention_steps(D, lanes, dtype)
+    begin, attend, finish, q_scale = _attention_steps(D, lanes, dtype, softcap)
 
     # fmt: off
     @T.prim_func(s_tir=True)
@@ -112,9 +152,11 @@ def decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype:
         page_table_values = T.match_buffer(page_table_values_handle, (nnz_pages,), "int32",
                                            elem_offset=values_offset)
         last_page_len = T.match_buffer(var_length_info, (B,), "int32", elem_offset=length_offset)
-        # RoPE positions: part of the cache's calling convention, unused without inline RoPE.
-        T.match_buffer(k_rope_pos_offset_handle, (B,), "int32", elem_offset=k_rope_offset)
-        T.match_buffer(q_rope_position_handle, (B,), "int32", elem_offset=q_rope_offset)
+        # Positions: of each sequence's first cached key and of its query (the window).
+        k_start = T.match_buffer(k_rope_pos_offset_handle, (B,), "int32",
+                                 elem_offset=k_rope_offset)
+        q_position = T.match_buffer(q_rope_position_handle, (B,), "int32",
+                                    elem_offset=q_rope_offset)
         output = T.match_buffer(output_handle, (B, H_qo, D), dtype)
         lse = T.match_buffer(lse_handle, (B, H_qo), "float32")
 
@@ -135,21 +177,23 @@ def decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype:
                 kv: T.let[T.int32] = h // group
                 first: T.let[T.int32] = page_table_indptr[b]
                 num_pages: T.let[T.int32] = page_table_indptr[b + 1] - first
-                begin(q_local, o_local, state, lambda d: Q[b, h, d], sm_scale * LOG2E)
-                for p in T.serial(num_pages):
+                skip: T.let[T.int32] = _first_visible(window, sm_scale, q_position[b], k_start[b])
+                begin(q_local, o_local, state, lambda d: Q[b, h, d], q_scale(sm_scale))
+                for p in T.serial(skip // page_size, num_pages):
                     page: T.let[T.int32] = page_table_values[first + p]
                     rows: T.let[T.int32] = T.if_then_else(p == num_pages - 1,
                                                           last_page_len[b], page_size)
-                    attend(q_local, o_local, acc, scores, state, rows,
-                           lambda r, d: pages[page, 0, kv, r, d],
-                           lambda r, d: pages[page, 1, kv, r, d])
+                    low: T.let[T.int32] = T.max(skip - p * page_size, 0)
+                    attend(q_local, o_local, acc, scores, state, rows - low,
+                           lambda r, d: pages[page, 0, kv, low + r, d],
+                           lambda r, d: pages[page, 1, kv, low + r, d])
                 finish(o_local, state, output, lse, b, h)
     # fmt: on
     return batch_decode_paged_kv
 
 
 def ragged_prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int,
-                             dtype: str, lanes: int = 16):
+                             dtype: str, lanes: int = 16, softcap: float = 0.0, window: int = 0):
     """Self-attention of the new tokens of each sequence (q, k, v ragged by indptr), causal
     or not: TVM's `_attention_prefill_ragged_cpu` semantics (masked scores are -5e4·scale,
     so they add exactly 0), parallel over (query token, head) within a sequence, keys in
@@ -158,7 +202,7 @@ def ragged_prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int
     group = H_qo // H_kv
     lanes = math.gcd(lanes, D)
     step = KEYS_PER_STEP
-    begin, attend, finish = _attention_steps(D, lanes, dtype)
+    begin, attend, finish, q_scale = _attention_steps(D, lanes, dtype, softcap)
 
     # fmt: off
     @T.prim_func(s_tir=True)
@@ -184,10 +228,11 @@ def ragged_prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int
         v = T.match_buffer(var_v, (kv_len, H_kv, D), dtype)
         kv_indptr = T.match_buffer(var_kv_indptr, (batch_size + 1,), "int32",
                                    elem_offset=kv_indptr_offset)
-        # RoPE positions: part of the cache's calling convention, unused without inline RoPE.
-        T.match_buffer(var_q_rope_position, (qo_len,), "int32", elem_offset=q_rope_offset)
-        T.match_buffer(var_k_rope_pos_offset, (batch_size,), "int32",
-                       elem_offset=k_rope_offset)
+        # Positions: of each query, and of each sequence's first new key (the window).
+        q_position = T.match_buffer(var_q_rope_position, (qo_len,), "int32",
+                                    elem_offset=q_rope_offset)
+        k_start = T.match_buffer(var_k_rope_pos_offset, (batch_size,), "int32",
+                                 elem_offset=k_rope_offset)
         output = T.match_buffer(var_output, (qo_len, H_qo, D), dtype)
         lse = T.match_buffer(var_lse, (qo_len, H_qo), "float32")
 
@@ -206,18 +251,20 @@ def ragged_prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int
                     h: T.let[T.int32] = qh % H_qo
                     kv: T.let[T.int32] = h // group
                     q_start: T.let[T.int32] = q_indptr[b]
-                    k_start: T.let[T.int32] = kv_indptr[b]
+                    kv_start: T.let[T.int32] = kv_indptr[b]
                     q_count: T.let[T.int32] = q_indptr[b + 1] - q_start
-                    k_count: T.let[T.int32] = kv_indptr[b + 1] - k_start
+                    k_count: T.let[T.int32] = kv_indptr[b + 1] - kv_start
                     # Keys this query sees: all, or (causal) up to its own position.
                     visible: T.let[T.int32] = T.if_then_else(
                         causal > 0, T.min(k_count - q_count + row + 1, k_count), k_count)
+                    skip: T.let[T.int32] = _first_visible(window, sm_scale,
+                                                          q_position[q_start + row], k_start[b])
                     begin(q_local, o_local, state, lambda d: q[q_start + row, h, d],
-                          sm_scale * LOG2E)
-                    for start in T.serial((visible + step - 1) // step):
-                        first_key: T.let[T.int32] = k_start + start * step
+                          q_scale(sm_scale))
+                    for start in T.serial((visible - skip + step - 1) // step):
+                        first_key: T.let[T.int32] = kv_start + skip + start * step
                         attend(q_local, o_local, acc, scores, state,
-                               T.min(step, visible - start * step),
+                               T.min(step, visible - skip - start * step),
                                lambda r, d: k[first_key + r, kv, d],
                                lambda r, d: v[first_key + r, kv, d])
                     finish(o_local, state, output, lse, q_start + row, h)
@@ -226,7 +273,8 @@ def ragged_prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int
 
 
 def paged_prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: str,
-                            page_size: int = 16, lanes: int = 16):
+                            page_size: int = 16, lanes: int = 16, softcap: float = 0.0,
+                            window: int = 0):
     """New tokens (q ragged by indptr) attending to a sequence's cached pages: the part of a
     chunked prefill or a later chat turn before the new tokens' own keys (which the ragged
     kernel covers; the cache merges both by lse). Causal: query i of n new tokens sees the
@@ -237,7 +285,7 @@ def paged_prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int,
     H_qo, H_kv, D = num_qo_heads, num_kv_heads, head_dim
     group = H_qo // H_kv
     lanes = math.gcd(lanes, D)
-    begin, attend, finish = _attention_steps(D, lanes, dtype)
+    begin, attend, finish, q_scale = _attention_steps(D, lanes, dtype, softcap)
 
     # fmt: off
     @T.prim_func(s_tir=True)
@@ -269,9 +317,11 @@ def paged_prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int,
                                      elem_offset=page_values_offset)
         last_page_len = T.match_buffer(var_length_info, (batch_size,), "int32",
                                        elem_offset=length_offset)
-        # RoPE positions: part of the cache's calling convention, unused without inline RoPE.
-        T.match_buffer(var_k_rope_pos_offset, (batch_size,), "int32", elem_offset=k_rope_offset)
-        T.match_buffer(var_q_rope_position, (total_len,), "int32", elem_offset=q_rope_offset)
+        # Positions: of each sequence's first cached key and of each query (the window).
+        k_start = T.match_buffer(var_k_rope_pos_offset, (batch_size,), "int32",
+                                 elem_offset=k_rope_offset)
+        q_position = T.match_buffer(var_q_rope_position, (total_len,), "int32",
+                                    elem_offset=q_rope_offset)
         output = T.match_buffer(var_output, (total_len, H_qo, D), dtype)
         lse = T.match_buffer(var_lse, (total_len, H_qo), "float32")
 
@@ -297,14 +347,17 @@ def paged_prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int,
                         num_pages > 0, (num_pages - 1) * page_size + last_page_len[b], 0)
                     visible: T.let[T.int32] = T.if_then_else(
                         causal > 0, T.max(T.min(kv_len - q_count + row + 1, kv_len), 0), kv_len)
+                    skip: T.let[T.int32] = _first_visible(window, sm_scale,
+                                                          q_position[q_start + row], k_start[b])
                     begin(q_local, o_local, state, lambda d: q[q_start + row, h, d],
-                          sm_scale * LOG2E)
-                    for p in T.serial((visible + page_size - 1) // page_size):
+                          q_scale(sm_scale))
+                    for p in T.serial(skip // page_size, (visible + page_size - 1) // page_size):
                         page: T.let[T.int32] = page_values[first + p]
+                        low: T.let[T.int32] = T.max(skip - p * page_size, 0)
                         attend(q_local, o_local, acc, scores, state,
-                               T.min(page_size, visible - p * page_size),
-                               lambda r, d: pages[page, 0, kv, r, d],
-                               lambda r, d: pages[page, 1, kv, r, d])
+                               T.min(page_size, visible - p * page_size) - low,
+                               lambda r, d: pages[page, 0, kv, low + r, d],
+                               lambda r, d: pages[page, 1, kv, low + r, d])
                     finish(o_local, state, output, lse, q_start + row, h)
     # fmt: on
     return batch_prefill_paged_kv_cpu

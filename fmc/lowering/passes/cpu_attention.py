@@ -1,5 +1,9 @@
 """The KV cache's CPU kernels: TVM's decode, ragged-prefill and paged-prefill attention
-swapped for fmc's (fmc/lowering/kernels), TVM's RoPE kernel rescheduled."""
+swapped for fmc's (fmc/lowering/kernels), TVM's RoPE kernel rescheduled.
+
+A model whose attention needs soft-capping or a sliding window puts fmc's kernels in the
+cache itself, with the options as function attributes (`attention_options`); they are
+rebuilt here with the target's SIMD width and the same options, never dropped."""
 
 from __future__ import annotations
 
@@ -14,6 +18,24 @@ from fmc.lowering.kernels.attention_cpu import (
     paged_prefill_attention,
     ragged_prefill_attention,
 )
+
+
+# Function attributes carrying a kernel's attention options (see attention_options).
+SOFTCAP_ATTR, WINDOW_ATTR = "fmc.attention_softcap", "fmc.attention_window"
+
+
+def attention_options(func: tirx.PrimFunc) -> dict:
+    """The soft-cap and window a cache kernel was built with: {} for TVM's own kernels."""
+    attrs = func.attrs or {}
+    softcap, window = attrs.get(SOFTCAP_ATTR), attrs.get(WINDOW_ATTR)
+    if softcap is None and window is None:
+        return {}
+    return {"softcap": float(softcap.value), "window": int(window.value)}
+
+
+def with_attention_options(func: tirx.PrimFunc, softcap: float, window: int) -> tirx.PrimFunc:
+    return (func.with_attr(SOFTCAP_ATTR, tirx.FloatImm("float32", softcap))
+            .with_attr(WINDOW_ATTR, tirx.IntImm("int32", window)))
 
 
 def _buffer_shape(func: tirx.PrimFunc, index: int) -> list:
@@ -40,7 +62,8 @@ def _paged(make, pages_index: int):
         if shapes is None:
             return None
         heads, head_dim, kv_heads, page_size = shapes
-        return make(kv_heads, heads, head_dim, str(func.params[0].ty.dtype), page_size, lanes)
+        return make(kv_heads, heads, head_dim, str(func.params[0].ty.dtype), page_size, lanes,
+                    **attention_options(func))
     return replace
 
 
@@ -52,7 +75,7 @@ def _ragged_prefill(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc | None:
     if None in (heads, head_dim, kv_heads) or v_dim != head_dim:
         return None
     return ragged_prefill_attention(kv_heads, heads, head_dim, str(func.params[0].ty.dtype),
-                                    lanes)
+                                    lanes, **attention_options(func))
 
 
 def _rope(func: tirx.PrimFunc, _lanes: int) -> tirx.PrimFunc | None:
@@ -76,6 +99,27 @@ REPLACEMENTS = {DECODE_SYMBOL: _paged(decode_attention, pages_index=1),
                 RAGGED_PREFILL_SYMBOL: _ragged_prefill, "fused_rope": _rope}
 
 
+ATTENTION_SYMBOLS = (DECODE_SYMBOL, PAGED_PREFILL_SYMBOL, RAGGED_PREFILL_SYMBOL)
+
+
+def put_attention_kernels(builder, softcap: float, window: int, lanes: int = 16) -> None:
+    """Swap the attention kernels a `TIRPagedKVCache` just added to `builder`'s module for
+    fmc's with soft-capping and the sliding window, tagged with those options (the pass
+    below rebuilds them for the target's SIMD width, keeping the options). Called by a
+    model's `create_kv_cache` on the CPU targets, so no pass setting can drop the options."""
+    for gv, func in list(builder.get().functions_items()):
+        if not isinstance(func, tirx.PrimFunc):
+            continue
+        symbol = str((func.attrs or {}).get("global_symbol", ""))
+        if symbol not in ATTENTION_SYMBOLS:
+            continue
+        replacement = REPLACEMENTS[symbol](with_attention_options(func, softcap, window), lanes)
+        if replacement is None:
+            raise ValueError(f"attention kernel {symbol}: symbolic head counts")  # a bug
+        builder.update_func(gv, with_attention_options(replacement, softcap, window)
+                            .with_attr("global_symbol", symbol))
+
+
 @tvm.transform.module_pass(opt_level=0, name="ReplaceCPUAttention")
 class ReplaceCPUAttention:
     """Find the cache's attention kernels (decode, ragged and paged prefill) by their symbols, read
@@ -94,5 +138,8 @@ class ReplaceCPUAttention:
             make = REPLACEMENTS.get(str(symbol)) if symbol is not None else None
             replacement = make(func, self.lanes) if make else None
             if replacement is not None:
+                options = attention_options(func)
+                if options:
+                    replacement = with_attention_options(replacement, **options)
                 mod[gv] = replacement.with_attr("global_symbol", symbol)
         return mod

@@ -2,42 +2,35 @@
 (fmc.lowering.kernels.int8_dot_cpu): int8 activations, `vpdpbusd` over the weights' codes.
 
 A kernel qualifies when it is a matmul — decode (x is [1, 1, K]), prefill ([1, T, K]) or
-batched decode ([B, 1, K]) — over a row-interleaved q4f16, q4f32, q4_0, q4_1, q4k or q8f16
-weight: a single `NT_matmul` block, optionally followed by the residual `T_add` (o_proj's and
-down_proj's epilogue), with the parameters (the scheme's stored arrays, x[, residual], out).
+batched decode ([B, 1, K]) — over a row-interleaved weight of a scheme in SCHEMES: a single
+`NT_matmul` block, optionally followed by the residual `T_add` (o_proj's and down_proj's
+epilogue), with the parameters (the scheme's stored arrays, x[, residual], out).
 Anything else keeps the float kernel. Runs in the fuse phase before the add→norm merge; the
 integer kernels are scheduled by hand and marked so."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import tvm
 from tvm import tirx
 
-from fmc.lowering.kernels.int8_dot_cpu import GROUP, LANES, SUPER, integer_dot
+from fmc.lowering.kernels.int8_dot_cpu import LANES, WeightFormat, integer_dot
 from fmc.lowering.tir_util import block_names
 
-# Scheme → (code bits, zero point, kind): value = (code − zero)·scale; "affine": value =
-# code·scale + minimum; "k-quant": Q4_K's packed 6-bit sub-block scales and minimums.
-# q8f16's signed codes are read as unsigned bytes (code + 128), hence its zero 128.
-SCHEMES = {"q4f16": (4, 7, "zero"), "q4f32": (4, 7, "zero"), "q4_0": (4, 8, "zero"),
-           "q4_1": (4, 0, "affine"), "q8f16": (8, 128, "zero"), "q4k": (4, 0, "k-quant")}
+# Scheme → its weight format (scale dtype filled in from the kernel's parameters). q8f16's
+# signed codes are read as unsigned bytes (code + 128), hence its zero 128.
+SCHEMES = {"q4f16": WeightFormat(4, 7, "group"), "q4f32": WeightFormat(4, 7, "group"),
+           "q4_0": WeightFormat(4, 8, "group"), "q4_1": WeightFormat(4, 0, "group+min"),
+           "q5_0": WeightFormat(4, 16, "group", high_bits=1),
+           "q5_1": WeightFormat(4, 0, "group+min", high_bits=1),
+           "q4k": WeightFormat(4, 0, "k-quant"), "q5k": WeightFormat(4, 0, "k-quant", high_bits=1),
+           "q6k": WeightFormat(4, 32, "q6k", high_bits=2), "q8f16": WeightFormat(8, 128, "group")}
 # fmc names a dequantize kernel `dequantize_SCHEME` (rows-interleaved: `SCHEME_rows16`), and
 # fusion prefixes "fused_" and may append a de-duplication number.
 KERNEL = re.compile(rf"(?:^|_)dequantize_(?P<scheme>\w+?)_rows{LANES}\d*_")
 SCALE_DTYPES = ("float16", "float32")
-
-
-def weight_layout(bits: int, kind: str, n: int, k: int) -> list[tuple[tuple[str, ...], list]]:
-    """(allowed dtypes, shape) of each stored weight array, in parameter order."""
-    codes = (("uint32",), [n // LANES, k // 8, LANES]) if bits == 4 \
-        else (("int8",), [n // LANES, k, LANES])
-    if kind == "k-quant":
-        supers = [n // LANES, k // SUPER, LANES]
-        return [codes, *[(("uint32",), supers)] * 3, *[(("float16",), supers)] * 2]
-    groups = (SCALE_DTYPES, [n // LANES, k // GROUP, LANES])
-    return [codes, groups, groups] if kind == "affine" else [codes, groups]
 
 
 def _static(shape) -> list[int] | None:
@@ -70,7 +63,7 @@ def match(name: str, func: tirx.PrimFunc) -> dict | None:
     found = KERNEL.search(name)
     if found is None or found.group("scheme") not in SCHEMES:
         return None
-    bits, zero, kind = SCHEMES[found.group("scheme")]
+    fmt = SCHEMES[found.group("scheme")]
     blocks = block_names(func)
     if blocks not in (["NT_matmul"], ["NT_matmul", "T_add"]):
         return None
@@ -84,23 +77,21 @@ def match(name: str, func: tirx.PrimFunc) -> dict | None:
     if tokens is None or _static(x.shape[2:]) is None or _static(out.shape[2:]) is None:
         return None
     k, n = int(x.shape[2]), int(out.shape[2])
-    if n % LANES or k % (SUPER if kind == "k-quant" else GROUP):
+    if n % LANES or k % fmt.block:
         return None
-    layout = weight_layout(bits, kind, n, k)
-    shapes = [_static(b.shape) for b in params[:layout_size]]
-    if len(layout) != layout_size or any(
-            str(b.dtype) not in dtypes or shape != expected
-            for b, shape, (dtypes, expected) in zip(params, shapes, layout, strict=False)):
-        return None
-    if kind == "affine" and str(params[1].dtype) != str(params[2].dtype):
+    if fmt.scales.startswith("group"):  # float16 or float32 scales (q4f16 / q4f32)
+        scale_dtype = str(params[1 + (fmt.high_bits > 0)].dtype)
+        if scale_dtype not in SCALE_DTYPES:
+            return None
+        fmt = dataclasses.replace(fmt, scale_dtype=scale_dtype)
+    if [(_static(b.shape), str(b.dtype)) for b in params[:layout_size]] != \
+            [(list(shape), dtype) for shape, dtype in fmt.arrays(n, k)]:
         return None
     if any(str(b.dtype) != "float32" for b in params[layout_size:]):
         return None
     if residual and token_layout(params[-2].shape, out.shape) != tokens:
         return None
-    return {"n": n, "k": k, "bits": bits, "zero": zero, "scale_dtype": str(params[1].dtype),
-            "residual": residual, "with_min": kind != "zero", "kquant": kind == "k-quant",
-            "tokens": tokens}
+    return {"n": n, "k": k, "fmt": fmt, "residual": residual, "tokens": tokens}
 
 
 @tvm.transform.module_pass(opt_level=0, name="CPUInt8Dot")

@@ -3,9 +3,10 @@
 q/k/v (and gate/up) projections of a layer all multiply the same normalised hidden state. The
 pass concatenates their weights — plain or quantized storage, part by part along the rows —
 into one new parameter, emits one (dequantize →) matmul (→ bias add), and splits the result.
-The parameter list changes for every entry function; the compile state's stored-parameter
-plan is updated so the artifact's shards hold the fused tensors, each recording the
-checkpoint tensors and row ranges it is made of."""
+The parameter list changes for every entry function; the stored-parameter plan the module
+carries (fmc.lowering.param_plan) is rewritten so the artifact's shards hold the fused
+tensors, each recording the checkpoint tensors and row ranges it is made of. A module
+without a plan (built outside the compiler) is left as it is."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ import tvm
 from tvm import relax, te, tirx
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
+from fmc.lowering import param_plan
 from fmc.quant import registry
-from fmc.quant.convert import StoredParam
+from fmc.quant.stored import StoredParam
 from fmc.quant.modules import SCHEME_ATTR
 
 PACKED = "packed_params"
@@ -197,9 +199,12 @@ class _Rewriter(PyExprMutator):
 @tvm.transform.module_pass(opt_level=0, name="FuseHorizontal")
 class FuseHorizontal:
     def __init__(self, ctx):
-        self.ctx = ctx
+        self.ctx = ctx  # fmc.lowering.PassContext
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        params = param_plan.read(mod)
+        if params is None:
+            return mod
         functions = {gv: f for gv, f in mod.functions_items()
                      if isinstance(f, relax.Function) and _packed_param(f) is not None}
         analyses = {}
@@ -222,10 +227,9 @@ class FuseHorizontal:
                   if all(votes[key] == users[i] for parts, bias in key for i in parts)]
         if not chosen:
             return mod
-        return self._apply(mod, functions, analyses, chosen, plans)
+        return self._apply(mod, list(params), functions, analyses, chosen, plans)
 
-    def _apply(self, mod, functions, analyses, chosen, plans):
-        params = list(self.ctx.params)
+    def _apply(self, mod, params, functions, analyses, chosen, plans):
         old_sinfo = list(_packed_param(next(iter(functions.values()))).ty.fields)
         fused_params, removed = [], set()
         for key in chosen:
@@ -269,8 +273,8 @@ class FuseHorizontal:
             params_new = [new if p.same_as(old) else p for p in func.params]
             mod[gv] = relax.Function(params_new, body, func.ret_ty, func.is_pure,
                                      func.attrs)
-        self.ctx.params = new_params
-        return relax.transform.DeadCodeElimination(list(self.ctx.entry_functions))(mod)
+        mod = relax.transform.DeadCodeElimination(list(self.ctx.entry_functions))(mod)
+        return param_plan.attach(mod, new_params)
 
     def _fused_stored_params(self, params, sinfos, members):
         """The StoredParams (and struct infos) of a group's concatenated parts and bias."""

@@ -104,7 +104,9 @@ def _schedule_rows(schedule: s_tir.Schedule, name: str, following: list[str],
     decode = all(t == 1 for t in tokens)
     blocks = DECODE_BLOCKS if decode else PREFILL_BLOCKS
     blocks = next(b for b in (blocks, 2, 1) if n_extent % (b * row_block) == 0)
-    accumulator = schedule.cache_write(block, 0, "local")
+    # "global": small constant-size scratch goes on the stack (registers); TVM serves any
+    # "local" allocation on the CPU with a workspace call per task.
+    accumulator = schedule.cache_write(block, 0, "global")
     tile, row_blocks, lane = schedule.split(spatial[-1], factors=[None, blocks, row_block])
     # Unroll the codes of a word (or UNROLLED_STEPS unpacked values) so the scale load, the
     # same for all of them, is shared.

@@ -41,12 +41,42 @@ class _DeclineSimdgroupMatmul:
         raise NotImplementedError("simdgroup matmul disabled by fmc (tensorize crashes in 0.27)")
 
 
+class _DeclineTensorCoreMatmul:
+    """Stands in for dlight's MatmulTensorization and MatmulInt8Tensorization. Their `apply`
+    imports `tvm.s_tir.tensor_intrin` before it reads `dlight.do_not_tensorize`, and that
+    import parses ~500 TVMScript intrinsics, each walking `inspect.stack()`: 55 s with torch
+    loaded, over 300 s from deep inside a compile (measured on 2 cores, 2026-12-05) — most
+    of a small GPU compile, for intrinsics fmc never uses."""
+
+    def apply(self, *_args, **_kwargs):
+        return None
+
+
 @contextlib.contextmanager
 def _no_simdgroup_matmul():
+    """dlight's Matmul rule without its tensor-core and simdgroup variants."""
     from tvm.s_tir.dlight.gpu import matmul
 
-    with mock.patch.object(matmul, "MetalMatmul", _DeclineSimdgroupMatmul):
+    with mock.patch.object(matmul, "MetalMatmul", _DeclineSimdgroupMatmul), \
+            mock.patch.object(matmul, "MatmulTensorization", _DeclineTensorCoreMatmul), \
+            mock.patch.object(matmul, "MatmulInt8Tensorization", _DeclineTensorCoreMatmul):
         yield
+
+
+class _DeclineOnAnalysisError:
+    """Wraps a dlight rule: its pattern analysis asserts on reads whose index is data (a
+    gathered weight, `fmc.nn_moe`'s expert matmul: `W[experts[t, j], i, k]`) instead of
+    declining them; such a kernel is not the rule's pattern, so the next rule (in the end
+    Fallback) schedules it."""
+
+    def __init__(self, rule):
+        self.rule = rule
+
+    def apply(self, func, target, tunable):
+        try:
+            return self.rule.apply(func, target, tunable)
+        except AssertionError:
+            return None
 
 
 @tvm.transform.module_pass(opt_level=0, name="DlightGPUSchedule")
@@ -58,8 +88,9 @@ class DlightGPUSchedule:
         from tvm.s_tir import dlight
 
         gpu = dlight.gpu
-        apply = dlight.ApplyDefaultSchedule(gpu.Matmul(), gpu.GEMV(), gpu.Reduction(),
-                                            gpu.GeneralReduction(), gpu.Fallback())
+        rules = [gpu.Matmul(), gpu.GEMV(), gpu.Reduction(), gpu.GeneralReduction()]
+        apply = dlight.ApplyDefaultSchedule(*map(_DeclineOnAnalysisError, rules),
+                                            gpu.Fallback())
         with _no_simdgroup_matmul():
             return apply(mod)
 

@@ -1,8 +1,8 @@
 """Run one kernel of fmc's Vulkan module on a Vulkan device (Mesa's lavapipe on machines
 without a GPU), with the calling convention of TVM's Vulkan runtime: storage buffers at
 set 0 in argument order, scalars in 8-byte push-constant slots, `vkCmdDispatch` over the
-blockIdx extents. fmc uses it to check generated kernels against numpy; it is not a model
-runtime (the pinned TVM wheel has none for Vulkan, docs/targets.md).
+blockIdx extents. The tests use it to check generated kernels against numpy on their own,
+outside a model (whole models run on fmc's Vulkan runtime plugin, fmc/devices/).
 
 Needs the `vulkan` Python package (cffi bindings) and a Vulkan driver."""
 
@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +34,59 @@ def _import_vulkan():
                                     f"libvulkan ({exc}); pip install vulkan==1.3.275.1, "
                                     "apt-get install libvulkan1 mesa-vulkan-drivers") from None
     return vulkan
+
+
+@contextmanager
+def recording_launches() -> Iterator[None]:
+    """While active, every Shader fmc's Vulkan route emits also carries what launching its
+    kernel alone takes, which a model never needs (the host code computes it): `grid_exprs`,
+    the blockIdx extents as TIR expressions, and `buffer_shapes`, each buffer parameter's
+    declared flat shape (a scalar parameter may be one of its variables)."""
+    from fmc.targets import vulkan_glsl
+
+    emit_shader, emitter = vulkan_glsl.emit_shader, vulkan_glsl.GLSLEmitter
+
+    @dataclass
+    class Recorder(emitter):
+        params: dict = field(default_factory=dict)  # data Var handle → parameter name
+        block_exprs: dict = field(default_factory=dict)
+        buffer_shapes: dict = field(default_factory=dict)
+
+        def _s_AttrStmt(self, node, indent):
+            if node.attr_key == "thread_extent":
+                family, _, axis = node.node.thread_tag.partition(".")
+                if family == "blockIdx":
+                    self.block_exprs[axis] = node.value
+            return super()._s_AttrStmt(node, indent)
+
+        def _s_DeclBuffer(self, node, indent):
+            name = self.params.get(vulkan_glsl.key(node.data))
+            if name is not None:
+                self.buffer_shapes[name] = list(node.buffer.shape)
+            return super()._s_DeclBuffer(node, indent)
+
+    def emit_recording(name, func):
+        made = []
+
+        def make(kernel):
+            made.append(Recorder(kernel, params={vulkan_glsl.key(p): p.name
+                                                 for p in func.params}))
+            return made[-1]
+
+        vulkan_glsl.GLSLEmitter = make
+        try:
+            shader = emit_shader(name, func)
+        finally:
+            vulkan_glsl.GLSLEmitter = emitter
+        shader.grid_exprs = tuple(made[0].block_exprs.get(axis, 1) for axis in "xyz")
+        shader.buffer_shapes = made[0].buffer_shapes
+        return shader
+
+    vulkan_glsl.emit_shader = emit_recording
+    try:
+        yield
+    finally:
+        vulkan_glsl.emit_shader = emit_shader
 
 
 class VulkanDevice:
@@ -205,7 +261,8 @@ _BINARY = {"Add": lambda a, b: a + b, "Sub": lambda a, b: a - b, "Mul": lambda a
 
 
 def launch_arguments(shader, arrays: dict[str, np.ndarray], known: dict[str, int]):
-    """(buffers in argument order, scalars, grid) to run `shader` alone: scalar parameters
+    """(buffers in argument order, scalars, grid) to run `shader` (emitted while
+    `recording_launches` was active) alone: scalar parameters
     come from `known` (the host's shape variables) or from a buffer whose declared flat
     shape is that one variable (what the host passes as e.g. `cse_v1`). Buffers are passed
     whole, so their element offsets (`*_elem_offset`) are 0 unless given."""

@@ -14,7 +14,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from fmc.errors import MissingToolchainError
+from fmc.errors import ArtifactError, MissingToolchainError
 from fmc.paths import cache_dir
 
 # The driver entry points libtvm_runtime_cuda.so binds at load time.
@@ -52,6 +52,17 @@ _state: dict[str, bool] = {}
 def driver_is_stub() -> bool:
     """True when this process runs on the stub (no real NVIDIA driver)."""
     return _state.get("stub", False)
+
+
+def cuda_device(device_id: int = 0):
+    """The GPU CUDA artifacts run on; refused where only the stub driver is loaded."""
+    import tvm
+
+    ensure_cuda_runtime()
+    if driver_is_stub():
+        raise ArtifactError("no NVIDIA driver on this machine (libcuda.so.1 not found): "
+                            "CUDA artifacts build here but run only on a GPU machine")
+    return tvm.cuda(device_id)
 
 
 def ensure_cuda_runtime() -> None:

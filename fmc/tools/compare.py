@@ -34,7 +34,7 @@ def _reference_model(reference: str):
             "pip install 'fmc[compare]'") from None
     from fmc.frontend.source import open_model
 
-    source = open_model(reference)
+    source = open_model(reference, offline=True)
     kwargs = {"dtype": "float32", "local_files_only": True}
     path = Path(source.reference)
     if source.kind == "preset":
@@ -42,8 +42,11 @@ def _reference_model(reference: str):
                          "checkpoint (directory, GGUF file or hub id)")
     if source.kind == "gguf":
         location, kwargs["gguf_file"] = str(path.parent), path.name
-    elif source.kind == "hub":
-        location = str(source.input_files[0].parent)
+    elif source.kind == "hub":  # the snapshot directory, or ORG/NAME:FILE.gguf's file
+        first = source.input_files[0]
+        location = str(first.parent)
+        if first.suffix == ".gguf":
+            kwargs["gguf_file"] = first.name
     else:
         location = str(path)
     try:

@@ -2,6 +2,8 @@
 
 The `safetensors` package's numpy API cannot return bfloat16 and reports malformed files with
 generic messages; this reader names the file and tensor and never allocates more than the file.
+It reads checkpoints (the frontend) and artifacts' weight shards (the runtime), so it lives
+with the artifact format, below both.
 """
 
 from __future__ import annotations
@@ -9,12 +11,12 @@ from __future__ import annotations
 import json
 import os
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from fmc.errors import InputError
-from fmc.frontend.weights import TensorInfo
 
 # Headers of real checkpoints are a few hundred KB; anything far larger is corrupt.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -34,6 +36,16 @@ DTYPES: dict[str, tuple[str, int]] = {
     "U8": ("uint8", 1),
     "BOOL": ("bool", 1),
 }
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What a source knows about a tensor without reading its data."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # source storage type, e.g. "float32", "bfloat16", "gguf:Q4_1"
+    file: Path
 
 
 class SafetensorsFile:

@@ -11,27 +11,25 @@ from pathlib import Path
 from typing import Any
 
 from fmc.errors import InputError
+from fmc.options import toml_keys, value_kinds
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - the pinned Python is 3.11
     import tomli as tomllib
 
-# Build keys → expected Python type (a tuple: any of them).
+# Build keys → expected Python type (a tuple: any of them): every CompileOptions field that
+# fmc.toml may set (fmc/options.py), under its fmc.toml name.
 BUILD_KEYS: dict[str, tuple[type, ...]] = {
-    "model": (str,), "weights": (str,), "tokenizer": (str,), "target": (str,),
-    "quant": (str,), "quant_recipe": (str,), "calib": (str,), "quant_overrides": (list,),
-    "output": (str,),
-    "context_window": (int,), "prefill_chunk": (int,), "shard_size": (str, int),
-    "disable_passes": (list,), "enable_passes": (list,), "tensor_parallel": (int,),
-}
+    key: value_kinds(item, meta) for key, (item, meta) in toml_keys().items()}
 DEFAULT_KEYS = {**{k: v for k, v in BUILD_KEYS.items() if k != "output"},
                 "output_dir": (str,)}
 MATRIX_KEYS = {**{k: v for k, v in BUILD_KEYS.items() if k not in ("output", "quant",
                                                                      "target")},
                "quants": (list,), "targets": (list,)}
 NAME = re.compile(r"[A-Za-z0-9][\w.-]*")
-TYPE_NAMES = {str: "string", int: "positive integer", list: "list of strings"}
+TYPE_NAMES = {str: "string", int: "positive integer", list: "list of strings",
+              bool: "boolean (true or false)"}
 
 
 @dataclass
@@ -62,6 +60,12 @@ def _line_of(text: str, section: str, key: str | None) -> int:
     return start + 1
 
 
+def _line_of_top_level(text: str, key: str) -> int:
+    """1-based line of `[[key]]` or `key = …` (a top-level entry of the wrong kind)."""
+    pattern = re.compile(rf"^\s*(\[\[\s*{re.escape(key)}\s*\]\]|\"?{re.escape(key)}\"?\s*=)")
+    return next((i + 1 for i, line in enumerate(text.splitlines()) if pattern.match(line)), 1)
+
+
 def _check(path: Path, text: str, section: str, table: Any, allowed: dict) -> dict:
     if not isinstance(table, dict):
         raise InputError(f"{path}:{_line_of(text, section, None)}: [{section}] must be a table")
@@ -72,7 +76,8 @@ def _check(path: Path, text: str, section: str, table: Any, allowed: dict) -> di
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise InputError(f"{path}:{line}: unknown key {key!r} in [{section}] ({hint}"
                              f"allowed: {', '.join(sorted(allowed))})")
-        if not isinstance(value, allowed[key]) or isinstance(value, bool):
+        if not isinstance(value, allowed[key]) or isinstance(value, bool) != (bool in
+                                                                          allowed[key]):
             kinds = " or ".join(TYPE_NAMES[t] for t in allowed[key])
             raise InputError(f"{path}:{line}: {section}.{key} must be a {kinds}, got "
                              f"{type(value).__name__}")
@@ -81,7 +86,7 @@ def _check(path: Path, text: str, section: str, table: Any, allowed: dict) -> di
                              "strings")
         if isinstance(value, str) and not value.strip():
             raise InputError(f"{path}:{line}: {section}.{key} must not be empty")
-        if isinstance(value, int) and value <= 0:
+        if isinstance(value, int) and not isinstance(value, bool) and value <= 0:
             raise InputError(f"{path}:{line}: {section}.{key} must be positive, got {value}")
     return dict(table)
 
@@ -110,7 +115,12 @@ def load(path: Path | str) -> list[Build]:
     output_dir = Path(defaults.pop("output_dir", "build"))
     builds: list[Build] = []
     for kind in ("build", "matrix"):
-        for name, table in data.get(kind, {}).items():
+        tables = data.get(kind, {})
+        if not isinstance(tables, dict):
+            form = "an array of tables" if isinstance(tables, list) else "a value"
+            raise InputError(f"{path}:{_line_of_top_level(text, kind)}: {kind} is {form}; "
+                             f"write one table per build: [{kind}.NAME]")
+        for name, table in tables.items():
             section = f"{kind}.{name}"
             if not NAME.fullmatch(name):
                 raise InputError(f"{path}:{_line_of(text, section, None)}: build name "

@@ -1,0 +1,346 @@
+"""gemma2 and gemma3 (fmc/frontend/archs/gemma2.py, gemma3.py; fmc/frontend/gemma_model.py)
+against transformers, on tiny random checkpoints with every peculiarity biting: soft-caps
+small enough to saturate, a sliding window (4) shorter than the prompts, an attention scale
+(query_pre_attn_scalar 24) other than head_dim^-0.5, gemma3's distinct local and global RoPE
+bases with linear scaling on the global layer, (1 + w) norms with w far from 0."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from models import write_word_tokenizer
+from test_archs import hf_model, logits_of, matches_prefill_and_decode
+from test_numerics import PROMPT, TOLERANCE, relative_error
+
+import fmc
+from fmc.compiler import CompileOptions, compile_model
+from fmc.errors import UsageError
+from fmc.frontend import open_model
+from fmc.frontend.archs import registry
+
+WINDOW = 4
+COMMON = dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
+              max_position_embeddings=256, query_pre_attn_scalar=24, sliding_window=WINDOW,
+              layer_types=["sliding_attention", "full_attention"], tie_word_embeddings=True)
+CONFIGS = {
+    "gemma2": ("Gemma2Config", dict(attn_logit_softcapping=0.5, final_logit_softcapping=1.5,
+                                    rope_parameters={"rope_type": "default",
+                                                     "rope_theta": 100.0})),
+    "gemma3": ("Gemma3TextConfig", dict(rope_parameters={
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
+        "full_attention": {"rope_type": "linear", "rope_theta": 1000.0, "factor": 2.0}})),
+}
+# A prompt several windows and pages (16 positions) long.
+LONG = [int(i) for i in np.random.default_rng(7).integers(2, 160, 40)]
+
+
+def write_gemma(family: str, directory: Path) -> Path:
+    import transformers
+
+    class_name, overrides = CONFIGS[family]
+    config = getattr(transformers, class_name)(**{**COMMON, **overrides})
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            # norms: w itself (the model scales by 1 + w), far enough from 0 to matter
+            param.copy_((0.3 if name.endswith("norm.weight") else 0.08)
+                        * torch.randn_like(param))
+    model.save_pretrained(directory)
+    write_word_tokenizer(directory, config.vocab_size)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def gemma(tmp_path_factory):
+    """(family, quant) → (checkpoint, artifact), each built on first use (quant None: the
+    checkpoint only)."""
+    built: dict = {}
+
+    def get(family: str, quant: str | None = "q0f32") -> tuple[Path, Path | None]:
+        if family not in built:
+            built[family] = (write_gemma(family, tmp_path_factory.mktemp(family)), {})
+        checkpoint, artifacts = built[family]
+        if quant is None:
+            return checkpoint, None
+        if quant not in artifacts:
+            out = tmp_path_factory.mktemp("artifacts") / f"{family}-{quant}"
+            compile_model(CompileOptions(model=str(checkpoint), output=out, quant=quant))
+            artifacts[quant] = out
+        return checkpoint, artifacts[quant]
+
+    return get
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_matches_transformers(family, gemma):
+    """All prefill positions and ten greedy decode steps (the prompt, 11 tokens, is longer
+    than the window: one prefill chunk windows its own new tokens)."""
+    checkpoint, artifact = gemma(family)
+    config = fmc.load(artifact).config
+    assert config.architecture == family
+    assert config.arch_options["sliding_layers"] == [0]
+    assert config.arch_options["query_pre_attn_scalar"] == 24
+    matches_prefill_and_decode(fmc.load(artifact), hf_model(checkpoint), steps=10)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_long_prompt_prefilled_in_chunks(family, gemma):
+    """40 tokens (ten windows, three pages) in chunks of 7: each chunk attends to the cached
+    window across page boundaries; then decode steps from the chunked prefill."""
+    checkpoint, artifact = gemma(family)
+    model = hf_model(checkpoint)
+    engine = fmc.load(artifact)
+    engine.prefill_chunk = 7
+    expected = logits_of(model, LONG)
+    assert relative_error(engine.logits(LONG), expected) <= TOLERANCE
+    seq = engine.new_sequence()
+    logits = engine.prefill(seq, LONG)
+    tokens = list(LONG)
+    for _ in range(3):
+        tokens.append(int(np.argmax(logits)))
+        logits = engine.decode(seq, tokens[-1])
+        assert relative_error(logits, logits_of(model, tokens)[-1]) <= TOLERANCE
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_fork_and_decode_keep_the_window_exact(family, gemma):
+    """A forked sequence's keys lie in two blocks (the shared prefix and its own); the window
+    spans both. Parent and children decode different tokens in one batch, each against a
+    transformers forward of its own tokens."""
+    checkpoint, artifact = gemma(family)
+    model = hf_model(checkpoint)
+    engine = fmc.load(artifact)
+    parent = engine.new_sequence()
+    engine.prefill(parent, LONG[:20])
+    children = [engine.fork(parent), engine.fork(parent, at=11)]
+    histories = [LONG[:20], LONG[:20], LONG[:11]]
+    seqs = [parent, *children]
+    for step in range(5):
+        tokens = [int(t) for t in np.random.default_rng(step).integers(2, 160, len(seqs))]
+        out = engine.decode_batch(seqs, tokens)
+        for row, (history, token) in enumerate(zip(histories, tokens, strict=True)):
+            history.append(token)
+            assert relative_error(out[row], logits_of(model, history)[-1]) <= TOLERANCE
+
+
+def test_tensor_parallel_2_equals_one_rank(gemma, tmp_path):
+    """gemma3 over 2 ranks (Disco workers): each rank's heads with the replicated (1 + w)
+    q/k norms and its own RoPE, the window in its kernels; logits equal the 1-rank ones."""
+    checkpoint, artifact = gemma("gemma3")
+    compile_model(CompileOptions(model=str(checkpoint), output=tmp_path / "tp2",
+                                 tensor_parallel=2))
+    assert relative_error(fmc.load(tmp_path / "tp2").logits(PROMPT),
+                          fmc.load(artifact).logits(PROMPT)) <= TOLERANCE
+
+
+def test_q4f16_equals_transformers_on_the_dequantized_weights(gemma):
+    """gemma3 (its quantized layers are gemma2's plus the q/k norms, which stay float; one
+    family keeps the file's compile count down)."""
+    from test_quant import dequantized_state, hf_logits_with
+
+    checkpoint, artifact = gemma("gemma3", "q4f16")
+    expected = hf_logits_with(checkpoint, dequantized_state(artifact), PROMPT)
+    assert relative_error(fmc.load(artifact).logits(PROMPT), expected) <= TOLERANCE
+
+
+def _without(family: str, change) -> None:
+    arch = registry.get(family)
+
+    def config_from_hf(reader):
+        config = arch.config_from_hf(reader)
+        return dataclasses.replace(config, arch_options=change(dict(config.arch_options)))
+
+    registry.register(dataclasses.replace(arch, config_from_hf=config_from_hf))
+
+
+NEGATIVE_CONTROLS = {
+    "gemma2-no-window": ("gemma2", lambda o: {k: v for k, v in o.items()
+                                              if k != "sliding_layers"}),
+    "gemma3-one-rope-base": ("gemma3", lambda o: {**o, "rope_local_theta": 1000.0}),
+}
+
+
+@pytest.mark.parametrize("control", sorted(NEGATIVE_CONTROLS))
+def test_a_peculiarity_switched_off_fails_the_comparison(control, gemma, tmp_path):
+    """Negative controls, one peculiarity each: gemma2 without its sliding window (every
+    layer global), gemma3 with the global RoPE base on its sliding layer too — each far from
+    transformers; the real ones are within bound."""
+    family, change = NEGATIVE_CONTROLS[control]
+    checkpoint, artifact = gemma(family)
+    expected = logits_of(hf_model(checkpoint), PROMPT)
+    assert relative_error(fmc.load(artifact).logits(PROMPT), expected) <= TOLERANCE
+    arch = registry.get(family)
+    _without(family, change)
+    try:
+        compile_model(CompileOptions(model=str(checkpoint), output=tmp_path / "off"))
+    finally:
+        registry.register(arch)
+    wrong = fmc.load(tmp_path / "off").logits(PROMPT)
+    assert relative_error(wrong, expected) > 100 * TOLERANCE
+
+
+@pytest.mark.parametrize("setting", ["attn_logit_softcapping", "final_logit_softcapping",
+                                     "query_pre_attn_scalar"])
+def test_the_tiny_gemma2_settings_bite(setting, gemma):
+    """What test_matches_transformers proves fmc computes matters on this checkpoint:
+    transformers' own logits move by far more than the bound when a soft-cap is lifted or
+    the attention scale is head_dim's."""
+    checkpoint, _ = gemma("gemma2", None)
+    model = hf_model(checkpoint)
+    expected = logits_of(model, PROMPT)
+    if setting == "query_pre_attn_scalar":
+        for layer in model.model.layers:
+            layer.self_attn.scaling = COMMON["head_dim"] ** -0.5
+    else:
+        setattr(model.config, setting, None)
+        for layer in model.model.layers:
+            layer.self_attn.attn_logit_softcapping = model.config.attn_logit_softcapping
+    assert relative_error(logits_of(model, PROMPT), expected) > 100 * TOLERANCE
+
+
+GGUF_NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "attn_post_norm",
+              "pre_feedforward_layernorm": "ffn_norm",
+              "post_feedforward_layernorm": "ffn_post_norm", "self_attn.q_proj": "attn_q",
+              "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+              "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
+              "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate",
+              "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+
+
+def write_gemma_gguf(checkpoint: Path, path: Path) -> Path:
+    """The checkpoint as llama.cpp's convert_hf_to_gguf.py writes a gemma2/gemma3 file
+    (written here independently of fmc's reader): its tensor names, every norm weight
+    stored as 1 + w, no Q/K permutation, tied output; the metadata it writes (no
+    query_pre_attn_scalar: llama.cpp derives the scale)."""
+    import gguf
+    from safetensors.numpy import load_file
+
+    config = json.loads((checkpoint / "config.json").read_text())
+    arch = {"gemma2": "gemma2", "gemma3_text": "gemma3"}[config["model_type"]]
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(config["num_attention_heads"])
+    writer.add_head_count_kv(config["num_key_value_heads"])
+    writer.add_key_length(config["head_dim"])
+    writer.add_value_length(config["head_dim"])
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_sliding_window(config["sliding_window"])
+    # the tiny models' pattern (sliding, global) as the per-layer array llama.cpp reads
+    writer.add_sliding_window_pattern([kind == "sliding_attention"
+                                       for kind in config["layer_types"]])
+    rope = config["rope_parameters"]
+    if arch == "gemma2":
+        writer.add_attn_logit_softcapping(config["attn_logit_softcapping"])
+        writer.add_final_logit_softcapping(config["final_logit_softcapping"])
+        writer.add_rope_freq_base(rope["rope_theta"])
+    else:
+        writer.add_rope_freq_base(rope["full_attention"]["rope_theta"])
+        writer.add_rope_freq_base_swa(rope["sliding_attention"]["rope_theta"])
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(rope["full_attention"]["factor"])
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    tokens = [f"t{i}" for i in range(config["vocab_size"])]
+    writer.add_token_list(tokens)
+    writer.add_token_types([1] * len(tokens))
+    writer.add_token_merges([])
+    writer.add_bos_token_id(2)
+    writer.add_eos_token_id(1)
+    for name, array in load_file(str(checkpoint / "model.safetensors")).items():
+        if name == "model.embed_tokens.weight":
+            gname = "token_embd.weight"
+        elif name == "model.norm.weight":
+            gname = "output_norm.weight"
+        else:
+            _, _, layer, rest = name.split(".", 3)
+            module, kind = rest.rsplit(".", 1)
+            gname = f"blk.{layer}.{GGUF_NAMES[module]}.{kind}"
+        if name.endswith("norm.weight"):
+            array = array + 1
+        writer.add_tensor(gname, np.ascontiguousarray(array, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_gguf_import_equals_hf_import(family, tmp_path):
+    """Config and every tensor from the GGUF file equal those from the HF directory (norms
+    with llama.cpp's +1 taken off), but the attention scale, which GGUF does not carry:
+    llama.cpp's rule gives head_dim (16) where the checkpoint says 24."""
+    checkpoint = write_gemma(family, tmp_path / "hf")
+    hf = open_model(str(checkpoint))
+    gg = open_model(str(write_gemma_gguf(checkpoint, tmp_path / f"{family}.gguf")))
+    assert gg.config.arch_options.pop("query_pre_attn_scalar") == 16
+    hf.config.arch_options.pop("query_pre_attn_scalar")
+    fields = ("architecture", "vocab_size", "hidden_size", "intermediate_size",
+              "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+              "rope_theta", "max_position_embeddings", "tie_word_embeddings", "qk_norm",
+              "arch_options")
+    for field in fields:
+        assert getattr(gg.config, field) == getattr(hf.config, field), field
+    assert gg.config.rms_norm_eps == pytest.approx(hf.config.rms_norm_eps)  # float32 in GGUF
+    assert set(gg.weights.index()) == set(hf.weights.index())
+    for name in hf.weights.index():
+        np.testing.assert_allclose(gg.weights.load(name), hf.weights.load(name), rtol=0,
+                                   atol=1e-7, err_msg=name)
+
+
+@pytest.mark.parametrize("preset", ["gemma-2-2b", "gemma-3-1b"])
+def test_presets_and_gpu_refusal(preset, tmp_path):
+    """The presets are the published configs; a GPU target refuses them before building
+    anything (its attention kernels lack soft-capping and the exact window)."""
+    config = open_model(preset).config
+    options = config.arch_options
+    if preset == "gemma-2-2b":
+        assert (config.architecture, config.num_hidden_layers, options["sliding_window"],
+                options["attn_logit_softcapping"], options["final_logit_softcapping"]) == \
+            ("gemma2", 26, 4096, 50.0, 30.0)
+        assert options["sliding_layers"] == list(range(0, 26, 2))
+    else:
+        assert (config.architecture, config.num_hidden_layers, options["sliding_window"],
+                config.rope_theta, options["rope_local_theta"]) == \
+            ("gemma3", 26, 512, 1e6, 1e4)
+        assert [i for i in range(26) if i not in options["sliding_layers"]] == [5, 11, 17, 23]
+    with pytest.raises(UsageError, match="attention kernels"):
+        compile_model(CompileOptions(model=preset, output=tmp_path / "x", target="cuda"))
+    assert not (tmp_path / "x").exists()
+
+
+def test_multimodal_gemma3_reads_its_text_model(tmp_path):
+    """A `gemma3` (Gemma3ForConditionalGeneration) directory: `text_config` over
+    Gemma3TextConfig's defaults, the language model's tensors under transformers 4's and 5's
+    names; the vision tower's are left to the unused-tensor warning."""
+    from safetensors.numpy import load_file, save_file
+
+    checkpoint = write_gemma("gemma3", tmp_path / "text")
+    text = open_model(str(checkpoint))
+    text_config = json.loads((checkpoint / "config.json").read_text())
+    state = load_file(str(checkpoint / "model.safetensors"))
+    for prefix in ("language_model.model.", "model.language_model."):
+        directory = tmp_path / prefix.strip(".")
+        directory.mkdir()
+        (directory / "config.json").write_text(json.dumps(
+            {"model_type": "gemma3", "text_config": text_config, "eos_token_id": 1}))
+        tensors = {prefix + name.removeprefix("model."): array for name, array in state.items()}
+        tensors["model.vision_tower.patch.weight"] = np.zeros((2, 2), np.float32)
+        save_file(tensors, str(directory / "model.safetensors"))
+        write_word_tokenizer(directory, text_config["vocab_size"])
+        source = open_model(str(directory))
+        assert source.config == text.config
+        index = source.weights.index()
+        assert set(index) == set(text.weights.index()) | {"model.vision_tower.patch.weight"}
+        for name in text.weights.index():
+            np.testing.assert_array_equal(source.weights.load(name), text.weights.load(name))
