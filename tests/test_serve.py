@@ -532,9 +532,10 @@ def test_load_32_clients_with_early_disconnects_and_shared_prefixes(server, engi
                     break
             await stream.close()
             return None
-        if i in leaving:  # gives up before its answer
+        if i in leaving:  # gives up before its answer, after the server has the request
+            impatient = client.with_options(timeout=openai.Timeout(60, read=0.05))
             with pytest.raises(openai.APITimeoutError):
-                await client.with_options(timeout=0.05).completions.create(
+                await impatient.completions.create(
                     model=NAME, prompt=ids, max_tokens=200, temperature=0,
                     extra_body={"ignore_eos": True})
             return None
@@ -554,7 +555,7 @@ def test_load_32_clients_with_early_disconnects_and_shared_prefixes(server, engi
 
     texts = asyncio.run(everyone())
     assert {i: t for i, t in enumerate(texts) if i not in leaving} == expected
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30  # a loaded 2-core machine notices cancellations late
     while not released(after := server.metrics()):
         assert time.monotonic() < deadline, "pages or sequences were not released"
         time.sleep(0.05)
