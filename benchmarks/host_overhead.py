@@ -12,7 +12,8 @@ hook's own cost would swamp the times). The saving per step, divided by the buil
 removed, is the host cost of one such call on this machine; the calls left (the KV-cache
 attention builtin, which runs attention, not counted) times that cost estimates the
 non-kernel time that remains — an upper estimate, as most calls left are tuple lookups of
-parameters, cheaper than the view allocations and kills removed. Writes benchmarks/results/host_overhead.json."""
+parameters, cheaper than the view allocations and kills removed.
+Writes benchmarks/results/host_overhead.json."""
 
 from __future__ import annotations
 

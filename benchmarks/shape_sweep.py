@@ -6,7 +6,8 @@ internal error, or a code generator's failure (exit 8), is a finding.
     python benchmarks/shape_sweep.py --hard        # only the table of known-hard cases
 
 A case is a one-layer Llama (or Qwen2, with biases) that exists only as a config: the
-compile's import phase sees it as a preset (a config without weights), so import, quantize, fuse, lower and codegen run
+compile's import phase sees it as a preset (a config without weights), so import, quantize,
+fuse, lower and codegen run
 exactly as for `fmc compile llama-7b` (a weights-free library), and nothing is downloaded
 or written but the artifact, in a temporary directory. `tests/test_shape_sweep.py` runs a
 derandomized hypothesis sample and the hard table in CI; `--sweep` runs the long grid and

@@ -20,7 +20,8 @@ artifacts, then runs the two engines alternately (`rounds` times per thread coun
 `llama-bench -p 128 -n 64` and `fmc bench --prompt-len 128 --gen-len 64`. It measures this
 machine's read bandwidth (numpy, one reader per thread) and reports decode as a fraction of
 the roofline bandwidth / bytes of weights read per token. Writes
-benchmarks/results/vs_llamacpp[_MODEL][_TAG].json, the chart docs/images/vs_llamacpp[_MODEL][_TAG].svg
+benchmarks/results/vs_llamacpp[_MODEL][_TAG].json, the chart
+docs/images/vs_llamacpp[_MODEL][_TAG].svg
 (tokens/s of both engines per pair and thread count, bars at the median, whiskers from min to
 max; no suffix for smollm2) and prints a markdown table (median, min–max, fmc/llama.cpp
 ratio of the medians)."""

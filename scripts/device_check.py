@@ -120,7 +120,7 @@ def compare(cpu_artifact: Path, gpu_artifact: Path, prompt: list[int] = PROMPT) 
     result = {"logits_relative_error": error, "bound": TOLERANCE, "passed": error <= TOLERANCE,
               "greedy_equal": cpu_greedy == gpu_greedy}
     if cpu_greedy != gpu_greedy:
-        at = next(i for i, (a, b) in enumerate(zip(cpu_greedy, gpu_greedy)) if a != b)
+        at = next(i for i, (a, b) in enumerate(zip(cpu_greedy, gpu_greedy, strict=False)) if a != b)
         top = np.sort(cpu_logits[at])[-2:]
         margin = float((top[1] - top[0]) / np.abs(cpu_logits[at]).max())
         result.update(first_divergence=at, cpu_top2_margin=margin,
@@ -295,8 +295,9 @@ def main(argv: list[str] | None = None) -> int:
             "run", str(tp), "--prompt", "The capital of France is", "--max-tokens", "16"))
     if not args.skip_big:
         big = work / "llama-3-8b-q4f16-cuda"
-        if check.step("write random llama-3-8b checkpoint", lambda: str(
-                random_checkpoint(preset_config("llama-3-8b"), work / "llama-3-8b-random"))) is not None:
+        written = check.step("write random llama-3-8b checkpoint", lambda: str(
+            random_checkpoint(preset_config("llama-3-8b"), work / "llama-3-8b-random")))
+        if written is not None:
             if check.step("compile llama-3-8b q4f16", lambda: compile_to(
                     big, "llama-3-8b", "--weights", str(work / "llama-3-8b-random"),
                     "--target", f"cuda:{arch}", "--quant", "q4f16", timeout=900)):

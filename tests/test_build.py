@@ -39,9 +39,25 @@ def imports_tvm(args: list[str]) -> bool:
     return out[-1] == "True"
 
 
-@pytest.mark.parametrize("command", [["quant", "list"], ["targets"], ["--help"]])
+@pytest.mark.parametrize("command", [["quant", "list"], ["targets"], ["archs"], ["--help"]])
 def test_listing_commands_do_not_import_tvm(command):
     assert imports_tvm(command) is False
+
+
+def test_doctor_asks_llvm_for_the_cpu_name_once_per_machine(tmp_path, monkeypatch):
+    monkeypatch.setenv("FMC_CACHE_DIR", str(tmp_path))
+    assert imports_tvm(["doctor", "--json"]) is True  # asks TVM's LLVM, keeps the answer
+    assert imports_tvm(["doctor", "--json"]) is False
+
+
+def test_doctor_reads_the_collectives_the_loaded_tvm_reports():
+    from fmc.devices.collectives import collectives_in_tvm_build, registered_in_tvm_build
+    from fmc.runtime.tensor_parallel import collectives_available
+
+    assert collectives_in_tvm_build() == collectives_available()
+    # the reading finds what the wheel does register (Disco's own collectives)
+    assert registered_in_tvm_build(["runtime.disco.allreduce", "runtime.disco.no_such"]) == \
+        {"runtime.disco.allreduce"}
 
 
 def _build(capsys, project, *args):

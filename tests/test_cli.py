@@ -273,7 +273,9 @@ def test_run_json_and_global_quiet(tiny_artifact, capsys):
 def test_every_command_has_json_and_quiet():
     import typer.main
 
-    from fmc.cli import app
+    from fmc.cli import app, register_commands
+
+    register_commands()
 
     def leaves(command, path):
         for name, sub in getattr(command, "commands", {}).items():

@@ -74,8 +74,8 @@ def test_tvm_hands_the_embedded_module_to_fmcs_vulkan_loader(vulkan_build):
     whose module then resolves every kernel by name."""
     import tvm
 
-    from fmc.targets.vulkan_module import decode_vulkan_module
     from fmc.devices.vulkan_runtime import ensure_vulkan_runtime
+    from fmc.targets.vulkan_module import decode_vulkan_module
 
     artifact, _ = vulkan_build
     ensure_vulkan_runtime()

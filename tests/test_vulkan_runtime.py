@@ -128,8 +128,8 @@ def vulkan_module(tiny_artifact):
     """The loaded library's Vulkan module (one function per kernel) and its kernels."""
     import tvm
 
-    from fmc.targets.vulkan_module import find_vulkan_module
     from fmc.devices.vulkan_runtime import ensure_vulkan_runtime
+    from fmc.targets.vulkan_module import find_vulkan_module
 
     ensure_vulkan_runtime()
     library = tvm.runtime.load_module(str(tiny_artifact(MODEL, "q4f16", "vulkan") /

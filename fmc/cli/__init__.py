@@ -32,45 +32,37 @@ def _global(debug: bool = typer.Option(False, "--debug", help="Show tracebacks o
     GLOBAL_QUIET["on"] = quiet
 
 
-def _register() -> None:
-    from fmc.cli import (
-        archs,
-        bench,
-        build,
-        cache,
-        chat,
-        compare,
-        compile,
-        doctor,
-        inspect,
-        passes,
-        ppl,
-        quant,
-        run,
-        serve,
-        targets,
-        verify,
-    )
-
-    app.command("compile")(compile.compile_command)
-    app.command("build")(build.build_command)
-    app.command("run")(run.run_command)
-    app.command("chat")(chat.chat_command)
-    app.command("serve")(serve.serve_command)
-    app.command("inspect")(inspect.inspect_command)
-    app.command("bench")(bench.bench_command)
-    app.command("ppl")(ppl.ppl_command)
-    app.command("passes")(passes.passes_command)
-    app.command("archs")(archs.archs_command)
-    app.command("compare")(compare.compare_command)
-    app.command("targets")(targets.targets_command)
-    app.command("verify")(verify.verify_command)
-    app.command("doctor")(doctor.doctor_command)
-    app.add_typer(quant.app, name="quant")
-    app.add_typer(cache.app, name="cache")
+# Command name → its module in this package (the function is `<name>_command`, or the
+# module's typer `app` for a command group). Only the invoked command's module is imported:
+# each pulls in its own dependencies, and `fmc targets` should not pay for `fmc serve`'s.
+COMMANDS = ("compile", "build", "run", "chat", "serve", "inspect", "bench", "ppl", "passes",
+            "archs", "compare", "targets", "verify", "doctor", "quant", "cache")
+GROUPS = ("quant", "cache")
 
 
-_register()
+def register_commands(only: str | None = None) -> None:
+    """Attach the command `only` to `app`, or every command (help listings, tests)."""
+    import importlib
+
+    app.registered_commands.clear()
+    app.registered_groups.clear()
+    for name in (only,) if only else COMMANDS:
+        module = importlib.import_module(f"fmc.cli.{name}")
+        if name in GROUPS:
+            app.add_typer(module.app, name=name)
+        else:
+            app.command(name)(getattr(module, f"{name}_command"))
+
+
+def _invoked(argv: list[str]) -> str | None:
+    """The command `argv` runs, when it is plain; None for help or anything unexpected (then
+    every command is registered and click reports what is wrong)."""
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            return None
+        if not arg.startswith("-"):  # past the global options (--debug, --quiet)
+            return arg if arg in COMMANDS else None
+    return None
 
 
 class _Signals:
@@ -116,7 +108,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        register_commands(_invoked(argv))
         result = app(args=argv, standalone_mode=False)
         # typer turns a KeyboardInterrupt into exit code 130, returned (not raised) here.
         if result == INTERRUPTED_EXIT_CODE:

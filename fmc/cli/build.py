@@ -28,10 +28,10 @@ def build_command(
 ) -> None:
     """Compile every build of fmc.toml (models × targets × quants) whose inputs, settings or
     fmc/TVM versions changed since its last build; stop at the first failure."""
-    from fmc.project.config import load
-    from fmc.project.runner import run_build
     from fmc.cli.progress import CompileProgress
     from fmc.errors import unknown_choice
+    from fmc.project.config import load
+    from fmc.project.runner import run_build
 
     quiet = is_quiet(quiet)
     setup_logging(quiet or json_out)

@@ -28,10 +28,10 @@ def runtime_line(runtime: dict) -> str:
 
 
 def diagnose() -> dict:
+    from fmc.devices.collectives import collectives_in_tvm_build
     from fmc.frontend.hub import settings as hub_settings
     from fmc.frontend.source import DEFAULT_MODEL_PACKAGE
     from fmc.paths import cache_dir
-    from fmc.runtime.tensor_parallel import collectives_available
     from fmc.runtime.threads import default_threads
     from fmc.targets.cpu import host_cpu
     from fmc.targets.registry import families, get
@@ -58,7 +58,7 @@ def diagnose() -> dict:
         "optional": {name: _version(name) for name in ("transformers", "torch")},
         "targets": targets,
         # tensor-parallel artifacts run on Disco; GPUs need one of these in the TVM build
-        "tensor_parallel_collectives": collectives_available(),
+        "tensor_parallel_collectives": collectives_in_tvm_build(),
     }
 
 

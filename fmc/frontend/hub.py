@@ -21,7 +21,6 @@ from typing import Any
 from urllib.parse import unquote
 
 from fmc.errors import DownloadError, InputError, OutputError
-from fmc.frontend.hf_dir import INDEX_FILE, read_json
 from fmc.frontend.tokenizer_files import TOKENIZER_FILES
 
 log = logging.getLogger("fmc")
@@ -146,6 +145,8 @@ def _checkpoint_files(repo_id: str, sizes: dict[str, int | None],
                              f"{_listing_hint(sizes, '.gguf')}")
         raise InputError(f"hub model {repo_id!r} has no config.json: not a Hugging Face "
                          "checkpoint or GGUF repository")
+    from fmc.frontend.hf_dir import INDEX_FILE, read_json  # numpy: not for `fmc doctor`
+
     files = ["config.json", *(name for name in TOKENIZER_FILES if name in sizes)]
     if INDEX_FILE in sizes:
         index_path = fetch(INDEX_FILE)

@@ -139,12 +139,14 @@ def _forget(collectives: CpuCollectives) -> None:
 
 
 def collectives_available() -> dict[str, bool]:
-    """Which collective libraries this TVM build gives Disco (for `fmc doctor`); fmc's CPU
-    collectives are always there."""
+    """Which collective libraries the loaded TVM gives Disco, asked of TVM itself (`fmc
+    doctor` reads the same from the libraries' files, without loading them)."""
     import tvm
 
-    return {ccl: tvm.get_global_func(f"runtime.disco.{ccl}.init_ccl", allow_missing=True)
-            is not None for ccl in ("nccl", "rccl")} | {"fmc-cpu": True}
+    from fmc.devices.collectives import CCLS, registered_name
+
+    return {ccl: tvm.get_global_func(registered_name(ccl), allow_missing=True) is not None
+            for ccl in CCLS} | {"fmc-cpu": True}
 
 
 def disco_session_module():

@@ -7,13 +7,18 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import os
+import platform
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from fmc.errors import ArtifactError, UsageError
+from fmc.paths import cache_dir
 from fmc.targets.base import Target, Tool
 from fmc.targets.registry import register
 
@@ -25,12 +30,54 @@ READELF = Tool("llvm-readelf", "checking the cross-compiled library", "apt-get i
 CROSS = {"aarch64-linux": ("aarch64-linux-gnu", "generic", "AArch64", 4)}
 
 
+@functools.cache
 def host_cpu() -> str:
     """LLVM's name for this machine's CPU. `mcpu=native` is avoided on purpose: the 0.27
-    wheel accepts it but emits SSE-only code (measured 7× slower)."""
+    wheel accepts it but emits SSE-only code (measured 7× slower). LLVM is asked once per
+    CPU model and TVM version, and the answer kept in the cache directory: importing TVM
+    takes seconds, and `fmc doctor` reports the name without it."""
+    key = _cpu_identity()
+    memo = cache_dir() / "host-cpu.json"
+    try:
+        known = json.loads(memo.read_text())
+        if known.get("identity") == key:
+            return known["llvm_cpu"]
+    except (OSError, ValueError, KeyError, AttributeError):
+        pass  # absent or unreadable: ask LLVM
     from tvm.target import codegen
 
-    return str(codegen.llvm_get_system_cpu())
+    cpu = str(codegen.llvm_get_system_cpu())
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        staged = memo.with_name(f".{memo.name}.{os.getpid()}")
+        staged.write_text(json.dumps({"identity": key, "llvm_cpu": cpu}))
+        os.replace(staged, memo)
+    except OSError:
+        pass  # a read-only cache only costs the next command the TVM import
+    return cpu
+
+
+def _cpu_identity() -> str:
+    """What decides LLVM's answer: the CPU model and its feature flags, and the TVM (hence
+    LLVM) version."""
+    import importlib.metadata
+
+    try:
+        tvm_version = importlib.metadata.version("apache-tvm")
+    except importlib.metadata.PackageNotFoundError:
+        tvm_version = "unknown"
+    described = [platform.machine(), platform.processor(), tvm_version]
+    try:
+        first = Path("/proc/cpuinfo").read_text().split("\n\n", 1)[0]
+        described += [line for line in first.splitlines()
+                      if line.split(":")[0].strip() in CPUINFO_IDENTITY]
+    except OSError:
+        pass  # not Linux: the platform strings above
+    return hashlib.sha256("\n".join(described).encode()).hexdigest()[:16]
+
+
+CPUINFO_IDENTITY = ("vendor_id", "cpu family", "model", "model name", "stepping", "flags",
+                    "CPU implementer", "CPU part", "Features")
 
 
 # How decode GEMVs over 4-bit weights multiply (`--cpu-dot`): "float" decodes the codes to

@@ -19,7 +19,6 @@ from fmc.lowering.kernels.attention_cpu import (
     ragged_prefill_attention,
 )
 
-
 # Function attributes carrying a kernel's attention options (see attention_options).
 SOFTCAP_ATTR, WINDOW_ATTR = "fmc.attention_softcap", "fmc.attention_window"
 

@@ -19,8 +19,8 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from fmc.lowering import param_plan
 from fmc.quant import registry
-from fmc.quant.stored import StoredParam
 from fmc.quant.modules import SCHEME_ATTR
+from fmc.quant.stored import StoredParam
 
 PACKED = "packed_params"
 
