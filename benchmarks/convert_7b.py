@@ -31,8 +31,10 @@ SHARD_BYTES = 5 * 10**9  # like HF's default 5 GB shards
 
 
 def tensor_shapes(config: dict) -> list[tuple[str, tuple[int, ...]]]:
+    """A llama checkpoint's tensors for an HF `config`, in the order they are written."""
     h, i, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
-    kv = config["num_key_value_heads"] * h // config["num_attention_heads"]
+    kv = config["num_key_value_heads"] * config.get("head_dim",
+                                                    h // config["num_attention_heads"])
     shapes = [("model.embed_tokens.weight", (v, h))]
     for layer in range(config["num_hidden_layers"]):
         p = f"model.layers.{layer}."
@@ -44,7 +46,8 @@ def tensor_shapes(config: dict) -> list[tuple[str, tuple[int, ...]]]:
                    (p + "post_attention_layernorm.weight", (h,)),
                    (p + "mlp.gate_proj.weight", (i, h)), (p + "mlp.up_proj.weight", (i, h)),
                    (p + "mlp.down_proj.weight", (h, i))]
-    return shapes + [("model.norm.weight", (h,)), ("lm_head.weight", (v, h))]
+    shapes.append(("model.norm.weight", (h,)))
+    return shapes if config.get("tie_word_embeddings") else shapes + [("lm_head.weight", (v, h))]
 
 
 def random_fp16(shape, rng) -> np.ndarray:
@@ -69,34 +72,46 @@ def write_shard(path: Path, names: list[tuple[str, tuple[int, ...]]], rng) -> No
             handle.write(random_fp16(shape, rng).tobytes())
 
 
-def make_checkpoint() -> None:
-    sys.path.insert(0, str(ROOT.parent))
-    from fmc.frontend.presets import PRESETS
-
-    if (CHECKPOINT / "model.safetensors.index.json").exists():
-        return
-    config = dict(PRESETS["llama-7b"], torch_dtype="float16", architectures=["LlamaForCausalLM"])
-    CHECKPOINT.mkdir(parents=True, exist_ok=True)
-    (CHECKPOINT / "config.json").write_text(json.dumps(config, indent=1))
+def write_random_checkpoint(config: dict, directory: Path,
+                            shard_bytes: int | None = None) -> Path:
+    """A Hugging Face llama directory with `config` and random fp16 weights (random_fp16),
+    streamed tensor by tensor: in shards of at most `shard_bytes` with their index, or with
+    None in one model.safetensors. Also used by scripts/device_check.py."""
+    config = dict(config, torch_dtype="float16", architectures=["LlamaForCausalLM"])
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(config, indent=1))
+    shapes = tensor_shapes(config)
+    rng = np.random.default_rng(0)
+    if shard_bytes is None:
+        write_shard(directory / "model.safetensors", shapes, rng)
+        return directory
     shards, current, size = [], [], 0
-    for name, shape in tensor_shapes(config):
+    for name, shape in shapes:
         nbytes = int(np.prod(shape)) * 2
-        if current and size + nbytes > SHARD_BYTES:
+        if current and size + nbytes > shard_bytes:
             shards.append(current)
             current, size = [], 0
         current.append((name, shape))
         size += nbytes
     shards.append(current)
-    rng = np.random.default_rng(0)
     weight_map = {}
     for index, names in enumerate(shards, start=1):
         file = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
-        write_shard(CHECKPOINT / file, names, rng)
+        write_shard(directory / file, names, rng)
         weight_map.update({name: file for name, _ in names})
         print(f"wrote {file}", file=sys.stderr, flush=True)
-    total = sum(int(np.prod(s)) * 2 for _, s in tensor_shapes(config))
-    (CHECKPOINT / "model.safetensors.index.json").write_text(json.dumps(
+    total = sum(int(np.prod(s)) * 2 for _, s in shapes)
+    (directory / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    return directory
+
+
+def make_checkpoint() -> None:
+    sys.path.insert(0, str(ROOT.parent))
+    from fmc.frontend.presets import PRESETS
+
+    if not (CHECKPOINT / "model.safetensors.index.json").exists():
+        write_random_checkpoint(PRESETS["llama-7b"], CHECKPOINT, SHARD_BYTES)
 
 
 # Run in a fresh interpreter per scheme, so RUSAGE_CHILDREN is that one compile's peak.

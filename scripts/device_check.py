@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import struct
 import subprocess
 import sys
 import time
@@ -169,40 +168,11 @@ def preset_config(name: str) -> dict:
 
 def random_checkpoint(config: dict, directory: Path) -> Path:
     """A Hugging Face llama directory with `config` and random fp16 weights (finite,
-    magnitude < 2^-5), streamed tensor by tensor into one safetensors file."""
-    config = dict(config, torch_dtype="float16", architectures=["LlamaForCausalLM"])
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.json").write_text(json.dumps(config, indent=1))
-    h, i, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
-    kv = config["num_key_value_heads"] * config.get("head_dim", h // config[
-        "num_attention_heads"])
-    shapes = [("model.embed_tokens.weight", (v, h)), ("model.norm.weight", (h,))]
-    if not config.get("tie_word_embeddings"):
-        shapes.append(("lm_head.weight", (v, h)))
-    for layer in range(config["num_hidden_layers"]):
-        p = f"model.layers.{layer}."
-        shapes += [(p + "input_layernorm.weight", (h,)), (p + "self_attn.q_proj.weight", (h, h)),
-                   (p + "self_attn.k_proj.weight", (kv, h)),
-                   (p + "self_attn.v_proj.weight", (kv, h)),
-                   (p + "self_attn.o_proj.weight", (h, h)),
-                   (p + "post_attention_layernorm.weight", (h,)),
-                   (p + "mlp.gate_proj.weight", (i, h)), (p + "mlp.up_proj.weight", (i, h)),
-                   (p + "mlp.down_proj.weight", (h, i))]
-    header, offset = {}, 0
-    for name, shape in shapes:
-        size = int(np.prod(shape)) * 2
-        header[name] = {"dtype": "F16", "shape": list(shape),
-                        "data_offsets": [offset, offset + size]}
-        offset += size
-    blob = json.dumps(header).encode()
-    blob += b" " * (-len(blob) % 8)
-    rng = np.random.default_rng(0)
-    with open(directory / "model.safetensors", "wb") as handle:
-        handle.write(struct.pack("<Q", len(blob)) + blob)
-        for _, shape in shapes:
-            bits = rng.integers(0, 1 << 16, size=shape, dtype=np.uint16)
-            handle.write(((bits & np.uint16(0x83FF)) | np.uint16(0x2000)).tobytes())
-    return directory
+    magnitude < 2^-5) in one safetensors file: benchmarks/convert_7b.py's writer."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from convert_7b import write_random_checkpoint
+
+    return write_random_checkpoint(config, directory)
 
 
 class Check:
