@@ -52,19 +52,29 @@ TINY_MODELS: dict[str, tuple[str, dict]] = {
 
 
 def write_tiny_checkpoint(name: str, directory: Path, seed: int = 0, std: float = 0.08) -> Path:
-    """Save a transformers *ForCausalLM with random weights (larger than HF's init, so
-    attention is far from uniform) in the HF directory layout."""
-    import torch
+    """TINY_MODELS[name] with random weights (write_random_checkpoint)."""
     import transformers
 
     class_name, overrides = TINY_MODELS[name]
     config = getattr(transformers, class_name)(**{**BASE, **overrides})
+    return write_random_checkpoint(config, directory, seed=seed, std=std)
+
+
+def write_random_checkpoint(config, directory: Path, seed: int = 0, std: float = 0.08,
+                            norm: tuple[float, float] = (1.0, 0.1)) -> Path:
+    """Save a transformers *ForCausalLM of `config` with random weights (larger than HF's
+    init, so attention is far from uniform; norm weights `norm[0] + norm[1] * N(0, 1)`) in
+    the HF directory layout, with a word-level tokenizer."""
+    import torch
+    import transformers
+
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config)
+    center, spread = norm
     with torch.no_grad():
         for pname, param in model.named_parameters():
             if pname.endswith("norm.weight"):
-                param.copy_(1.0 + 0.1 * torch.randn_like(param))
+                param.copy_(center + spread * torch.randn_like(param))
             else:
                 param.copy_(std * torch.randn_like(param))
     model.save_pretrained(directory)
@@ -125,20 +135,11 @@ def random_blocks(qtype, rows: int, k: int, seed: int = 0):
     return data.reshape(rows, -1)
 
 
-def write_gguf_from_checkpoint(checkpoint: Path, path: Path, quant_types: dict | None = None):
-    """Convert a tiny llama, qwen2 or qwen3 checkpoint to GGUF as llama.cpp does (names, Q/K
-    permutation for llama only, metadata, a byte-level vocabulary); `quant_types` maps GGUF
-    names to GGML types (types in RANDOM_BLOCK_TYPES get random blocks instead of the
-    checkpoint's values)."""
-    import json
-
+def gguf_writer(path: Path, arch: str, config: dict):
+    """A GGUFWriter holding the model's shape from its HF `config` (what every tiny GGUF file
+    of the tests starts with; finish_gguf adds the vocabulary and writes it)."""
     import gguf
-    import numpy as np
-    from safetensors.numpy import load_file
 
-    config = json.loads((checkpoint / "config.json").read_text())
-    state = load_file(str(checkpoint / "model.safetensors"))
-    arch = GGUF_ARCHITECTURES[config["model_type"]]
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(config["num_hidden_layers"])
     writer.add_context_length(config["max_position_embeddings"])
@@ -146,32 +147,76 @@ def write_gguf_from_checkpoint(checkpoint: Path, path: Path, quant_types: dict |
     writer.add_feed_forward_length(config["intermediate_size"])
     writer.add_head_count(config["num_attention_heads"])
     writer.add_head_count_kv(config["num_key_value_heads"])
+    return writer
+
+
+def gguf_name(name: str, layer_names: dict[str, str]) -> str:
+    """llama.cpp's name for checkpoint tensor `name`; `layer_names` maps a layer's module
+    path (`self_attn.q_proj`) to its GGUF name (`attn_q`)."""
+    if name == "model.embed_tokens.weight":
+        return "token_embd.weight"
+    if name == "model.norm.weight":
+        return "output_norm.weight"
+    if name == "lm_head.weight":
+        return "output.weight"
+    _, _, layer, rest = name.split(".", 3)
+    module, kind = rest.rsplit(".", 1)
+    return f"blk.{layer}.{layer_names[module]}.{kind}"
+
+
+def add_gguf_tensor(writer, name: str, array, qtype=None) -> None:
+    """`array` as float32, or quantized by gguf-py to GGML type `qtype`."""
+    import gguf
+    import numpy as np
+
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    if qtype is None:
+        writer.add_tensor(name, array)
+    else:
+        data = gguf.quants.quantize(array, qtype)
+        writer.add_tensor(name, data, raw_shape=data.shape, raw_dtype=qtype)
+
+
+def finish_gguf(writer, path: Path, vocab_size: int, bos: int = 0, eos: int = 1) -> Path:
+    """Add a byte-level vocabulary of placeholder tokens t0…t{n-1} (the last metadata) and
+    write the file."""
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    tokens = [f"t{i}" for i in range(vocab_size)]
+    writer.add_token_list(tokens)
+    writer.add_token_types([1] * len(tokens))
+    writer.add_token_merges([])
+    writer.add_bos_token_id(bos)
+    writer.add_eos_token_id(eos)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def write_gguf_from_checkpoint(checkpoint: Path, path: Path, quant_types: dict | None = None):
+    """Convert a tiny llama, qwen2 or qwen3 checkpoint to GGUF as llama.cpp does (names, Q/K
+    permutation for llama only, metadata, a byte-level vocabulary); `quant_types` maps GGUF
+    names to GGML types (types in RANDOM_BLOCK_TYPES get random blocks instead of the
+    checkpoint's values)."""
+    import json
+
+    from safetensors.numpy import load_file
+
+    config = json.loads((checkpoint / "config.json").read_text())
+    state = load_file(str(checkpoint / "model.safetensors"))
+    arch = GGUF_ARCHITECTURES[config["model_type"]]
+    writer = gguf_writer(path, arch, config)
     if config.get("head_dim"):
         writer.add_key_length(config["head_dim"])
         writer.add_value_length(config["head_dim"])
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_rope_freq_base(config.get("rope_theta")
                               or config["rope_parameters"]["rope_theta"])
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
-    tokens = [f"t{i}" for i in range(config["vocab_size"])]
-    writer.add_token_list(tokens)
-    writer.add_token_types([1] * len(tokens))
-    writer.add_token_merges([])
-    writer.add_bos_token_id(0)
-    writer.add_eos_token_id(1)
     quant_types = quant_types or {}
     for name, array in state.items():
-        if name == "model.embed_tokens.weight":
-            gname = "token_embd.weight"
-        elif name == "model.norm.weight":
-            gname = "output_norm.weight"
-        elif name == "lm_head.weight":
-            gname = "output.weight"
-        else:
-            _, _, layer, rest = name.split(".", 3)
-            module, kind = rest.rsplit(".", 1)
-            gname = f"blk.{layer}.{GGUF_LAYER_NAMES[module]}.{kind}"
+        gname = gguf_name(name, GGUF_LAYER_NAMES)
         if arch != "llama":
             pass
         elif name.endswith("q_proj.weight"):
@@ -179,19 +224,12 @@ def write_gguf_from_checkpoint(checkpoint: Path, path: Path, quant_types: dict |
         elif name.endswith("k_proj.weight"):
             array = permute_like_llama_cpp(array, config["num_key_value_heads"])
         qtype = quant_types.get(gname)
-        if qtype is None:
-            writer.add_tensor(gname, np.ascontiguousarray(array, dtype=np.float32))
-        elif qtype.name in RANDOM_BLOCK_TYPES:
+        if qtype is not None and qtype.name in RANDOM_BLOCK_TYPES:
             data = random_blocks(qtype, *array.shape, seed=len(gname))
             writer.add_tensor(gname, data, raw_shape=data.shape, raw_dtype=qtype)
         else:
-            data = gguf.quants.quantize(np.ascontiguousarray(array, dtype=np.float32), qtype)
-            writer.add_tensor(gname, data, raw_shape=data.shape, raw_dtype=qtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+            add_gguf_tensor(writer, gname, array, qtype)
+    return finish_gguf(writer, path, config["vocab_size"])
 
 
 # --quant-override list giving the "llama-kquant" tiny model one weight matrix in every

@@ -55,6 +55,27 @@ def matches_prefill_and_decode(engine, model, steps: int = 10) -> None:
     engine.remove(seq)
 
 
+def changed_config_fails_the_comparison(family: str, change, checkpoint, artifact,
+                                        output) -> None:
+    """Negative control: `artifact` (the checkpoint compiled as it is) is within bound of
+    transformers; the checkpoint compiled to `output` with `family`'s config passed through
+    `change` (registered in-process for that compile only) is far from it."""
+    expected = logits_of(hf_model(checkpoint), PROMPT)
+    assert relative_error(fmc.load(artifact).logits(PROMPT), expected) <= TOLERANCE
+    arch = registry.get(family)
+
+    def config_from_hf(reader):
+        return change(arch.config_from_hf(reader))
+
+    registry.register(dataclasses.replace(arch, config_from_hf=config_from_hf))
+    try:
+        compile_model(CompileOptions(model=str(checkpoint), output=output))
+    finally:
+        registry.register(arch)
+    wrong = fmc.load(output).logits(PROMPT)
+    assert relative_error(wrong, expected) > 100 * TOLERANCE
+
+
 def test_each_family_registers_its_names_and_presets():
     from fmc.frontend.presets import PRESETS
 
@@ -150,23 +171,10 @@ def test_qwen3_without_its_qk_norm_fails_the_comparison(tiny_checkpoint, tiny_ar
                                                         tmp_path, fmc_log):
     """Negative control: the same checkpoint compiled with the per-head q/k norm switched
     off (registered in-process) is far from transformers; the real one is within bound."""
-    checkpoint = tiny_checkpoint("qwen3-bias")
-    expected = logits_of(hf_model(checkpoint), PROMPT)
-    assert relative_error(fmc.load(tiny_artifact("qwen3-bias")).logits(PROMPT),
-                          expected) <= TOLERANCE
-    qwen3 = registry.get("qwen3")
-
-    def without_norm(reader):
-        return dataclasses.replace(qwen3.config_from_hf(reader), qk_norm=False)
-
-    registry.register(dataclasses.replace(qwen3, config_from_hf=without_norm))
-    try:
-        compile_model(CompileOptions(model=str(checkpoint), output=tmp_path / "no-norm"))
-    finally:
-        registry.register(qwen3)
+    changed_config_fails_the_comparison(
+        "qwen3", lambda config: dataclasses.replace(config, qk_norm=False),
+        tiny_checkpoint("qwen3-bias"), tiny_artifact("qwen3-bias"), tmp_path / "no-norm")
     assert "ignoring 4 checkpoint tensor(s)" in fmc_log.text  # the q/k norm weights
-    wrong = fmc.load(tmp_path / "no-norm").logits(PROMPT)
-    assert relative_error(wrong, expected) > 100 * TOLERANCE
 
 
 def _plugin_checkpoint(tiny_checkpoint, directory: Path, multiplier: float) -> Path:

@@ -12,16 +12,26 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from models import write_word_tokenizer
-from test_archs import hf_model, logits_of, matches_prefill_and_decode
+from models import (
+    add_gguf_tensor,
+    finish_gguf,
+    gguf_name,
+    gguf_writer,
+    write_random_checkpoint,
+    write_word_tokenizer,
+)
+from test_archs import (
+    changed_config_fails_the_comparison,
+    hf_model,
+    logits_of,
+    matches_prefill_and_decode,
+)
 from test_numerics import PROMPT, TOLERANCE, relative_error
 
 import fmc
 from fmc.compiler import CompileOptions, compile_model
 from fmc.errors import UsageError
 from fmc.frontend import open_model
-from fmc.frontend.archs import registry
 
 WINDOW = 4
 COMMON = dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -45,16 +55,8 @@ def write_gemma(family: str, directory: Path) -> Path:
 
     class_name, overrides = CONFIGS[family]
     config = getattr(transformers, class_name)(**{**COMMON, **overrides})
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            # norms: w itself (the model scales by 1 + w), far enough from 0 to matter
-            param.copy_((0.3 if name.endswith("norm.weight") else 0.08)
-                        * torch.randn_like(param))
-    model.save_pretrained(directory)
-    write_word_tokenizer(directory, config.vocab_size)
-    return directory
+    # norms: w itself (the model scales by 1 + w), far enough from 0 to matter
+    return write_random_checkpoint(config, directory, norm=(0.0, 0.3))
 
 
 @pytest.fixture(scope="module")
@@ -150,16 +152,6 @@ def test_q4f16_equals_transformers_on_the_dequantized_weights(gemma):
     assert relative_error(fmc.load(artifact).logits(PROMPT), expected) <= TOLERANCE
 
 
-def _without(family: str, change) -> None:
-    arch = registry.get(family)
-
-    def config_from_hf(reader):
-        config = arch.config_from_hf(reader)
-        return dataclasses.replace(config, arch_options=change(dict(config.arch_options)))
-
-    registry.register(dataclasses.replace(arch, config_from_hf=config_from_hf))
-
-
 NEGATIVE_CONTROLS = {
     "gemma2-no-window": ("gemma2", lambda o: {k: v for k, v in o.items()
                                               if k != "sliding_layers"}),
@@ -174,16 +166,12 @@ def test_a_peculiarity_switched_off_fails_the_comparison(control, gemma, tmp_pat
     transformers; the real ones are within bound."""
     family, change = NEGATIVE_CONTROLS[control]
     checkpoint, artifact = gemma(family)
-    expected = logits_of(hf_model(checkpoint), PROMPT)
-    assert relative_error(fmc.load(artifact).logits(PROMPT), expected) <= TOLERANCE
-    arch = registry.get(family)
-    _without(family, change)
-    try:
-        compile_model(CompileOptions(model=str(checkpoint), output=tmp_path / "off"))
-    finally:
-        registry.register(arch)
-    wrong = fmc.load(tmp_path / "off").logits(PROMPT)
-    assert relative_error(wrong, expected) > 100 * TOLERANCE
+
+    def options_changed(config):
+        return dataclasses.replace(config, arch_options=change(dict(config.arch_options)))
+
+    changed_config_fails_the_comparison(family, options_changed, checkpoint, artifact,
+                                        tmp_path / "off")
 
 
 @pytest.mark.parametrize("setting", ["attn_logit_softcapping", "final_logit_softcapping",
@@ -224,13 +212,7 @@ def write_gemma_gguf(checkpoint: Path, path: Path) -> Path:
 
     config = json.loads((checkpoint / "config.json").read_text())
     arch = {"gemma2": "gemma2", "gemma3_text": "gemma3"}[config["model_type"]]
-    writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_block_count(config["num_hidden_layers"])
-    writer.add_context_length(config["max_position_embeddings"])
-    writer.add_embedding_length(config["hidden_size"])
-    writer.add_feed_forward_length(config["intermediate_size"])
-    writer.add_head_count(config["num_attention_heads"])
-    writer.add_head_count_kv(config["num_key_value_heads"])
+    writer = gguf_writer(path, arch, config)
     writer.add_key_length(config["head_dim"])
     writer.add_value_length(config["head_dim"])
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
@@ -248,31 +230,11 @@ def write_gemma_gguf(checkpoint: Path, path: Path) -> Path:
         writer.add_rope_freq_base_swa(rope["sliding_attention"]["rope_theta"])
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(rope["full_attention"]["factor"])
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
-    tokens = [f"t{i}" for i in range(config["vocab_size"])]
-    writer.add_token_list(tokens)
-    writer.add_token_types([1] * len(tokens))
-    writer.add_token_merges([])
-    writer.add_bos_token_id(2)
-    writer.add_eos_token_id(1)
     for name, array in load_file(str(checkpoint / "model.safetensors")).items():
-        if name == "model.embed_tokens.weight":
-            gname = "token_embd.weight"
-        elif name == "model.norm.weight":
-            gname = "output_norm.weight"
-        else:
-            _, _, layer, rest = name.split(".", 3)
-            module, kind = rest.rsplit(".", 1)
-            gname = f"blk.{layer}.{GGUF_NAMES[module]}.{kind}"
         if name.endswith("norm.weight"):
             array = array + 1
-        writer.add_tensor(gname, np.ascontiguousarray(array, dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+        add_gguf_tensor(writer, gguf_name(name, GGUF_NAMES), array)
+    return finish_gguf(writer, path, config["vocab_size"], bos=2)
 
 
 @pytest.mark.parametrize("family", ["gemma2", "gemma3"])

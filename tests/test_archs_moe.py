@@ -18,14 +18,18 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from test_archs import hf_model, logits_of, matches_prefill_and_decode
+from test_archs import (
+    changed_config_fails_the_comparison,
+    hf_model,
+    logits_of,
+    matches_prefill_and_decode,
+)
 from test_numerics import PROMPT, TOLERANCE, relative_error
 
 import fmc
 from fmc.compiler import CompileOptions, compile_model
 from fmc.errors import InputError
 from fmc.frontend import open_model
-from fmc.frontend.archs import registry
 
 
 def _experts_of(config: dict) -> int:
@@ -66,33 +70,10 @@ def _per_expert_checkpoint(artifact, checkpoint, directory):
     """The artifact's weights dequantized in numpy, written as an HF checkpoint with
     per-expert tensors (stacked experts split back), beside the original config."""
     from safetensors.numpy import save_file
+    from test_quant import dequantized_state
 
-    from fmc.artifacts.safetensors_reader import SafetensorsFile
-    from fmc.quant import experts
-    from fmc.quant.registry import get
-
-    manifest = json.loads((artifact / "manifest.json").read_text())
-    parts: dict[str, dict[int, np.ndarray]] = {}
-    schemes = {}
-    for entry in manifest["params"]:
-        array = SafetensorsFile(artifact / entry["shard"]).load(entry["name"])
-        members = entry.get("fused_from") or [
-            {"source": entry["source"], "part": None, "rows": [0, array.shape[0]]}]
-        for member in members:
-            stored = parts.setdefault(member["source"], {})
-            index = len(stored) if member["part"] is None else member["part"]
-            stored[index] = array[member["rows"][0]:member["rows"][1]]
-            schemes[member["source"]] = entry["scheme"]
     state = {}
-    for source, stored in parts.items():
-        arrays = [stored[i] for i in sorted(stored)]
-        scheme = schemes[source]
-        if scheme is None:
-            value = arrays[0].astype(np.float32)
-        elif ".experts." in source:
-            value = experts.dequantize(get(scheme), arrays)
-        else:
-            value = get(scheme).dequantize(arrays)
+    for source, value in dequantized_state(artifact).items():
         if ".experts." in source and value.ndim == 3:
             for e in range(value.shape[0]):
                 state[source.replace(".experts.", f".experts.{e}.")] = \
@@ -130,23 +111,10 @@ def test_qwen3_moe_without_renormalised_top_k_fails_the_comparison(
         tiny_checkpoint, tiny_artifact, tmp_path):
     """Negative control: the same checkpoint compiled with norm_topk_prob flipped (registered
     in-process) is far from transformers; the real one is within bound."""
-    checkpoint = tiny_checkpoint("qwen3-moe")
-    expected = logits_of(hf_model(checkpoint), PROMPT)
-    assert relative_error(fmc.load(tiny_artifact("qwen3-moe")).logits(PROMPT),
-                          expected) <= TOLERANCE
-    family = registry.get("qwen3_moe")
-
-    def flipped(reader):
-        config = family.config_from_hf(reader)
-        return dataclasses.replace(config, norm_topk_prob=not config.norm_topk_prob)
-
-    registry.register(dataclasses.replace(family, config_from_hf=flipped))
-    try:
-        compile_model(CompileOptions(model=str(checkpoint), output=tmp_path / "flipped"))
-    finally:
-        registry.register(family)
-    wrong = fmc.load(tmp_path / "flipped").logits(PROMPT)
-    assert relative_error(wrong, expected) > 100 * TOLERANCE
+    changed_config_fails_the_comparison(
+        "qwen3_moe",
+        lambda config: dataclasses.replace(config, norm_topk_prob=not config.norm_topk_prob),
+        tiny_checkpoint("qwen3-moe"), tiny_artifact("qwen3-moe"), tmp_path / "flipped")
 
 
 def _routes(model, ids: list[int]) -> list[set[int]]:
@@ -264,37 +232,22 @@ def _write_moe_gguf(checkpoint, path, expert_type=None):
     counts in the metadata. Mixtral is arch "llama" (Q/K rows permuted), Qwen3-MoE arch
     "qwen3moe" (expert width as `expert_feed_forward_length`, q/k norms, no permutation).
     `expert_type`: the GGML type of the expert tensors (None: F32)."""
-    import gguf
-    from models import permute_like_llama_cpp
+    from models import add_gguf_tensor, finish_gguf, gguf_writer, permute_like_llama_cpp
     from safetensors.numpy import load_file
 
     config = json.loads((checkpoint / "config.json").read_text())
     state = load_file(str(checkpoint / "model.safetensors"))
     mixtral = config["model_type"] == "mixtral"
-    writer = gguf.GGUFWriter(str(path), "llama" if mixtral else "qwen3moe")
-    writer.add_block_count(config["num_hidden_layers"])
-    writer.add_context_length(config["max_position_embeddings"])
-    writer.add_embedding_length(config["hidden_size"])
-    writer.add_feed_forward_length(config["intermediate_size"])
+    writer = gguf_writer(path, "llama" if mixtral else "qwen3moe", config)
     experts = _experts_of(config)
     writer.add_expert_count(experts)
     writer.add_expert_used_count(config["num_experts_per_tok"])
-    writer.add_head_count(config["num_attention_heads"])
-    writer.add_head_count_kv(config["num_key_value_heads"])
     if not mixtral:
         writer.add_expert_feed_forward_length(config["moe_intermediate_size"])
         writer.add_key_length(config["head_dim"])
         writer.add_value_length(config["head_dim"])
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_rope_freq_base(config.get("rope_theta") or config["rope_parameters"]["rope_theta"])
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
-    tokens = [f"t{i}" for i in range(config["vocab_size"])]
-    writer.add_token_list(tokens)
-    writer.add_token_types([1] * len(tokens))
-    writer.add_token_merges([])
-    writer.add_bos_token_id(0)
-    writer.add_eos_token_id(1)
     moe = "block_sparse_moe" if mixtral else "mlp"
     names = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q",
              "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
@@ -320,17 +273,9 @@ def _write_moe_gguf(checkpoint, path, expert_type=None):
             tensors[f"blk.{layer}.{gname}.weight"] = np.stack(
                 [state[f"{prefix}{moe}.experts.{e}.{proj}.weight"] for e in range(experts)])
     for name, array in tensors.items():
-        array = np.ascontiguousarray(array, dtype=np.float32)
-        if expert_type is not None and name.endswith("_exps.weight"):
-            data = gguf.quants.quantize(array, expert_type)
-            writer.add_tensor(name, data, raw_shape=data.shape, raw_dtype=expert_type)
-        else:
-            writer.add_tensor(name, array)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+        add_gguf_tensor(writer, name, array,
+                        expert_type if name.endswith("_exps.weight") else None)
+    return finish_gguf(writer, path, config["vocab_size"])
 
 
 @pytest.mark.parametrize("name, arch, down, expert_type", [

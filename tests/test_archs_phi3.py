@@ -16,7 +16,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from models import write_word_tokenizer
+from models import add_gguf_tensor, finish_gguf, gguf_name, gguf_writer, write_random_checkpoint
+from test_archs import hf_model, logits_of
 from test_numerics import PROMPT, TOLERANCE, relative_error
 
 import fmc
@@ -41,18 +42,7 @@ PHI3_PLAIN = {**PHI3, "rope_scaling": None, "partial_rotary_factor": 1.0, "slidi
 def write_phi3(directory, values: dict):
     import transformers
 
-    config = transformers.Phi3Config(**values)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.copy_(1.0 + 0.1 * torch.randn_like(param))
-            else:
-                param.copy_(0.08 * torch.randn_like(param))
-    model.save_pretrained(directory)
-    write_word_tokenizer(directory, config.vocab_size)
-    return directory
+    return write_random_checkpoint(transformers.Phi3Config(**values), directory)
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +52,7 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def hf(checkpoint):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    return hf_model(checkpoint)
 
 
 @pytest.fixture(scope="module")
@@ -86,11 +74,6 @@ class HFSequence:
         with torch.no_grad():
             out = self.model(torch.tensor([ids]), cache=self.cache, use_cache=True)
         return out.logits[0].numpy()
-
-
-def full_forward(model, ids):
-    with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0].numpy()
 
 
 def decode_alongside(engine, seq, reference: HFSequence, logits, steps: int):
@@ -136,7 +119,7 @@ def test_prefill_and_decode_match_transformers(prompt, artifact, hf):
     steps: from the short prompt they cross position 16, where transformers (and fmc)
     switch to the long factors for the new tokens."""
     engine = fmc.load(artifact)
-    expected = full_forward(hf, prompt)
+    expected = logits_of(hf, prompt)
     assert relative_error(engine.logits(prompt), expected) <= TOLERANCE
     seq = engine.new_sequence()
     reference = HFSequence(hf)
@@ -155,7 +138,7 @@ def test_chunked_prefill_matches_transformers_chunk_by_chunk(artifact, hf):
     chunked = np.concatenate([reference.feed(LONG_PROMPT[i:i + 8]) for i in (0, 8, 16)])
     ours = engine.logits(LONG_PROMPT)
     assert relative_error(ours, chunked) <= TOLERANCE
-    assert relative_error(ours, full_forward(hf, LONG_PROMPT)) > 100 * TOLERANCE
+    assert relative_error(ours, logits_of(hf, LONG_PROMPT)) > 100 * TOLERANCE
     seq = engine.new_sequence()
     logits = engine.prefill(seq, LONG_PROMPT)
     assert relative_error(logits, chunked[-1]) <= TOLERANCE
@@ -191,7 +174,7 @@ def test_without_longrope_the_comparison_fails(prompt, checkpoint, artifact):
     plain = AutoModelForCausalLM.from_pretrained(checkpoint, config=config,
                                                  dtype=torch.float32).eval()
     ours = fmc.load(artifact).logits(prompt)
-    assert relative_error(ours, full_forward(plain, prompt)) > 100 * TOLERANCE
+    assert relative_error(ours, logits_of(plain, prompt)) > 100 * TOLERANCE
 
 
 def test_q4f16_equals_transformers_on_the_dequantized_weights(tmp_path, capsys):
@@ -224,34 +207,19 @@ def write_phi3_gguf(checkpoint, path, qkv_type=None):
     """The tiny checkpoint as llama.cpp's convert_hf_to_gguf.py writes a Phi-3 (written
     independently of fmc): attn_qkv and ffn_up (gate and up) fused, the rotary width as
     rope.dimension_count, the factors as tensors, the attention factor as metadata."""
-    import gguf
     from safetensors.numpy import load_file
 
     c = PHI3
     state = load_file(str(checkpoint / "model.safetensors"))
-    writer = gguf.GGUFWriter(str(path), "phi3")
-    writer.add_context_length(c["max_position_embeddings"])
-    writer.add_rope_scaling_orig_ctx_len(ORIGINAL)
-    writer.add_embedding_length(c["hidden_size"])
-    writer.add_feed_forward_length(c["intermediate_size"])
-    writer.add_block_count(c["num_hidden_layers"])
-    writer.add_head_count(c["num_attention_heads"])
-    writer.add_head_count_kv(c["num_key_value_heads"])
+    writer = gguf_writer(path, "phi3", c)
     writer.add_layer_norm_rms_eps(c["rms_norm_eps"])
+    writer.add_rope_scaling_orig_ctx_len(ORIGINAL)
     writer.add_rope_dimension_count(
         int(c["partial_rotary_factor"] * c["hidden_size"]) // c["num_attention_heads"])
     writer.add_rope_freq_base(c["rope_theta"])
     writer.add_sliding_window(0)
     scale = c["max_position_embeddings"] / ORIGINAL
     writer.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(ORIGINAL)))
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
-    tokens = [f"t{i}" for i in range(c["vocab_size"])]
-    writer.add_token_list(tokens)
-    writer.add_token_types([1] * len(tokens))
-    writer.add_token_merges([])
-    writer.add_bos_token_id(0)
-    writer.add_eos_token_id(1)
     for key in ("long_factor", "short_factor"):
         name = f"rope_factors_{key.split('_')[0]}.weight"
         writer.add_tensor(name, np.array(c["rope_scaling"][key], dtype=np.float32))
@@ -259,27 +227,10 @@ def write_phi3_gguf(checkpoint, path, qkv_type=None):
              "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
              "mlp.gate_up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
     for name, array in state.items():
-        if name == "model.embed_tokens.weight":
-            gname = "token_embd.weight"
-        elif name == "model.norm.weight":
-            gname = "output_norm.weight"
-        elif name == "lm_head.weight":
-            gname = "output.weight"
-        else:
-            _, _, layer, rest = name.split(".", 3)
-            module, kind = rest.rsplit(".", 1)
-            gname = f"blk.{layer}.{names[module]}.{kind}"
-        array = np.ascontiguousarray(array, dtype=np.float32)
-        if qkv_type is not None and gname.endswith("attn_qkv.weight"):
-            data = gguf.quants.quantize(array, qkv_type)
-            writer.add_tensor(gname, data, raw_shape=data.shape, raw_dtype=qkv_type)
-        else:
-            writer.add_tensor(gname, array)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+        gname = gguf_name(name, names)
+        add_gguf_tensor(writer, gname, array,
+                        qkv_type if gname.endswith("attn_qkv.weight") else None)
+    return finish_gguf(writer, path, c["vocab_size"])
 
 
 def test_gguf_import_equals_hf_import(checkpoint, tmp_path):

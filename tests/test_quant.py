@@ -140,7 +140,10 @@ def test_bad_group_size_fails_the_compile_naming_the_tensor(tiny_checkpoint, tmp
 
 def dequantized_state(artifact: Path) -> dict[str, np.ndarray]:
     """The artifact's weights as float32 checkpoint tensors, dequantized in numpy (fused
-    parameters are split back into their members' rows)."""
+    parameters are split back into their members' rows; a quantized mixture-of-experts
+    stack [experts, …] each expert on its own, as the compiler quantized it)."""
+    from fmc.quant import experts
+
     manifest = json.loads((artifact / "manifest.json").read_text())
     stored: dict[str, dict[int, np.ndarray]] = {}
     schemes = {}
@@ -157,8 +160,12 @@ def dequantized_state(artifact: Path) -> dict[str, np.ndarray]:
     for source, parts in stored.items():
         arrays = [parts[i] for i in sorted(parts)]
         scheme = schemes[source]
-        state[source] = (get(scheme).dequantize(arrays) if scheme
-                         else arrays[0].astype(np.float32))
+        if scheme is None:
+            state[source] = arrays[0].astype(np.float32)
+        elif ".experts." in source:
+            state[source] = experts.dequantize(get(scheme), arrays)
+        else:
+            state[source] = get(scheme).dequantize(arrays)
     return state
 
 
