@@ -188,6 +188,15 @@ IDS = [5, 9, 100, 3, 44, 150, 7, 7, 12]
 QUALITY_BOUND = {"q8f16": 0.032, "q4f16": 0.47}
 
 
+def matches_transformers_on_its_weights(artifact: Path, checkpoint: Path) -> np.ndarray:
+    """The artifact's logits on IDS, asserted equal (to float32 rounding) to transformers'
+    on the artifact's dequantized weights: every fused kernel computes dequantize(W)·x."""
+    ours = fmc.load(artifact).logits(IDS)
+    expected = hf_logits_with(checkpoint, dequantized_state(artifact), IDS)
+    assert np.abs(ours - expected).max() <= 1e-5 * np.abs(expected).max()
+    return ours
+
+
 @pytest.mark.parametrize("name", sorted(QUALITY_BOUND))
 def test_quantized_model_kernels_and_quality(name, tiny_checkpoint, tiny_artifact):
     """The compiled quantized model equals transformers running the same dequantized weights
@@ -198,9 +207,7 @@ def test_quantized_model_kernels_and_quality(name, tiny_checkpoint, tiny_artifac
     layers = manifest["quantization"]["layers"]
     assert layers["model.layers.0.mlp.down_proj"] == name
     assert layers["model.embed_tokens"] == (get(name).output_scheme or name)  # tied: output
-    ours = fmc.load(artifact).logits(IDS)
-    expected = hf_logits_with(checkpoint, dequantized_state(artifact), IDS)
-    assert np.abs(ours - expected).max() <= 1e-5 * np.abs(expected).max()
+    ours = matches_transformers_on_its_weights(artifact, checkpoint)
     full = fmc.load(tiny_artifact("llama-quant")).logits(IDS)
     error = np.abs(ours - full).max() / np.abs(full).max()
     assert error <= QUALITY_BOUND[name], error
@@ -216,9 +223,7 @@ def test_overrides_choose_per_layer_schemes(tiny_checkpoint, tmp_path):
     assert layers["model.layers.1.mlp.up_proj"] == "q8f16"
     assert layers["model.layers.0.mlp.up_proj"] == "q4f16"
     assert layers["model.layers.1.self_attn.q_proj"] == "q4f16"
-    ours = fmc.load(out).logits(IDS)
-    expected = hf_logits_with(tiny_checkpoint("llama-gqa-untied"), dequantized_state(out), IDS)
-    assert np.abs(ours - expected).max() <= 1e-5 * np.abs(expected).max()
+    matches_transformers_on_its_weights(out, tiny_checkpoint("llama-gqa-untied"))
 
 
 def test_plugin_from_a_file_outside_the_package(tiny_checkpoint, tmp_path):
@@ -266,6 +271,4 @@ def test_every_scheme_in_one_model_equals_transformers(tiny_checkpoint, tmp_path
         assert layers[next(k for k in layers if k.endswith(layer))] == scheme, layer
     # q0f32 is the CPU's compute dtype (no dequantize); q4f16 shares q4f32's kernels
     assert set(EVERY_SCHEME.values()) == BUILTIN_SCHEMES - {"q0f32", "q4f16"}
-    ours = fmc.load(out).logits(IDS)
-    expected = hf_logits_with(checkpoint, dequantized_state(out), IDS)
-    assert np.abs(ours - expected).max() <= 1e-5 * np.abs(expected).max()
+    matches_transformers_on_its_weights(out, checkpoint)

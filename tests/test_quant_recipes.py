@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
-from test_quant import IDS, dequantized_state, hf_logits_with
+from test_quant import matches_transformers_on_its_weights
 
-import fmc
 from fmc.compiler import CompileOptions, compile_model
 from fmc.errors import InputError, UsageError
 from fmc.quant.plan import QuantPlan
@@ -64,9 +62,7 @@ def test_q4k_m_model_equals_transformers(tiny_checkpoint, tiny_artifact):
     assert layers["model.layers.0.mlp.down_proj"] == "q4k"
     assert layers["model.layers.0.self_attn.v_proj"] == "q4k"
     assert layers["lm_head"] == "q6k"
-    ours = fmc.load(artifact).logits(IDS)
-    expected = hf_logits_with(tiny_checkpoint("llama-kquant"), dequantized_state(artifact), IDS)
-    assert np.abs(ours - expected).max() <= 1e-5 * np.abs(expected).max()
+    matches_transformers_on_its_weights(artifact, tiny_checkpoint("llama-kquant"))
 
 
 def test_a_users_recipe_file(tiny_checkpoint, tmp_path):
