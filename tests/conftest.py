@@ -89,6 +89,16 @@ def pytest_collection_modifyitems(config, items):
     assert TINY_MODELS  # the registry of tiny models must not be empty
 
 
+@pytest.fixture
+def bad_plugins(tmp_path) -> tuple[Path, Path]:
+    """Two plugin files every plugin loader must refuse with a clear error: broken.py raises
+    on import, empty.py registers nothing."""
+    broken, empty = tmp_path / "broken.py", tmp_path / "empty.py"
+    broken.write_text("raise RuntimeError('boom')\n")
+    empty.write_text("x = 1\n")
+    return broken, empty
+
+
 class _Records(logging.Handler):
     def __init__(self):
         super().__init__(logging.DEBUG)

@@ -230,14 +230,11 @@ def test_arch_plugin_is_scoped_to_its_compile_and_keys_the_cache(tiny_checkpoint
     assert compile_("c") == {"library": "miss", "weights": "miss"}
 
 
-def test_bad_arch_plugins_are_clear_errors(tmp_path):
-    broken = tmp_path / "broken.py"
-    broken.write_text("raise RuntimeError('boom')\n")
+def test_bad_arch_plugins_are_clear_errors(bad_plugins):
+    broken, empty = bad_plugins
     with pytest.raises(InputError, match="broken.py: architecture plugin failed to load: "
                                          "RuntimeError: boom"):
         registry.load_plugin(broken)
-    empty = tmp_path / "empty.py"
-    empty.write_text("x = 1\n")
     with pytest.raises(InputError, match="empty.py: registers no architecture"):
         registry.load_plugin(empty)
 

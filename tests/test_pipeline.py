@@ -83,14 +83,11 @@ def test_pass_plugin_can_replace_a_pass(restore_pipeline, tiny_checkpoint, tmp_p
         pipeline.pass_names()
 
 
-def test_bad_pass_plugins_are_clear_errors(restore_pipeline, tmp_path):
-    broken = tmp_path / "broken.py"
-    broken.write_text("raise RuntimeError('boom')\n")
+def test_bad_pass_plugins_are_clear_errors(restore_pipeline, bad_plugins):
+    broken, empty = bad_plugins
     with pytest.raises(InputError, match="broken.py: pass plugin failed to load: "
                                          "RuntimeError: boom"):
         pipeline.load_pass_plugin(broken)
-    empty = tmp_path / "empty.py"
-    empty.write_text("x = 1\n")
     with pytest.raises(InputError, match="registers no pass"):
         pipeline.load_pass_plugin(empty)
     with pytest.raises(UsageError, match="did you mean 'fuse-ops'"):
