@@ -355,6 +355,31 @@ def test_wrong_types_are_400_naming_the_field_and_auth_is_401(server):
     assert server.raw("/health", key=None)[0] == 200
 
 
+async def greedy_text(client, prompt, max_tokens: int, stream: bool = False,
+                      **options) -> str:
+    """A greedy completion's text through the async client, streamed or in one response."""
+    if stream:
+        chunks = await client.completions.create(model=NAME, prompt=prompt, temperature=0,
+                                                 max_tokens=max_tokens, stream=True, **options)
+        return "".join([c.choices[0].text async for c in chunks])
+    result = await client.completions.create(model=NAME, prompt=prompt, temperature=0,
+                                             max_tokens=max_tokens, **options)
+    return result.choices[0].text
+
+
+def run_clients(client, calls, timeout: float | None = None) -> list:
+    """The results of the coroutines `calls` run concurrently (in `timeout` seconds); the
+    client closed after."""
+
+    async def everyone():
+        try:
+            return await asyncio.wait_for(asyncio.gather(*calls), timeout)
+        finally:
+            await client.close()
+
+    return asyncio.run(everyone())
+
+
 def test_concurrent_greedy_requests_equal_their_solo_runs(server, engine):
     """Mixed prompt lengths (some prefilled in 16-token chunks) decoded together, more
     sequences than the KV cache holds at once: every text equals its solo run."""
@@ -364,22 +389,8 @@ def test_concurrent_greedy_requests_equal_their_solo_runs(server, engine):
     before = server.metrics()
     client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
 
-    async def one(prompt, i):
-        if i % 2:
-            stream = await client.completions.create(model=NAME, prompt=prompt, max_tokens=20,
-                                                     temperature=0, stream=True)
-            return "".join([c.choices[0].text async for c in stream])
-        result = await client.completions.create(model=NAME, prompt=prompt, max_tokens=20,
-                                                 temperature=0)
-        return result.choices[0].text
-
-    async def everyone():
-        try:
-            return await asyncio.gather(*(one(p, i) for i, p in enumerate(prompts)))
-        finally:
-            await client.close()
-
-    texts = asyncio.run(everyone())
+    texts = run_clients(client, (greedy_text(client, p, 20, stream=bool(i % 2))
+                                 for i, p in enumerate(prompts)))
     assert texts == [t for t, _ in expected]
     after = server.metrics()
     label = f'{{model="{NAME}"}}'
@@ -409,18 +420,8 @@ def test_sequences_preempted_for_kv_pages_resume_and_still_equal_their_solo_runs
     before = server.metrics()["fmc_preemptions_total" + label]
     client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
 
-    async def one(prompt):
-        result = await client.completions.create(model=NAME, prompt=prompt, max_tokens=60,
-                                                 temperature=0, extra_body={"ignore_eos": True})
-        return result.choices[0].text
-
-    async def everyone():
-        try:
-            return await asyncio.gather(*(one(p) for p in prompts))
-        finally:
-            await client.close()
-
-    assert asyncio.run(everyone()) == expected
+    assert run_clients(client, (greedy_text(client, p, 60, extra_body={"ignore_eos": True})
+                                for p in prompts)) == expected
     after = server.metrics()
     assert after["fmc_preemptions_total" + label] > before
     assert_released(after)
@@ -539,21 +540,9 @@ def test_load_32_clients_with_early_disconnects_and_shared_prefixes(server, engi
                     model=NAME, prompt=ids, max_tokens=200, temperature=0,
                     extra_body={"ignore_eos": True})
             return None
-        if i % 2:
-            stream = await client.completions.create(model=NAME, prompt=ids, max_tokens=16,
-                                                     temperature=0, stream=True)
-            return "".join([c.choices[0].text async for c in stream])
-        result = await client.completions.create(model=NAME, prompt=ids, max_tokens=16,
-                                                 temperature=0)
-        return result.choices[0].text
+        return await greedy_text(client, ids, 16, stream=bool(i % 2))
 
-    async def everyone():
-        try:
-            return await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(32))), 60)
-        finally:
-            await client.close()
-
-    texts = asyncio.run(everyone())
+    texts = run_clients(client, (one(i) for i in range(32)), timeout=60)
     assert {i: t for i, t in enumerate(texts) if i not in leaving} == expected
     deadline = time.monotonic() + 30  # a loaded 2-core machine notices cancellations late
     while not released(after := server.metrics()):
