@@ -29,6 +29,18 @@ def import_file(path: str | Path, kind: str) -> ModuleType:
     return module
 
 
+def import_registering(path: str | Path, kind: str, registry: dict, what: str) -> list[str]:
+    """Import plugin file `path` (import_file); returns the names it added to `registry` or
+    replaced there. A file that registers nothing is bad input (`what`: what it should have
+    registered and how)."""
+    before = dict(registry)
+    import_file(path, kind)
+    added = [name for name, value in registry.items() if before.get(name) is not value]
+    if not added:
+        raise InputError(f"{path}: registers no {what}")
+    return added
+
+
 def import_builtins(package_name: str, infrastructure: set[str]) -> None:
     """Import every module of a plugin package except its infrastructure modules, so each
     built-in plugin file registers itself (a new plugin is one new file). Imports are cached

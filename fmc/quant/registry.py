@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fmc.errors import InputError, UsageError, unknown_choice
-from fmc.plugins import import_builtins, import_file
+from fmc.errors import UsageError, unknown_choice
+from fmc.plugins import import_builtins, import_registering
 from fmc.quant.scheme import QuantScheme
 
 SCHEMES: dict[str, QuantScheme] = {}
@@ -29,12 +29,8 @@ def _load_builtins() -> None:
 def load_plugin(path: str | Path) -> list[str]:
     """Import a user's scheme file; returns the names it registered."""
     _load_builtins()
-    before = dict(SCHEMES)
-    import_file(path, "quantization plugin")
-    added = [name for name, scheme in SCHEMES.items() if before.get(name) is not scheme]
-    if not added:
-        raise InputError(f"{path}: registers no quantization scheme (call fmc.quant.register)")
-    return added
+    return import_registering(path, "quantization plugin", SCHEMES,
+                              "quantization scheme (call fmc.quant.register)")
 
 
 def split_name(name: str) -> tuple[str, int | None]:

@@ -233,13 +233,8 @@ def presets() -> dict[str, dict]:
 
 def load_plugin(path: str | Path) -> list[str]:
     """Import a user's architecture file; returns the family names it registered."""
-    from fmc.plugins import import_file
+    from fmc.plugins import import_registering
 
     _load_builtins()
-    before = dict(ARCHITECTURES)
-    import_file(path, "architecture plugin")
-    added = [name for name, arch in ARCHITECTURES.items() if before.get(name) is not arch]
-    if not added:
-        raise InputError(f"{path}: registers no architecture (call "
-                         "fmc.frontend.archs.register)")
-    return added
+    return import_registering(path, "architecture plugin", ARCHITECTURES,
+                              "architecture (call fmc.frontend.archs.register)")
