@@ -1,15 +1,17 @@
 """`fmc serve` under load, beside llama.cpp's `llama-server`, with the same client.
 
     python benchmarks/serve_load.py [--fmc ARTIFACT] [--gguf FILE] [--llama-server BIN]
-                                    [--concurrency 1 4 16] [--requests 4] [--max-tokens 64]
-                                    [--prompt-tokens 128] [--threads N] [--skip-llama]
+                                    [--concurrency 1 4 16] [--requests 4] [--rounds 2]
+                                    [--max-tokens 64] [--prompt-tokens 128] [--threads N]
+                                    [--skip-llama]
 
 For each server and each concurrency C, C asyncio clients (the official `openai` client,
 streaming `/v1/completions`, `ignore_eos` so every request generates `--max-tokens`) each
 send `--requests` requests back to back, all prompts cut from benchmarks/data. Measured per
 request: time to the first token (TTFT), the gaps between streamed tokens (inter-token
-latency); per run: generated tokens / wall time (aggregate throughput). Both servers get the
-same threads, context and parallel sequences.
+latency); per run: generated tokens (the server's usage count) / wall time (aggregate
+throughput). Both servers get the same threads, context and parallel sequences; they take
+turns `--rounds` times (each server restarted per round) and every number is the median.
 
 Defaults: SmolLM2 q4f16 from benchmarks/.cache/vs_llamacpp (`python benchmarks/vs_llamacpp.py`
 makes it and the Q4_0 GGUF), `llama-server` built from the same vendored llama.cpp sources
@@ -115,8 +117,12 @@ async def measure(url: str, model: str, concurrency: int, requests: int, max_tok
             last = None
             stream = await client.completions.create(
                 model=model, prompt=prompt, max_tokens=max_tokens, temperature=0,
-                stream=True, extra_body={"ignore_eos": True})
+                stream=True, stream_options={"include_usage": True},
+                extra_body={"ignore_eos": True})
+            counted = None
             async for chunk in stream:
+                if chunk.usage is not None:
+                    counted = chunk.usage.completion_tokens
                 if not chunk.choices or not chunk.choices[0].text:
                     continue
                 now = time.perf_counter()
@@ -125,7 +131,9 @@ async def measure(url: str, model: str, concurrency: int, requests: int, max_tok
                 else:
                     gaps.append(now - last)
                 last = now
-                tokens += 1
+            # the server's count (a chunk may carry more than one token's text); with
+            # ignore_eos every request generates max_tokens
+            tokens += max_tokens if counted is None else counted
 
     start = time.perf_counter()
     try:
@@ -143,6 +151,20 @@ async def measure(url: str, model: str, concurrency: int, requests: int, max_tok
             "ttft_p50": quantile(ttfts, 0.5), "ttft_p99": quantile(ttfts, 0.99),
             "itl_mean": statistics.fmean(gaps) if gaps else float("nan"),
             "itl_p50": quantile(gaps, 0.5), "itl_p99": quantile(gaps, 0.99)}
+
+
+def median_run(runs: list[dict]) -> dict:
+    """Per measure, the median over rounds (one concurrency level)."""
+    return {key: statistics.median(r[key] for r in runs) if key != "concurrency"
+            else runs[0][key] for key in runs[0]}
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in
+                Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "unknown") \
+        if Path("/proc/cpuinfo").exists() else "unknown"
+    return {"cpu": cpu, "cores": os.cpu_count()}
 
 
 def chart(results: dict, path: Path) -> None:
@@ -177,6 +199,8 @@ def main() -> None:
     parser.add_argument("--skip-llama", action="store_true", help="fmc only")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--requests", type=int, default=4, help="requests per client")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="alternations of the servers; each number is the median")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
@@ -198,19 +222,23 @@ def main() -> None:
             str(binary), "-m", str(args.gguf), "--port", str(port), "--host", "127.0.0.1",
             "-t", str(args.threads), "-c", str(args.context), "-np", str(min(parallel, 8)),
             "--alias", "model"], port)
-    results: dict[str, list[dict]] = {}
-    for name, start in servers.items():
-        server = start(free_port())
-        try:
-            asyncio.run(measure(server.url, "model", 1, 1, 8, texts))  # warm-up
-            results[name] = [asyncio.run(measure(server.url, "model", c, args.requests,
-                                                 args.max_tokens, texts))
-                             for c in args.concurrency]
-        finally:
-            server.stop()
+    rounds: dict[str, list[list[dict]]] = {name: [] for name in servers}
+    for _ in range(args.rounds):  # alternated: a noisy stretch of the machine hits both
+        for name, start in servers.items():
+            server = start(free_port())
+            try:
+                asyncio.run(measure(server.url, "model", 1, 1, 8, texts))  # warm-up
+                rounds[name].append([asyncio.run(measure(server.url, "model", c, args.requests,
+                                                         args.max_tokens, texts))
+                                     for c in args.concurrency])
+            finally:
+                server.stop()
+    results = {name: [median_run([r[i] for r in runs]) for i in range(len(args.concurrency))]
+               for name, runs in rounds.items()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()},
-                                    "results": results}, indent=2) + "\n")
+                                    "machine": machine(), "results": results,
+                                    "rounds": rounds}, indent=2) + "\n")
     print("| server | clients | tokens/s | TTFT p50 (s) | TTFT p99 (s) | ITL p50 (ms) | "
           "ITL p99 (ms) |")
     print("|---|---|---|---|---|---|---|")
