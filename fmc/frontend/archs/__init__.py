@@ -1,4 +1,5 @@
-"""Model families, one module each (llama, mistral, qwen2, qwen3); see docs/architectures.md.
+"""Model families, one module each (llama, mistral, qwen2, qwen3, mixtral, qwen3_moe, phi3,
+gemma2, gemma3); see docs/architectures.md.
 
 `register(Architecture(...))` adds a family; `--arch-plugin FILE` imports a user's file that
 does so."""
