@@ -33,16 +33,16 @@ SHARD_BYTES = 5 * 10**9  # like HF's default 5 GB shards
 def tensor_shapes(config: dict) -> list[tuple[str, tuple[int, ...]]]:
     """A llama checkpoint's tensors for an HF `config`, in the order they are written."""
     h, i, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
-    kv = config["num_key_value_heads"] * config.get("head_dim",
-                                                    h // config["num_attention_heads"])
+    head_dim = config.get("head_dim") or h // config["num_attention_heads"]
+    q, kv = (config[key] * head_dim for key in ("num_attention_heads", "num_key_value_heads"))
     shapes = [("model.embed_tokens.weight", (v, h))]
     for layer in range(config["num_hidden_layers"]):
         p = f"model.layers.{layer}."
         shapes += [(p + "input_layernorm.weight", (h,)),
-                   (p + "self_attn.q_proj.weight", (h, h)),
+                   (p + "self_attn.q_proj.weight", (q, h)),
                    (p + "self_attn.k_proj.weight", (kv, h)),
                    (p + "self_attn.v_proj.weight", (kv, h)),
-                   (p + "self_attn.o_proj.weight", (h, h)),
+                   (p + "self_attn.o_proj.weight", (h, q)),
                    (p + "post_attention_layernorm.weight", (h,)),
                    (p + "mlp.gate_proj.weight", (i, h)), (p + "mlp.up_proj.weight", (i, h)),
                    (p + "mlp.down_proj.weight", (h, i))]
