@@ -4,7 +4,7 @@ qwen3_moe.py): tiny random checkpoints with 4 experts, top-2.
 Their float32 logits at every prefill position and over ten decode steps are compared with
 transformers in test_numerics.py (TINY_MODELS "mixtral" and "qwen3-moe"); here: the config
 and weight mapping (per-expert tensors stacked), q4f16 with per-expert quantization against
-transformers on the dequantized weights, a negative control (qwen3_moe with norm_topk_prob
+transformers on the dequantized weights, a negative control per family (norm_topk_prob
 flipped), a batched decode whose sequences route to different experts against their solo
 runs, tensor parallelism over the experts' width, the presets' published sizes (total and
 active parameters) and the refused settings."""
@@ -107,14 +107,15 @@ def test_mixtral_q4f16_equals_transformers_on_the_dequantized_weights(
         summary["features"]
 
 
-def test_qwen3_moe_without_renormalised_top_k_fails_the_comparison(
-        tiny_checkpoint, tiny_artifact, tmp_path):
+@pytest.mark.parametrize("name, arch", [("mixtral", "mixtral"), ("qwen3-moe", "qwen3_moe")])
+def test_flipped_top_k_renormalisation_fails_the_comparison(
+        tiny_checkpoint, tiny_artifact, tmp_path, name, arch):
     """Negative control: the same checkpoint compiled with norm_topk_prob flipped (registered
     in-process) is far from transformers; the real one is within bound."""
     changed_config_fails_the_comparison(
-        "qwen3_moe",
+        arch,
         lambda config: dataclasses.replace(config, norm_topk_prob=not config.norm_topk_prob),
-        tiny_checkpoint("qwen3-moe"), tiny_artifact("qwen3-moe"), tmp_path / "flipped")
+        tiny_checkpoint(name), tiny_artifact(name), tmp_path / "flipped")
 
 
 def _routes(model, ids: list[int]) -> list[set[int]]:
