@@ -105,7 +105,9 @@ async def measure(url: str, model: str, concurrency: int, requests: int, max_tok
                   texts: list[str]) -> dict:
     import openai
 
-    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0,
+    # Retries: llama-server's HTTP library closes a kept-alive connection after a few
+    # requests, and a request sent on it as it closes fails before any response.
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=3,
                                 timeout=600)
     ttfts, gaps, tokens = [], [], 0
 
