@@ -5,11 +5,12 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-
-import numpy as np
-from safetensors.numpy import save_file
+from typing import TYPE_CHECKING
 
 from fmc.errors import UsageError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 SHARD_DIR = "params"
 DEFAULT_SHARD_BYTES = 512 * 1024 * 1024
@@ -46,6 +47,8 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 
 
 def sha256_array(array: np.ndarray) -> str:
+    import numpy as np  # lazy: the option parsing that imports this module needs no numpy
+
     return hashlib.sha256(memoryview(np.ascontiguousarray(array)).cast("B")).hexdigest()
 
 
@@ -70,6 +73,8 @@ class ShardWriter:
         return f"{self.prefix}/shard-{len(self.shards):05d}.safetensors"
 
     def add(self, name: str, array: np.ndarray) -> None:
+        import numpy as np
+
         array = np.ascontiguousarray(array)
         if self._pending and self._pending_bytes + array.nbytes > self.max_bytes:
             self._flush()
@@ -84,6 +89,8 @@ class ShardWriter:
             return
         relative = self._shard_name()
         path = self.artifact_dir / relative
+        from safetensors.numpy import save_file
+
         save_file(self._pending, str(path), metadata={"format": "fmc"})
         # safetensors writes 0600; shards are read by whoever runs the artifact, like the
         # library and the manifest beside them.
