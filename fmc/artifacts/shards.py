@@ -46,6 +46,13 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+def save_file(tensors: dict, path: str, metadata: dict | None = None) -> None:
+    """safetensors' writer, imported on first use (it imports numpy)."""
+    from safetensors.numpy import save_file as write
+
+    write(tensors, path, metadata=metadata)
+
+
 def sha256_array(array: np.ndarray) -> str:
     import numpy as np  # lazy: the option parsing that imports this module needs no numpy
 
@@ -89,8 +96,6 @@ class ShardWriter:
             return
         relative = self._shard_name()
         path = self.artifact_dir / relative
-        from safetensors.numpy import save_file
-
         save_file(self._pending, str(path), metadata={"format": "fmc"})
         # safetensors writes 0600; shards are read by whoever runs the artifact, like the
         # library and the manifest beside them.
