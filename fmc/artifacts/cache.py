@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fmc.artifacts.staging import pid_alive
+from fmc.paths import write_memo
 
 log = logging.getLogger("fmc")
 
@@ -167,17 +168,8 @@ class BuildCache:
                 digest.update(block)
         value = digest.hexdigest()
         if time.time() - stat.st_mtime_ns / 1e9 >= DIGEST_MEMO_MIN_AGE_S:
-            self._write_memo(memo, {"identity": identity, "sha256": value, "path": str(path)})
+            write_memo(memo, {"identity": identity, "sha256": value, "path": str(path)})
         return value
-
-    def _write_memo(self, memo: Path, content: dict) -> None:
-        temp = memo.with_name(f".{memo.name}.{os.getpid()}")
-        try:
-            memo.parent.mkdir(parents=True, exist_ok=True)
-            temp.write_text(json.dumps(content), encoding="utf-8")
-            os.replace(temp, memo)
-        except OSError:
-            temp.unlink(missing_ok=True)
 
     # -- listing and cleaning ----------------------------------------------------------------
     def entries(self) -> list[dict[str, Any]]:

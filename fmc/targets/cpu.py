@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from fmc.errors import ArtifactError, UsageError
-from fmc.paths import cache_dir
+from fmc.paths import cache_dir, write_memo
 from fmc.targets.base import Target, Tool
 from fmc.targets.registry import register
 
@@ -47,13 +47,7 @@ def host_cpu() -> str:
     from tvm.target import codegen
 
     cpu = str(codegen.llvm_get_system_cpu())
-    try:
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        staged = memo.with_name(f".{memo.name}.{os.getpid()}")
-        staged.write_text(json.dumps({"identity": key, "llvm_cpu": cpu}))
-        os.replace(staged, memo)
-    except OSError:
-        pass  # a read-only cache only costs the next command the TVM import
+    write_memo(memo, {"identity": key, "llvm_cpu": cpu})
     return cpu
 
 
