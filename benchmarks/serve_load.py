@@ -161,14 +161,6 @@ def median_run(runs: list[dict]) -> dict:
             else runs[0][key] for key in runs[0]}
 
 
-def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in
-                Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "unknown") \
-        if Path("/proc/cpuinfo").exists() else "unknown"
-    return {"cpu": cpu, "cores": os.cpu_count()}
-
-
 def chart(results: dict, path: Path) -> None:
     try:
         import matplotlib
@@ -211,6 +203,9 @@ def main() -> None:
     parser.add_argument("--svg", type=Path,
                         default=ROOT.parent / "docs" / "images" / "serve_load.svg")
     args = parser.parse_args()
+    sys.path.insert(0, str(ROOT))
+    import vs_llamacpp  # its machine description, the same in both results files
+
     parallel = max(args.concurrency)
     texts = prompts(64, args.prompt_tokens)
     servers = {"fmc": lambda port: Server("fmc", [
@@ -239,7 +234,7 @@ def main() -> None:
                for name, runs in rounds.items()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()},
-                                    "machine": machine(), "results": results,
+                                    "machine": vs_llamacpp.machine(), "results": results,
                                     "rounds": rounds}, indent=2) + "\n")
     print("| server | clients | tokens/s | TTFT p50 (s) | TTFT p99 (s) | ITL p50 (ms) | "
           "ITL p99 (ms) |")
