@@ -4,6 +4,7 @@ internal error, or a code generator's failure (exit 8), is a finding.
 
     python benchmarks/shape_sweep.py --sweep [--targets cpu,cuda,...] [--limit N] [--seed S]
     python benchmarks/shape_sweep.py --hard        # only the table of known-hard cases
+    python benchmarks/shape_sweep.py --presets [--targets ...]   # every preset, every target
 
 A case is a one-layer Llama (or Qwen2, with biases) that exists only as a config: the
 compile's import phase sees it as a preset (a config without weights), so import, quantize,
@@ -11,12 +12,15 @@ fuse, lower and codegen run
 exactly as for `fmc compile llama-7b` (a weights-free library), and nothing is downloaded
 or written but the artifact, in a temporary directory. `tests/test_shape_sweep.py` runs a
 derandomized hypothesis sample and the hard table in CI; `--sweep` runs the long grid and
-writes benchmarks/results/shape_sweep.json (summary in docs/targets.md)."""
+writes benchmarks/results/shape_sweep.json (summary in docs/targets.md). `--presets` compiles
+every built-in preset (the families' published configs, weights-free, q4f16) for every target
+and writes benchmarks/results/preset_targets.json."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import random
@@ -29,6 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results" / "shape_sweep.json"
+PRESET_RESULTS = ROOT / "results" / "preset_targets.json"
 
 TARGETS = ("cpu", "cuda", "metal", "vulkan", "cpu:aarch64-linux")
 HEAD_DIMS = (32, 48, 64, 80, 96, 128, 256)
@@ -165,19 +170,17 @@ def as_preset(case: Case):
         fmc.compiler.open_model = original
 
 
-def compile_case(case: Case, workdir: Path | None = None) -> dict:
-    """Compile `case`; returns {"status": "ok" | "refused" | "failed", "exit", "message",
-    "seconds"}. "failed" is an internal error or a code generator's failure."""
-    from fmc.compiler import CompileOptions, compile_model
+def attempt(make_options, workdir: Path | None = None) -> dict:
+    """One compile of `make_options(output=...)` into a temporary directory; returns {"status":
+    "ok" | "refused" | "failed", "exit", "message", "seconds", "left_behind"}. "failed" is
+    an internal error or a code generator's failure."""
+    from fmc.compiler import compile_model
     from fmc.errors import FmcError
 
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(dir=workdir) as tmp, as_preset(case) as name:
-        options = CompileOptions(model=name, output=Path(tmp) / "out", target=case.target,
-                                 quant=case.quant, tensor_parallel=case.tp,
-                                 use_cache=False)
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         try:
-            compile_model(options)
+            compile_model(make_options(output=Path(tmp) / "out"))
             status, code, message = "ok", 0, ""
         except FmcError as exc:
             code = exc.exit_code
@@ -192,6 +195,32 @@ def compile_case(case: Case, workdir: Path | None = None) -> dict:
     return {"status": status, "exit": code, "message": message[:400],
             "seconds": round(time.perf_counter() - start, 1),
             "left_behind": [p.name for p in left] if status != "ok" else []}
+
+
+def compile_case(case: Case, workdir: Path | None = None) -> dict:
+    """Compile `case` as a weights-free model (see `attempt` for the result)."""
+    from fmc.compiler import CompileOptions
+
+    with as_preset(case) as name:
+        return attempt(functools.partial(CompileOptions, model=name, target=case.target,
+                                         quant=case.quant, tensor_parallel=case.tp,
+                                         use_cache=False), workdir)
+
+
+def run_presets(targets, log=print) -> list[dict]:
+    """Every preset for every target, weights-free, q4f16 (the default GPU scheme)."""
+    from fmc.compiler import CompileOptions
+    from fmc.frontend.presets import PRESETS
+
+    results = []
+    pairs = [(preset, target) for preset in sorted(PRESETS) for target in targets]
+    for number, (preset, target) in enumerate(pairs, 1):
+        result = {"preset": preset, "target": target, **attempt(functools.partial(
+            CompileOptions, model=preset, target=target, quant="q4f16", use_cache=False))}
+        results.append(result)
+        log(f"[{number}/{len(pairs)}] {result['status']:8s} {result['seconds']:6.1f} s  "
+            f"{preset} → {target}  {result['message'][:160]}")
+    return results
 
 
 def run(cases: list[Case], log=print) -> list[dict]:
@@ -212,29 +241,43 @@ def main() -> None:
     parser.add_argument("--targets", default=",".join(TARGETS))
     parser.add_argument("--limit", type=int, default=12, help="random cases per target")
     parser.add_argument("--seed", type=int, default=20)
-    parser.add_argument("--output", default=str(RESULTS))
+    parser.add_argument("--presets", action="store_true", help="every preset, every target")
+    parser.add_argument("--output", default=None, help=f"default: {RESULTS.name} "
+                        f"({PRESET_RESULTS.name} with --presets)")
     args = parser.parse_args()
-    if not (args.sweep or args.hard):
-        parser.error("give --sweep or --hard")
+    if not (args.sweep or args.hard or args.presets):
+        parser.error("give --sweep, --hard or --presets")
     os.environ.setdefault("FMC_NO_CACHE", "1")
     import logging
 
     logging.getLogger("fmc").setLevel(logging.ERROR)
     targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
+    if args.presets:
+        start = time.perf_counter()
+        results = run_presets(targets)
+        write_results(Path(args.output or PRESET_RESULTS), results, lambda r: r["target"],
+                      {"seconds": round(time.perf_counter() - start)})
+        return
     chosen = [c for c in HARD if c.target.split(":")[0] in {t.split(":")[0] for t in targets}
               or c.target in targets]
     if args.sweep:
         chosen += random_cases(args.limit, args.seed, targets)
     start = time.perf_counter()
     results = run(chosen)
+    write_results(Path(args.output or RESULTS), results, lambda r: r["case"]["target"],
+                  {"seed": args.seed, "per_target": args.limit,
+                   "seconds": round(time.perf_counter() - start)})
+
+
+def write_results(output: Path, results: list[dict], target_of, header: dict) -> None:
+    """Write {header, summary per target, results}; exit 1 if any compile failed."""
     summary: dict[str, dict[str, int]] = {}
     for r in results:
-        per = summary.setdefault(r["case"]["target"], {"ok": 0, "refused": 0, "failed": 0})
+        per = summary.setdefault(target_of(r), {"ok": 0, "refused": 0, "failed": 0})
         per[r["status"]] += 1
-    document = {"seed": args.seed, "per_target": args.limit, "seconds":
-                round(time.perf_counter() - start), "summary": summary, "results": results}
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
+    document = {**header, "summary": summary, "results": results}
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
     print(json.dumps(summary))
     sys.exit(1 if any(r["status"] == "failed" for r in results) else 0)
 

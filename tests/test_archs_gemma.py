@@ -27,10 +27,10 @@ from test_archs import (
     matches_prefill_and_decode,
 )
 from test_numerics import PROMPT, TOLERANCE, relative_error
+from test_vulkan_runtime import why_no_vulkan
 
 import fmc
 from fmc.compiler import CompileOptions, compile_model
-from fmc.errors import UsageError
 from fmc.frontend import open_model
 
 WINDOW = 4
@@ -61,30 +61,39 @@ def write_gemma(family: str, directory: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def gemma(tmp_path_factory):
-    """(family, quant) → (checkpoint, artifact), each built on first use (quant None: the
-    checkpoint only)."""
+    """(family, quant, target) → (checkpoint, artifact), each built on first use (quant None:
+    the checkpoint only)."""
     built: dict = {}
 
-    def get(family: str, quant: str | None = "q0f32") -> tuple[Path, Path | None]:
+    def get(family: str, quant: str | None = "q0f32",
+            target: str = "cpu") -> tuple[Path, Path | None]:
         if family not in built:
             built[family] = (write_gemma(family, tmp_path_factory.mktemp(family)), {})
         checkpoint, artifacts = built[family]
         if quant is None:
             return checkpoint, None
-        if quant not in artifacts:
-            out = tmp_path_factory.mktemp("artifacts") / f"{family}-{quant}"
-            compile_model(CompileOptions(model=str(checkpoint), output=out, quant=quant))
-            artifacts[quant] = out
-        return checkpoint, artifacts[quant]
+        if (quant, target) not in artifacts:
+            out = tmp_path_factory.mktemp("artifacts") / f"{family}-{quant}-{target}"
+            compile_model(CompileOptions(model=str(checkpoint), output=out, quant=quant,
+                                         target=target))
+            artifacts[quant, target] = out
+        return checkpoint, artifacts[quant, target]
 
     return get
 
 
+# fmc's GPU attention kernels run on Mesa's lavapipe (CI installs it: scripts/test.sh).
+TARGETS = ["cpu", pytest.param("vulkan", marks=pytest.mark.skipif(
+    why_no_vulkan() is not None, reason=str(why_no_vulkan())))]
+
+
+@pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("family", ["gemma2", "gemma3"])
-def test_matches_transformers(family, gemma):
+def test_matches_transformers(family, target, gemma):
     """All prefill positions and ten greedy decode steps (the prompt, 11 tokens, is longer
-    than the window: one prefill chunk windows its own new tokens)."""
-    checkpoint, artifact = gemma(family)
+    than the window: one prefill chunk windows its own new tokens). On vulkan: fmc's GPU
+    attention kernels, soft-cap and window included."""
+    checkpoint, artifact = gemma(family, target=target)
     config = fmc.load(artifact).config
     assert config.architecture == family
     assert config.arch_options["sliding_layers"] == [0]
@@ -92,11 +101,12 @@ def test_matches_transformers(family, gemma):
     matches_prefill_and_decode(fmc.load(artifact), hf_model(checkpoint), steps=10)
 
 
+@pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("family", ["gemma2", "gemma3"])
-def test_long_prompt_prefilled_in_chunks(family, gemma):
+def test_long_prompt_prefilled_in_chunks(family, target, gemma):
     """40 tokens (ten windows, three pages) in chunks of 7: each chunk attends to the cached
     window across page boundaries; then decode steps from the chunked prefill."""
-    checkpoint, artifact = gemma(family)
+    checkpoint, artifact = gemma(family, target=target)
     model = hf_model(checkpoint)
     engine = fmc.load(artifact)
     engine.prefill_chunk = 7
@@ -111,12 +121,13 @@ def test_long_prompt_prefilled_in_chunks(family, gemma):
         assert relative_error(logits, logits_of(model, tokens)[-1]) <= TOLERANCE
 
 
+@pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("family", ["gemma2", "gemma3"])
-def test_fork_and_decode_keep_the_window_exact(family, gemma):
+def test_fork_and_decode_keep_the_window_exact(family, target, gemma):
     """A forked sequence's keys lie in two blocks (the shared prefix and its own); the window
     spans both. Parent and children decode different tokens in one batch, each against a
     transformers forward of its own tokens."""
-    checkpoint, artifact = gemma(family)
+    checkpoint, artifact = gemma(family, target=target)
     model = hf_model(checkpoint)
     engine = fmc.load(artifact)
     parent = engine.new_sequence()
@@ -260,9 +271,7 @@ def test_gguf_import_equals_hf_import(family, tmp_path):
 
 
 @pytest.mark.parametrize("preset", ["gemma-2-2b", "gemma-3-1b"])
-def test_presets_and_gpu_refusal(preset, tmp_path):
-    """The presets are the published configs; a GPU target refuses them before building
-    anything (its attention kernels lack soft-capping and the exact window)."""
+def test_presets_are_the_published_configs(preset):
     config = open_model(preset).config
     options = config.arch_options
     if preset == "gemma-2-2b":
@@ -275,10 +284,33 @@ def test_presets_and_gpu_refusal(preset, tmp_path):
                 config.rope_theta, options["rope_local_theta"]) == \
             ("gemma3", 26, 512, 1e6, 1e4)
         assert [i for i in range(26) if i not in options["sliding_layers"]] == [5, 11, 17, 23]
-    for target in ("cuda", "metal", "vulkan"):
-        with pytest.raises(UsageError, match=f"the {target} target's attention kernels"):
-            compile_model(CompileOptions(model=preset, output=tmp_path / target, target=target))
-        assert not (tmp_path / target).exists()
+
+
+def test_metal_attention_kernels_carry_the_soft_cap_and_window(gemma):
+    """The Metal build's attention kernels (fmc's GPU form) compute the soft-cap (cap·log2(e)
+    = 0.5·1.4427 scales the tanh) and the window (a query skips keys more than 3 behind), and
+    every kernel type-checks as Metal Shading Language."""
+    from tvm import relax
+
+    from fmc.compiler import build_ir
+    from fmc.targets.metal import CLANG, check_msl, metal_source, split_kernels
+
+    if not CLANG.path():
+        pytest.skip("needs clang++ (apt-get install clang)")
+    checkpoint, _ = gemma("gemma2", None)
+    state = build_ir(CompileOptions(model=str(checkpoint), target="metal"))
+    target = state.target.tvm_target()
+    with target:
+        kernels = split_kernels(metal_source(relax.build(state.mod, target=target,
+                                                         relax_pipeline=None)))
+    attention = {name: source for name, source in kernels.items()
+                 if name in ("batch_decode_paged_kv_kernel", "batch_prefill_paged_kv_kernel",
+                             "batch_prefill_ragged_kv_kernel")}
+    assert len(attention) == 3
+    for name, source in attention.items():
+        assert "7.213475e-01f" in source, name
+        assert f"- {WINDOW - 1})" in source, name
+    assert check_msl(kernels, CLANG.path()) == []
 
 
 def test_multimodal_gemma3_reads_its_text_model(tmp_path):

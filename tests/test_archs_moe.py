@@ -323,10 +323,10 @@ def test_vulkan_build_equals_the_cpu_build(tiny_checkpoint, tiny_artifact, tmp_p
     """The GPU path (dlight's schedules of the routing and gathered expert kernels, as for
     CUDA and Metal) run on Mesa's lavapipe: float32 logits equal the CPU build's to
     rounding, prefill and decode. Skipped only where this machine has no Vulkan driver."""
-    from test_vulkan_runtime import _why_no_vulkan
+    from test_vulkan_runtime import why_no_vulkan
 
-    if _why_no_vulkan() is not None:
-        pytest.skip(_why_no_vulkan())
+    if why_no_vulkan() is not None:
+        pytest.skip(why_no_vulkan())
     out = tmp_path / "vulkan"
     compile_model(CompileOptions(model=str(tiny_checkpoint("mixtral")), output=out,
                                  target="vulkan"))

@@ -7,7 +7,7 @@ import pytest
 import tvm
 from tvm.relax.frontend.nn.llm._decode_kernels import _attention_decode_cpu
 
-from fmc.lowering.kernels.attention_cpu import DECODE_SYMBOL, decode_attention
+from fmc.lowering.kernels.attention import DECODE_SYMBOL, decode_attention
 from fmc.targets.cpu import host_cpu
 
 PAGE = 16
@@ -81,7 +81,7 @@ def _ragged_batch(rng, q_lengths, kv_lengths, kv_heads, heads, head_dim):
 def test_ragged_prefill_attention_equals_tvm(kv_heads, heads, head_dim, causal):
     from tvm.relax.frontend.nn.llm._prefill_kernels import _attention_prefill_ragged_cpu
 
-    from fmc.lowering.kernels.attention_cpu import (
+    from fmc.lowering.kernels.attention import (
         RAGGED_PREFILL_SYMBOL,
         ragged_prefill_attention,
     )
@@ -186,7 +186,7 @@ def _reference_paged_prefill(q, q_indptr, pool, page_indptr, values, last_page_l
 
 @pytest.mark.parametrize("causal", [1, 0])
 def test_paged_prefill_attention_equals_a_reference(causal):
-    from fmc.lowering.kernels.attention_cpu import PAGED_PREFILL_SYMBOL, paged_prefill_attention
+    from fmc.lowering.kernels.attention import PAGED_PREFILL_SYMBOL, paged_prefill_attention
 
     kv_heads, heads, head_dim = 3, 9, 64
     rng = np.random.default_rng(causal)

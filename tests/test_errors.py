@@ -239,10 +239,6 @@ CASES = [
          lambda t, c, a: _compile(c, t, "--quant", "q4f17")),
     Case("unknown-target", 2, r"unknown target 'cdua' \(did you mean 'cuda'\?\)",
          lambda t, c, a: _compile(c, t, "--target", "cdua")),
-    Case("gemma-gpu-target", 2, r"gemma2 needs attention-logit soft-capping and "
-         r"sliding-window attention, which the cuda target's attention kernels \(TVM's\) do "
-         r"not compute; fmc supplies them on the CPU targets only",
-         lambda t, c, a: _compile("gemma-2-2b", t, "--target", "cuda")),
     Case("tensor-parallel-does-not-divide", 2, r"--tensor-parallel 3 does not divide "
          r"num_attention_heads \(4\)",
          lambda t, c, a: _compile(c, t, "--tensor-parallel", "3")),

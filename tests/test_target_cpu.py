@@ -68,7 +68,7 @@ def test_cpu_build_schedules_every_matmul_and_marks_kernels_noalias(dot, tiny_ch
     from tvm import tirx
 
     from fmc.compiler import build_ir
-    from fmc.lowering.kernels.attention_cpu import DECODE_SYMBOL
+    from fmc.lowering.kernels.attention import DECODE_SYMBOL
 
     state = build_ir(CompileOptions(model=str(tiny_checkpoint("llama-quant")), quant="q4f16",
                                     target="cpu:icelake-server", cpu_dot=dot))

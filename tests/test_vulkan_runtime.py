@@ -27,7 +27,7 @@ if "VK_ICD_FILENAMES" not in os.environ and LAVAPIPE_ICD.exists():
     os.environ["VK_ICD_FILENAMES"] = str(LAVAPIPE_ICD)
 
 
-def _why_no_vulkan() -> str | None:
+def why_no_vulkan() -> str | None:
     try:
         ctypes.CDLL(VULKAN_LOADER)
     except OSError:
@@ -37,7 +37,7 @@ def _why_no_vulkan() -> str | None:
     return None
 
 
-pytestmark = pytest.mark.skipif(_why_no_vulkan() is not None, reason=str(_why_no_vulkan()))
+pytestmark = pytest.mark.skipif(why_no_vulkan() is not None, reason=str(why_no_vulkan()))
 
 MODEL = "llama-quant"
 # Worst |vulkan − cpu| over a step's logits, relative to that step's max |cpu logit|. fp32

@@ -14,10 +14,10 @@ What differs from `fmc.frontend.llama_model` (transformers `models/gemma2/modeli
   layers and another (with linear scaling) for global ones — the model rotates q and k
   itself (the cache has one RoPE setting), at the positions the cache reports.
 
-Soft-capping and the window are computed inside attention, by fmc's CPU kernels
-(`fmc.lowering.kernels.attention_cpu`), which this model puts into the cache with the
-options; a sliding layer passes a negative sm_scale to mark itself. TVM's GPU kernels have
-neither, so on other targets the family refuses a config that needs them (`check_target`).
+Soft-capping and the window are computed inside attention, by fmc's kernels
+(`fmc.lowering.kernels.attention`, a CPU and a GPU form), which this model puts into the
+cache with the options on every target (TVM's own kernels have neither); a sliding layer
+passes a negative sm_scale to mark itself.
 
 The family's settings live in `ModelConfig.arch_options`: query_pre_attn_scalar,
 attn_logit_softcapping, final_logit_softcapping, sliding_window, sliding_layers, and for
@@ -33,7 +33,6 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode
 
-from fmc.errors import UsageError
 from fmc.frontend.llama_model import (
     Embedding,
     LlamaAttention,
@@ -44,27 +43,6 @@ from fmc.frontend.llama_model import (
     all_reduce,
 )
 from fmc.model_config import ModelConfig
-
-
-def attention_needs(config: ModelConfig) -> list[str]:
-    """What attention must compute beyond plain causal softmax (empty: any target can)."""
-    options = config.arch_options
-    needs = []
-    if options.get("attn_logit_softcapping"):
-        needs.append("attention-logit soft-capping")
-    if options.get("sliding_layers"):
-        needs.append("sliding-window attention")
-    return needs
-
-
-def check_target(config: ModelConfig, target) -> None:
-    """Refuse a target whose attention kernels lack what the config needs: fmc supplies
-    soft-capping and the exact sliding window in its CPU kernels only."""
-    needs = attention_needs(config)
-    if needs and target.kind.name != "llvm":
-        raise UsageError(f"{config.architecture} needs {' and '.join(needs)}, which the "
-                         f"{target.kind.name} target's attention kernels (TVM's) do not "
-                         "compute; fmc supplies them on the CPU targets only")
 
 
 class GemmaRMSNorm(nn.Module):
@@ -135,7 +113,7 @@ class GemmaAttention(LlamaAttention):
             k = op.reshape(rotate(op.reshape(k, (batch * seq, self.num_kv, d)), positions,
                                   self.theta, self.factor), (batch, seq, self.num_kv, d))
         qkv = op.concat([q, k, v], dim=2)
-        # A negative scale marks a sliding layer for fmc's kernels (attention_cpu).
+        # A negative scale marks a sliding layer for fmc's kernels (kernels/attention.py).
         out = cache.attention_with_fused_qkv(layer_id, qkv, self.num_q,
                                              sm_scale=-self.scale if self.sliding else self.scale)
         out = self.o_proj(op.reshape(out, (batch, seq, self.num_q * d)))
@@ -187,7 +165,6 @@ class GemmaForCausalLM(LlamaForCausalLM):
 
     def __init__(self, config: ModelConfig, dtype: str, target, debug_layers: bool = False,
                  tensor_parallel: int = 1):
-        check_target(config, target)
         self.config = config
         self.dtype = dtype
         self.target = target
@@ -224,7 +201,7 @@ class GemmaForCausalLM(LlamaForCausalLM):
             from fmc.lowering.passes.cpu_attention import put_attention_kernels
 
             put_attention_kernels(relax.BlockBuilder.current(), self.attention_softcap,
-                                  self.window)
+                                  self.window, gpu=self.target.kind.name != "llvm")
         return cache
 
 

@@ -1,16 +1,18 @@
-"""The KV cache's CPU kernels: TVM's decode, ragged-prefill and paged-prefill attention
-swapped for fmc's (fmc/lowering/kernels), TVM's RoPE kernel rescheduled.
+"""The KV cache's attention kernels: on the CPU targets TVM's decode, ragged-prefill and
+paged-prefill attention swapped for fmc's (fmc/lowering/kernels/attention.py), TVM's RoPE
+kernel rescheduled.
 
 A model whose attention needs soft-capping or a sliding window puts fmc's kernels in the
-cache itself, with the options as function attributes (`attention_options`); they are
-rebuilt here with the target's SIMD width and the same options, never dropped."""
+cache itself, on every target, with the options as function attributes
+(`attention_options`); on the CPU they are rebuilt here with the target's SIMD width and the
+same options, never dropped. On the GPU targets they are fmc's GPU form and stay as put."""
 
 from __future__ import annotations
 
 import tvm
 from tvm import s_tir, tirx
 
-from fmc.lowering.kernels.attention_cpu import (
+from fmc.lowering.kernels.attention import (
     DECODE_SYMBOL,
     PAGED_PREFILL_SYMBOL,
     RAGGED_PREFILL_SYMBOL,
@@ -56,17 +58,17 @@ def _paged_shapes(func: tirx.PrimFunc, pages_index: int):
 def _paged(make, pages_index: int):
     """A replacement for a kernel over cache pages: `make(kv_heads, heads, head_dim, dtype,
     page_size, lanes)` with the sizes read off its q and pages buffers."""
-    def replace(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc | None:
+    def replace(func: tirx.PrimFunc, lanes: int, gpu: bool = False) -> tirx.PrimFunc | None:
         shapes = _paged_shapes(func, pages_index)
         if shapes is None:
             return None
         heads, head_dim, kv_heads, page_size = shapes
         return make(kv_heads, heads, head_dim, str(func.params[0].ty.dtype), page_size, lanes,
-                    **attention_options(func))
+                    gpu=gpu, **attention_options(func))
     return replace
 
 
-def _ragged_prefill(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc | None:
+def _ragged_prefill(func: tirx.PrimFunc, lanes: int, gpu: bool = False) -> tirx.PrimFunc | None:
     """q [n, H_qo, D], k [m, H_kv, D], v [m, H_kv, D_v]: only D_v = D is implemented."""
     q_shape, k_shape, v_shape = (_buffer_shape(func, i) for i in (0, 2, 3))
     heads, head_dim = _int(q_shape[1]), _int(q_shape[2])
@@ -74,7 +76,7 @@ def _ragged_prefill(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc | None:
     if None in (heads, head_dim, kv_heads) or v_dim != head_dim:
         return None
     return ragged_prefill_attention(kv_heads, heads, head_dim, str(func.params[0].ty.dtype),
-                                    lanes, **attention_options(func))
+                                    lanes, gpu=gpu, **attention_options(func))
 
 
 def _rope(func: tirx.PrimFunc, _lanes: int) -> tirx.PrimFunc | None:
@@ -98,23 +100,29 @@ REPLACEMENTS = {DECODE_SYMBOL: _paged(decode_attention, pages_index=1),
                 RAGGED_PREFILL_SYMBOL: _ragged_prefill, "fused_rope": _rope}
 
 
-ATTENTION_SYMBOLS = (DECODE_SYMBOL, PAGED_PREFILL_SYMBOL, RAGGED_PREFILL_SYMBOL)
+# The attention kernels by the names `TIRPagedKVCache` adds them under (CPU ones end in
+# "_cpu"; the GPU ragged kernel has no global symbol of its own).
+CACHE_KERNELS = {"tir_attention_decode": REPLACEMENTS[DECODE_SYMBOL],
+                 "tir_attention_prefill": REPLACEMENTS[PAGED_PREFILL_SYMBOL],
+                 "tir_attention_prefill_ragged": REPLACEMENTS[RAGGED_PREFILL_SYMBOL]}
 
 
-def put_attention_kernels(builder, softcap: float, window: int, lanes: int = 16) -> None:
+def put_attention_kernels(builder, softcap: float, window: int, gpu: bool,
+                          lanes: int = 16) -> None:
     """Swap the attention kernels a `TIRPagedKVCache` just added to `builder`'s module for
-    fmc's with soft-capping and the sliding window, tagged with those options (the pass
-    below rebuilds them for the target's SIMD width, keeping the options). Called by a
-    model's `create_kv_cache` on the CPU targets, so no pass setting can drop the options."""
+    fmc's with soft-capping and the sliding window, tagged with those options: the CPU form
+    (the pass below rebuilds it for the target's SIMD width, keeping the options) or the GPU
+    form. Called by a model's `create_kv_cache`, so no pass setting can drop the options."""
     for gv, func in list(builder.get().functions_items()):
         if not isinstance(func, tirx.PrimFunc):
             continue
-        symbol = str((func.attrs or {}).get("global_symbol", ""))
-        if symbol not in ATTENTION_SYMBOLS:
+        make = CACHE_KERNELS.get(gv.name_hint.removesuffix("_cpu"))
+        if make is None:
             continue
-        replacement = REPLACEMENTS[symbol](with_attention_options(func, softcap, window), lanes)
+        replacement = make(with_attention_options(func, softcap, window), lanes, gpu)
         if replacement is None:
-            raise ValueError(f"attention kernel {symbol}: symbolic head counts")  # a bug
+            raise ValueError(f"attention kernel {gv.name_hint}: symbolic head counts")  # a bug
+        symbol = str((func.attrs or {}).get("global_symbol", gv.name_hint))
         builder.update_func(gv, with_attention_options(replacement, softcap, window)
                             .with_attr("global_symbol", symbol))
 

@@ -1,10 +1,18 @@
-"""Paged-KV-cache decode attention for the CPU: parallel over (sequence, head), SIMD over
-the head dimension, one online-softmax update per page.
+"""The paged KV cache's attention kernels, fmc's own: decode, ragged prefill (the new tokens
+against each other) and paged prefill (the new tokens against the cached pages). One
+(query, head) pair's online softmax per parallel iteration, one update per page or key step.
 
-TVM's `_attention_decode_cpu` is one serial scalar loop over sequences, heads and positions
-(≈160 µs per layer for SmolLM2 at 128 positions). This kernel has the same signature and
-semantics (log2-domain scores, lse = m + log2(d), the same -5e4/1.0 initial state, so an
-empty sequence gives the same output), so the cache's C++ side calls it unchanged.
+On the CPU (`gpu=False`) the iterations run on the thread pool, SIMD over the head dimension;
+they replace TVM's CPU kernels everywhere. On the GPU targets (`gpu=True`) each thread runs
+one pair, 64 per block, its vectors in registers/local memory: correct, not tuned (TVM's tiled
+GPU kernels stay in use for every model that does not need the options below).
+
+Each kernel has the signature and semantics of the TVM kernel it replaces (log2-domain
+scores, lse = m + log2(d), the same -5e4/1.0 initial state, so an empty sequence gives the
+same output), so the cache's C++ side calls it unchanged.
+
+TVM's CPU decode kernel, `_attention_decode_cpu`, is one serial scalar loop over
+sequences, heads and positions (≈160 µs per layer for SmolLM2 at 128 positions).
 
 fmc builds its caches with RoPE applied before the append (`RopeMode.NORMAL`), so the cache
 never asks for inline RoPE here (`rotary_mode` 1); the kernel asserts that instead of
@@ -36,14 +44,41 @@ RAGGED_PREFILL_SYMBOL = "batch_prefill_ragged_kv"
 PAGED_PREFILL_SYMBOL = "batch_prefill_paged_kv_cpu"
 KEYS_PER_STEP = 16  # keys scored per online-softmax update in prefill
 LOG2E = math.log2(math.e)
+GPU_THREADS = 64  # (query, head) pairs per GPU block
+GPU_LANES = 4  # independent partial sums per GPU thread (instruction-level parallelism)
 
 
-def _attention_steps(head_dim: int, lanes: int, dtype: str, softcap: float = 0.0):
+class _Device:
+    """What differs between the CPU and GPU forms of a kernel: how the (query, head) pairs
+    are spread (`pairs(n)` then `lane()`: pair = block · per_block + lane), whether head-dim
+    loops are SIMD, and where a pair's private vectors live."""
+
+    def __init__(self, gpu: bool):
+        self.gpu = gpu
+        self.per_block = GPU_THREADS if gpu else 1
+        self.scope = "local" if gpu else "global"
+        self.vector = T.serial if gpu else T.vectorized
+
+    def pairs(self, count):
+        if self.gpu:
+            return T.thread_binding((count + GPU_THREADS - 1) // GPU_THREADS,
+                                    thread="blockIdx.x")
+        return T.parallel(count)
+
+    def lane(self):
+        return T.thread_binding(GPU_THREADS, thread="threadIdx.x") if self.gpu else T.serial(1)
+
+    def lanes(self, requested: int, head_dim: int) -> int:
+        return math.gcd(GPU_LANES if self.gpu else requested, head_dim)
+
+
+def _attention_steps(head_dim: int, lanes: int, dtype: str, softcap: float, vector):
     """TVMScript macros the kernels share: one (query, head) pair's online softmax in the log2
     domain. Keys and values come through accessors (`key(r, d)`, `value(r, d)`), so the same
     steps read cache pages or ragged new-token rows. `state` holds m, d, new m, rescale.
     With `softcap`, q carries the plain scale and each score becomes cap·tanh(s / cap)·log2(e)
-    (`q_scale` gives the factor to fold into q for either)."""
+    (`q_scale` gives the factor to fold into q for either). `vector` is the head-dim loop
+    kind: T.vectorized on the CPU, T.serial on the GPU."""
     chunks = head_dim // lanes
 
     # fmt: off
@@ -61,20 +96,20 @@ def _attention_steps(head_dim: int, lanes: int, dtype: str, softcap: float = 0.0
     def begin(q_local, o_local, state, query, scale):
         state[0] = T.float32(-5e4)  # TVM's initial state: an empty sequence gives 0, lse -5e4
         state[1] = T.float32(1.0)
-        for d in T.vectorized(head_dim):
+        for d in vector(head_dim):
             o_local[d] = T.float32(0)
         # Scores in the log2 domain: fold sm_scale·log2(e) into q once.
-        for d in T.vectorized(head_dim):
+        for d in vector(head_dim):
             q_local[d] = T.Cast("float32", query(d)) * scale
 
     @T.macro
     def attend(q_local, o_local, acc, scores, state, count, key, value):
-        """Score `count` keys (SIMD partial sums, then a horizontal sum), then one update."""
+        """Score `count` keys (`lanes` partial sums, then a horizontal sum), then one update."""
         for r in T.serial(count):
-            for lane in T.vectorized(lanes):
+            for lane in vector(lanes):
                 acc[lane] = q_local[lane] * T.Cast("float32", key(r, lane))
             for c in T.serial(chunks - 1):
-                for lane in T.vectorized(lanes):
+                for lane in vector(lanes):
                     d: T.let[T.int32] = (c + 1) * lanes + lane
                     acc[lane] = acc[lane] + q_local[d] * T.Cast("float32", key(r, d))
             scores[r] = T.float32(0)
@@ -86,18 +121,18 @@ def _attention_steps(head_dim: int, lanes: int, dtype: str, softcap: float = 0.0
             state[2] = T.max(state[2], scores[r])
         state[3] = T.exp2(state[0] - state[2])
         state[1] = state[1] * state[3]
-        for d in T.vectorized(head_dim):
+        for d in vector(head_dim):
             o_local[d] = o_local[d] * state[3]
         for r in T.serial(count):
             scores[r] = T.exp2(scores[r] - state[2])
             state[1] = state[1] + scores[r]
-            for d in T.vectorized(head_dim):
+            for d in vector(head_dim):
                 o_local[d] = o_local[d] + scores[r] * T.Cast("float32", value(r, d))
         state[0] = state[2]
 
     @T.macro
     def finish(o_local, state, output, lse, row, head):
-        for d in T.vectorized(head_dim):
+        for d in vector(head_dim):
             output[row, head, d] = T.Cast(dtype, o_local[d] / state[1])
         lse[row, head] = state[0] + T.log2(state[1])
     # fmt: on
@@ -108,6 +143,17 @@ def _attention_steps(head_dim: int, lanes: int, dtype: str, softcap: float = 0.0
         return T.max(sm_scale, -sm_scale) * T.float32(1.0 if softcap else LOG2E)
 
     return begin, attend, finish, q_scale
+
+
+@T.macro
+def _sequence_of(seq, row, indptr, batch_size):
+    """seq[0] = the sequence whose rows [indptr[b], indptr[b + 1]) hold `row`: the pairs of
+    all sequences are one flat parallel loop (a GPU kernel cannot loop over sequences on the
+    host, which cannot read indptr)."""
+    seq[0] = 0
+    for i in T.serial(batch_size):
+        if indptr[i + 1] <= row:
+            seq[0] = seq[0] + 1
 
 
 def _first_visible(window: int, sm_scale, q_position, k_start):
@@ -121,11 +167,13 @@ def _first_visible(window: int, sm_scale, q_position, k_start):
 
 def decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: str,
                      page_size: int = 16, lanes: int = 16, softcap: float = 0.0,
-                     window: int = 0):
+                     window: int = 0, gpu: bool = False):
     H_qo, H_kv, D = num_qo_heads, num_kv_heads, head_dim
     group = H_qo // H_kv
-    lanes = math.gcd(lanes, D)
-    begin, attend, finish, q_scale = _attention_steps(D, lanes, dtype, softcap)
+    device = _Device(gpu)
+    lanes = device.lanes(lanes, D)
+    scope, per_block = device.scope, device.per_block
+    begin, attend, finish, q_scale = _attention_steps(D, lanes, dtype, softcap, device.vector)
 
     # fmt: off
     @T.prim_func(s_tir=True)
@@ -160,49 +208,56 @@ def decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype:
         output = T.match_buffer(output_handle, (B, H_qo, D), dtype)
         lse = T.match_buffer(lse_handle, (B, H_qo), "float32")
 
-        assert rotary_mode == 0, "fmc's CPU decode attention expects RoPE applied at append"
-        for bh in T.parallel(B * H_qo):
-            with T.sblock("attn"):
-                # Regions would be inferred over the let-bound page range; the kernel is
-                # scheduled by hand, so none are needed.
-                T.reads()
-                T.writes()
-                q_local = T.sblock_alloc_buffer((D,), "float32")
-                o_local = T.sblock_alloc_buffer((D,), "float32")
-                acc = T.sblock_alloc_buffer((lanes,), "float32")
-                scores = T.sblock_alloc_buffer((page_size,), "float32")
-                state = T.sblock_alloc_buffer((4,), "float32")  # m, d, new m, rescale
-                b: T.let[T.int32] = bh // H_qo
-                h: T.let[T.int32] = bh % H_qo
-                kv: T.let[T.int32] = h // group
-                first: T.let[T.int32] = page_table_indptr[b]
-                num_pages: T.let[T.int32] = page_table_indptr[b + 1] - first
-                skip: T.let[T.int32] = _first_visible(window, sm_scale, q_position[b], k_start[b])
-                begin(q_local, o_local, state, lambda d: Q[b, h, d], q_scale(sm_scale))
-                for p in T.serial(skip // page_size, num_pages):
-                    page: T.let[T.int32] = page_table_values[first + p]
-                    rows: T.let[T.int32] = T.if_then_else(p == num_pages - 1,
-                                                          last_page_len[b], page_size)
-                    low: T.let[T.int32] = T.max(skip - p * page_size, 0)
-                    attend(q_local, o_local, acc, scores, state, rows - low,
-                           lambda r, d: pages[page, 0, kv, low + r, d],
-                           lambda r, d: pages[page, 1, kv, low + r, d])
-                finish(o_local, state, output, lse, b, h)
+        assert rotary_mode == 0, "fmc's decode attention expects RoPE applied at append"
+        for block in device.pairs(B * H_qo):
+            for lane in device.lane():
+                with T.sblock("attn"):
+                    # Regions would be inferred over the let-bound page range; the kernel is
+                    # scheduled by hand, so none are needed.
+                    T.reads()
+                    T.writes()
+                    q_local = T.sblock_alloc_buffer((D,), "float32", scope=scope)
+                    o_local = T.sblock_alloc_buffer((D,), "float32", scope=scope)
+                    acc = T.sblock_alloc_buffer((lanes,), "float32", scope=scope)
+                    scores = T.sblock_alloc_buffer((page_size,), "float32", scope=scope)
+                    state = T.sblock_alloc_buffer((4,), "float32", scope=scope)
+                    bh: T.let[T.int32] = block * per_block + lane
+                    if bh < B * H_qo:
+                        b: T.let[T.int32] = bh // H_qo
+                        h: T.let[T.int32] = bh % H_qo
+                        kv: T.let[T.int32] = h // group
+                        first: T.let[T.int32] = page_table_indptr[b]
+                        num_pages: T.let[T.int32] = page_table_indptr[b + 1] - first
+                        skip: T.let[T.int32] = _first_visible(window, sm_scale, q_position[b],
+                                                              k_start[b])
+                        begin(q_local, o_local, state, lambda d: Q[b, h, d], q_scale(sm_scale))
+                        for p in T.serial(skip // page_size, num_pages):
+                            page: T.let[T.int32] = page_table_values[first + p]
+                            rows: T.let[T.int32] = T.if_then_else(p == num_pages - 1,
+                                                                  last_page_len[b], page_size)
+                            low: T.let[T.int32] = T.max(skip - p * page_size, 0)
+                            attend(q_local, o_local, acc, scores, state, rows - low,
+                                   lambda r, d: pages[page, 0, kv, low + r, d],
+                                   lambda r, d: pages[page, 1, kv, low + r, d])
+                        finish(o_local, state, output, lse, b, h)
     # fmt: on
     return batch_decode_paged_kv
 
 
 def ragged_prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int,
-                             dtype: str, lanes: int = 16, softcap: float = 0.0, window: int = 0):
+                             dtype: str, lanes: int = 16, softcap: float = 0.0, window: int = 0,
+                             gpu: bool = False):
     """Self-attention of the new tokens of each sequence (q, k, v ragged by indptr), causal
     or not: TVM's `_attention_prefill_ragged_cpu` semantics (masked scores are -5e4·scale,
-    so they add exactly 0), parallel over (query token, head) within a sequence, keys in
+    so they add exactly 0), parallel over (query token, head) across all sequences, keys in
     steps of KEYS_PER_STEP with one online-softmax update per step."""
     H_qo, H_kv, D = num_qo_heads, num_kv_heads, head_dim
     group = H_qo // H_kv
-    lanes = math.gcd(lanes, D)
+    device = _Device(gpu)
+    lanes = device.lanes(lanes, D)
+    scope, per_block = device.scope, device.per_block
     step = KEYS_PER_STEP
-    begin, attend, finish, q_scale = _attention_steps(D, lanes, dtype, softcap)
+    begin, attend, finish, q_scale = _attention_steps(D, lanes, dtype, softcap, device.vector)
 
     # fmt: off
     @T.prim_func(s_tir=True)
@@ -236,45 +291,50 @@ def ragged_prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int
         output = T.match_buffer(var_output, (qo_len, H_qo, D), dtype)
         lse = T.match_buffer(var_lse, (qo_len, H_qo), "float32")
 
-        assert rotary_mode == 0, "fmc's CPU prefill attention expects RoPE applied at append"
-        for b in T.serial(batch_size):
-            for qh in T.parallel((q_indptr[b + 1] - q_indptr[b]) * H_qo):
+        assert rotary_mode == 0, "fmc's prefill attention expects RoPE applied at append"
+        for block in device.pairs(qo_len * H_qo):
+            for lane in device.lane():
                 with T.sblock("attn"):
                     T.reads()
                     T.writes()
-                    q_local = T.sblock_alloc_buffer((D,), "float32")
-                    o_local = T.sblock_alloc_buffer((D,), "float32")
-                    acc = T.sblock_alloc_buffer((lanes,), "float32")
-                    scores = T.sblock_alloc_buffer((step,), "float32")
-                    state = T.sblock_alloc_buffer((4,), "float32")  # m, d, new m, rescale
-                    row: T.let[T.int32] = qh // H_qo
-                    h: T.let[T.int32] = qh % H_qo
-                    kv: T.let[T.int32] = h // group
-                    q_start: T.let[T.int32] = q_indptr[b]
-                    kv_start: T.let[T.int32] = kv_indptr[b]
-                    q_count: T.let[T.int32] = q_indptr[b + 1] - q_start
-                    k_count: T.let[T.int32] = kv_indptr[b + 1] - kv_start
-                    # Keys this query sees: all, or (causal) up to its own position.
-                    visible: T.let[T.int32] = T.if_then_else(
-                        causal > 0, T.min(k_count - q_count + row + 1, k_count), k_count)
-                    skip: T.let[T.int32] = _first_visible(window, sm_scale,
-                                                          q_position[q_start + row], k_start[b])
-                    begin(q_local, o_local, state, lambda d: q[q_start + row, h, d],
-                          q_scale(sm_scale))
-                    for start in T.serial((visible - skip + step - 1) // step):
-                        first_key: T.let[T.int32] = kv_start + skip + start * step
-                        attend(q_local, o_local, acc, scores, state,
-                               T.min(step, visible - skip - start * step),
-                               lambda r, d: k[first_key + r, kv, d],
-                               lambda r, d: v[first_key + r, kv, d])
-                    finish(o_local, state, output, lse, q_start + row, h)
+                    q_local = T.sblock_alloc_buffer((D,), "float32", scope=scope)
+                    o_local = T.sblock_alloc_buffer((D,), "float32", scope=scope)
+                    acc = T.sblock_alloc_buffer((lanes,), "float32", scope=scope)
+                    scores = T.sblock_alloc_buffer((step,), "float32", scope=scope)
+                    state = T.sblock_alloc_buffer((4,), "float32", scope=scope)
+                    seq = T.sblock_alloc_buffer((1,), "int32", scope=scope)
+                    qh: T.let[T.int32] = block * per_block + lane
+                    if q_indptr[0] * H_qo <= qh and qh < q_indptr[batch_size] * H_qo:
+                        query: T.let[T.int32] = qh // H_qo
+                        h: T.let[T.int32] = qh % H_qo
+                        kv: T.let[T.int32] = h // group
+                        _sequence_of(seq, query, q_indptr, batch_size)
+                        b: T.let[T.int32] = seq[0]
+                        row: T.let[T.int32] = query - q_indptr[b]
+                        kv_start: T.let[T.int32] = kv_indptr[b]
+                        q_count: T.let[T.int32] = q_indptr[b + 1] - q_indptr[b]
+                        k_count: T.let[T.int32] = kv_indptr[b + 1] - kv_start
+                        # Keys this query sees: all, or (causal) up to its own position.
+                        visible: T.let[T.int32] = T.if_then_else(
+                            causal > 0, T.min(k_count - q_count + row + 1, k_count), k_count)
+                        skip: T.let[T.int32] = _first_visible(window, sm_scale,
+                                                              q_position[query], k_start[b])
+                        begin(q_local, o_local, state, lambda d: q[query, h, d],
+                              q_scale(sm_scale))
+                        for start in T.serial((visible - skip + step - 1) // step):
+                            first_key: T.let[T.int32] = kv_start + skip + start * step
+                            attend(q_local, o_local, acc, scores, state,
+                                   T.min(step, visible - skip - start * step),
+                                   lambda r, d: k[first_key + r, kv, d],
+                                   lambda r, d: v[first_key + r, kv, d])
+                        finish(o_local, state, output, lse, query, h)
     # fmt: on
     return batch_prefill_ragged_kv
 
 
 def paged_prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: str,
                             page_size: int = 16, lanes: int = 16, softcap: float = 0.0,
-                            window: int = 0):
+                            window: int = 0, gpu: bool = False):
     """New tokens (q ragged by indptr) attending to a sequence's cached pages: the part of a
     chunked prefill or a later chat turn before the new tokens' own keys (which the ragged
     kernel covers; the cache merges both by lse). Causal: query i of n new tokens sees the
@@ -284,8 +344,10 @@ def paged_prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int,
     update per page."""
     H_qo, H_kv, D = num_qo_heads, num_kv_heads, head_dim
     group = H_qo // H_kv
-    lanes = math.gcd(lanes, D)
-    begin, attend, finish, q_scale = _attention_steps(D, lanes, dtype, softcap)
+    device = _Device(gpu)
+    lanes = device.lanes(lanes, D)
+    scope, per_block = device.scope, device.per_block
+    begin, attend, finish, q_scale = _attention_steps(D, lanes, dtype, softcap, device.vector)
 
     # fmt: off
     @T.prim_func(s_tir=True)
@@ -325,39 +387,46 @@ def paged_prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int,
         output = T.match_buffer(var_output, (total_len, H_qo, D), dtype)
         lse = T.match_buffer(var_lse, (total_len, H_qo), "float32")
 
-        assert rotary_mode == 0, "fmc's CPU prefill attention expects RoPE applied at append"
-        for b in T.serial(batch_size):
-            for qh in T.parallel((q_indptr[b + 1] - q_indptr[b]) * H_qo):
+        assert rotary_mode == 0, "fmc's prefill attention expects RoPE applied at append"
+        for block in device.pairs(total_len * H_qo):
+            for lane in device.lane():
                 with T.sblock("attn"):
                     T.reads()
                     T.writes()
-                    q_local = T.sblock_alloc_buffer((D,), "float32")
-                    o_local = T.sblock_alloc_buffer((D,), "float32")
-                    acc = T.sblock_alloc_buffer((lanes,), "float32")
-                    scores = T.sblock_alloc_buffer((page_size,), "float32")
-                    state = T.sblock_alloc_buffer((4,), "float32")  # m, d, new m, rescale
-                    row: T.let[T.int32] = qh // H_qo
-                    h: T.let[T.int32] = qh % H_qo
-                    kv: T.let[T.int32] = h // group
-                    q_start: T.let[T.int32] = q_indptr[b]
-                    q_count: T.let[T.int32] = q_indptr[b + 1] - q_start
-                    first: T.let[T.int32] = page_indptr[b]
-                    num_pages: T.let[T.int32] = page_indptr[b + 1] - first
-                    kv_len: T.let[T.int32] = T.if_then_else(
-                        num_pages > 0, (num_pages - 1) * page_size + last_page_len[b], 0)
-                    visible: T.let[T.int32] = T.if_then_else(
-                        causal > 0, T.max(T.min(kv_len - q_count + row + 1, kv_len), 0), kv_len)
-                    skip: T.let[T.int32] = _first_visible(window, sm_scale,
-                                                          q_position[q_start + row], k_start[b])
-                    begin(q_local, o_local, state, lambda d: q[q_start + row, h, d],
-                          q_scale(sm_scale))
-                    for p in T.serial(skip // page_size, (visible + page_size - 1) // page_size):
-                        page: T.let[T.int32] = page_values[first + p]
-                        low: T.let[T.int32] = T.max(skip - p * page_size, 0)
-                        attend(q_local, o_local, acc, scores, state,
-                               T.min(page_size, visible - p * page_size) - low,
-                               lambda r, d: pages[page, 0, kv, low + r, d],
-                               lambda r, d: pages[page, 1, kv, low + r, d])
-                    finish(o_local, state, output, lse, q_start + row, h)
+                    q_local = T.sblock_alloc_buffer((D,), "float32", scope=scope)
+                    o_local = T.sblock_alloc_buffer((D,), "float32", scope=scope)
+                    acc = T.sblock_alloc_buffer((lanes,), "float32", scope=scope)
+                    scores = T.sblock_alloc_buffer((page_size,), "float32", scope=scope)
+                    state = T.sblock_alloc_buffer((4,), "float32", scope=scope)
+                    seq = T.sblock_alloc_buffer((1,), "int32", scope=scope)
+                    qh: T.let[T.int32] = block * per_block + lane
+                    if q_indptr[0] * H_qo <= qh and qh < q_indptr[batch_size] * H_qo:
+                        query: T.let[T.int32] = qh // H_qo
+                        h: T.let[T.int32] = qh % H_qo
+                        kv: T.let[T.int32] = h // group
+                        _sequence_of(seq, query, q_indptr, batch_size)
+                        b: T.let[T.int32] = seq[0]
+                        row: T.let[T.int32] = query - q_indptr[b]
+                        q_count: T.let[T.int32] = q_indptr[b + 1] - q_indptr[b]
+                        first: T.let[T.int32] = page_indptr[b]
+                        num_pages: T.let[T.int32] = page_indptr[b + 1] - first
+                        kv_len: T.let[T.int32] = T.if_then_else(
+                            num_pages > 0, (num_pages - 1) * page_size + last_page_len[b], 0)
+                        visible: T.let[T.int32] = T.if_then_else(
+                            causal > 0, T.max(T.min(kv_len - q_count + row + 1, kv_len), 0),
+                            kv_len)
+                        skip: T.let[T.int32] = _first_visible(window, sm_scale,
+                                                              q_position[query], k_start[b])
+                        begin(q_local, o_local, state, lambda d: q[query, h, d],
+                              q_scale(sm_scale))
+                        for p in T.serial(skip // page_size,
+                                          (visible + page_size - 1) // page_size):
+                            page: T.let[T.int32] = page_values[first + p]
+                            low: T.let[T.int32] = T.max(skip - p * page_size, 0)
+                            attend(q_local, o_local, acc, scores, state,
+                                   T.min(page_size, visible - p * page_size) - low,
+                                   lambda r, d: pages[page, 0, kv, low + r, d],
+                                   lambda r, d: pages[page, 1, kv, low + r, d])
+                        finish(o_local, state, output, lse, query, h)
     # fmt: on
     return batch_prefill_paged_kv_cpu
