@@ -67,8 +67,14 @@ def _build(capsys, project, *args):
         else None
 
 
-def test_build_skips_up_to_date_and_rebuilds_what_changed(tiny_checkpoint, tmp_path, capsys):
+def test_build_skips_up_to_date_and_rebuilds_what_changed(tiny_checkpoint, tmp_path, capsys,
+                                                           monkeypatch):
     import shutil
+
+    # The build cache on, as users have it (a scratch one): a rebuild whose library is
+    # unchanged restores it instead of compiling it again.
+    monkeypatch.delenv("FMC_NO_CACHE")
+    monkeypatch.setenv("FMC_CACHE_DIR", str(tmp_path / "cache"))
 
     project = tmp_path / "project"
     shutil.copytree(tiny_checkpoint("llama-gqa-untied"), project / "tiny")
