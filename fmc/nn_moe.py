@@ -12,15 +12,20 @@ TVM), so fmc writes them as TE computes that every target lowers like any other 
 - `ExpertLinear`: `num_experts` stacked [out, in] weights, one [E, out, in] parameter. Its
   forward is a gathered matmul: every (token, slot) row is multiplied by the weight of the
   expert routed to it, so a decode step reads only its tokens' k experts (gathered GEMVs).
-  Prefill runs the same kernel (one GEMV per token and slot); a grouped GEMM over tokens
-  sorted by expert is not written yet (docs/architectures.md).
+- Prompt tokens (CPU targets) take the grouped route instead: `group_by_expert` sorts the
+  (token, slot) pairs by expert into blocks of GROUP_ROWS rows of one expert each (an
+  expert's last block padded with empty rows), `gather_rows` copies the activations into
+  that order, `ExpertLinear.grouped` multiplies each block by its expert's weight — a
+  grouped GEMM: a weight is read and dequantized once per block, not once per row — and
+  `scatter_rows` puts the outputs back in (token, slot) order. The sort is counting, in TE:
+  no sort kernel, no data-dependent loop bounds (the block count has a static bound).
 - `combine`: the k expert outputs of each token summed with the routing weights.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from tvm import te, tirx
 from tvm.relax.frontend import nn
@@ -31,6 +36,12 @@ EXPERTS = "experts"
 # Name of the gathered matmul's TE stage: it contains "matmul", so the CPU target's matmul
 # schedule (parallel outputs, SIMD reduction) takes it like any matmul.
 MATMUL_STAGE = "expert_matmul"
+# The grouped GEMM's stage; the CPU matmul schedule gives it its own schedule (the rows of a
+# block share each decoded weight vector).
+GROUPED_STAGE = "grouped_matmul"
+# Rows per grouped block, all routed to one expert: each weight value is decoded once for
+# them. More rows, more reuse, more padding (up to GROUP_ROWS − 1 empty rows per expert).
+GROUP_ROWS = 8
 
 
 def is_expert_param(name: str) -> bool:
@@ -119,6 +130,118 @@ def expert_matmul(x: nn.Tensor, experts: nn.Tensor, weights: list[nn.Tensor], re
     return op.tensor_expr_op(compute, name_hint=name, args=[x, experts, *weights])
 
 
+class GroupedRows(NamedTuple):
+    """Where one layer's (token, slot) pairs go in the grouped order: blocks of GROUP_ROWS
+    rows of one expert, the pairs of expert e in blocks `start[e]`… in pair order."""
+
+    position: nn.Tensor  # [n·k] int32: the grouped row of pair t·k + j
+    source: nn.Tensor  # [rows] int32: the pair in each grouped row, -1 for an empty one
+    block_expert: nn.Tensor  # [rows / GROUP_ROWS] int32: each block's expert
+
+
+def grouped_rows_bound(pairs, num_experts: int):
+    """A static bound on the grouped rows: every expert's pairs padded to whole blocks."""
+    return ((pairs + GROUP_ROWS - 1) // GROUP_ROWS + num_experts) * GROUP_ROWS
+
+
+def group_by_expert(chosen: nn.Tensor, num_experts: int) -> GroupedRows:
+    """A counting sort of the pairs chosen [n, k] by expert (stable: ties keep pair order).
+    O(pairs²) comparisons for the ranks — a few ms for a 512-token chunk of top-8, small
+    beside the experts' GEMMs."""
+    rows_per_block = GROUP_ROWS
+    one, zero = tirx.const(1, "int32"), tirx.const(0, "int32")
+
+    def blocks_before(flat: te.Tensor):
+        (pairs,) = flat.shape
+        p = te.reduce_axis((0, pairs), name="p")
+        count = te.compute((num_experts,), lambda e: te.sum(
+            tirx.Select(flat[p] == e, one, zero), axis=p), name="expert_count")
+        other = te.reduce_axis((0, num_experts), name="other")
+        return te.compute((num_experts + 1,), lambda e: te.sum(tirx.Select(
+            other.var < e, (count[other] + rows_per_block - 1) // rows_per_block, zero),
+            axis=other), name="expert_block_start")
+
+    def position(flat: te.Tensor, start: te.Tensor):
+        (pairs,) = flat.shape
+        q = te.reduce_axis((0, pairs), name="q")
+        earlier = te.compute((pairs,), lambda p: te.sum(tirx.Select(
+            tirx.all(q.var < p, flat[q] == flat[p]), one, zero), axis=q), name="expert_rank")
+        return te.compute((pairs,), lambda p: start[flat[p]] * rows_per_block + earlier[p],
+                          name="grouped_position")
+
+    def source(place: te.Tensor):
+        (pairs,) = place.shape
+        rows = grouped_rows_bound(pairs, num_experts)
+        p = te.reduce_axis((0, pairs), name="p")
+        found = te.compute((rows,), lambda r: te.sum(tirx.Select(
+            place[p] == r, p.var.astype("int32") + 1, zero), axis=p), name="grouped_found")
+        return te.compute((rows,), lambda r: found[r] - 1, name="grouped_source")
+
+    def block_expert(start: te.Tensor, place: te.Tensor):
+        blocks = grouped_rows_bound(place.shape[0], num_experts) // rows_per_block
+        e = te.reduce_axis((0, num_experts), name="e")
+        count = te.compute((blocks,), lambda b: te.sum(tirx.Select(
+            start[e] <= b, one, zero), axis=e), name="block_expert_count")
+        # the last expert whose blocks start at or before b (experts with no pairs share
+        # their successor's start and come before it); blocks past the last expert's hold
+        # only empty rows
+        return te.compute((blocks,), lambda b: tirx.max(tirx.min(
+            count[b] - 1, num_experts - 1), 0), name="block_expert")
+
+    n, k = chosen.shape
+    flat = op.reshape(chosen, (n * k,))
+    start = op.tensor_expr_op(blocks_before, name_hint="moe_block_start", args=[flat])
+    place = op.tensor_expr_op(position, name_hint="moe_grouped_position", args=[flat, start])
+    return GroupedRows(place,
+                       op.tensor_expr_op(source, name_hint="moe_grouped_source", args=[place]),
+                       op.tensor_expr_op(block_expert, name_hint="moe_block_expert",
+                                         args=[start, place]))
+
+
+def gather_rows(x: nn.Tensor, grouped: GroupedRows, top_k: int) -> nn.Tensor:
+    """x [n, in] → [rows, in] in grouped order (pair t·k + j reads token t; empty rows 0)."""
+
+    def compute(tokens: te.Tensor, source: te.Tensor):
+        rows, width = source.shape[0], tokens.shape[1]
+        return te.compute((rows, width), lambda r, c: tirx.Select(
+            source[r] >= 0, tokens[tirx.max(source[r], 0) // top_k, c],
+            tirx.const(0, tokens.dtype)), name="grouped_gather")
+
+    return op.tensor_expr_op(compute, name_hint="moe_grouped_gather",
+                             args=[x, grouped.source])
+
+
+def scatter_rows(y: nn.Tensor, grouped: GroupedRows, top_k: int) -> nn.Tensor:
+    """Grouped outputs [rows, out] → [n, k, out] in (token, slot) order."""
+
+    def compute(rows: te.Tensor, place: te.Tensor):
+        pairs, width = place.shape[0], rows.shape[1]
+        return te.compute((pairs // top_k, top_k, width),
+                          lambda t, j, c: rows[place[t * top_k + j], c],
+                          name="grouped_scatter")
+
+    return op.tensor_expr_op(compute, name_hint="moe_grouped_scatter",
+                             args=[y, grouped.position])
+
+
+def grouped_matmul(x: nn.Tensor, block_expert: nn.Tensor, weights: list[nn.Tensor],
+                   reader: Reader, out_features: int, name: str) -> nn.Tensor:
+    """x [rows, in] in grouped order → [rows, out]: the rows of block b times expert
+    block_expert[b]'s weight, transposed (one expert per block: the grouped GEMM)."""
+
+    def compute(rows: te.Tensor, experts: te.Tensor, *tensors: te.Tensor):
+        value = reader(list(tensors))
+        blocks = experts.shape[0]
+        k = te.reduce_axis((0, rows.shape[1]), name="k")
+        return te.compute(
+            (blocks, GROUP_ROWS, out_features),
+            lambda b, r, i: te.sum(rows[b * GROUP_ROWS + r, k] * value(experts[b], i, k),
+                                   axis=k), name=GROUPED_STAGE)
+
+    out = op.tensor_expr_op(compute, name_hint=name, args=[x, block_expert, *weights])
+    return op.reshape(out, (x.shape[0], out_features))
+
+
 class ExpertLinear(nn.Module):
     """`num_experts` bias-free linear layers stacked: weight [E, out, in] (the quantizer
     replaces it with `fmc.quant.modules.QuantizedExpertLinear`)."""
@@ -139,6 +262,10 @@ class ExpertLinear(nn.Module):
     def forward(self, x: nn.Tensor, experts: nn.Tensor) -> nn.Tensor:
         return expert_matmul(x, experts, self.weight_tensors(), self.weight_reader,
                              self.out_features, "moe_experts")
+
+    def grouped(self, x: nn.Tensor, block_expert: nn.Tensor) -> nn.Tensor:
+        return grouped_matmul(x, block_expert, self.weight_tensors(), self.weight_reader,
+                              self.out_features, "moe_grouped")
 
 
 def combine(outputs: nn.Tensor, weights: nn.Tensor) -> nn.Tensor:

@@ -22,7 +22,18 @@ from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache
 
 from fmc.frontend.llama_model import LlamaAttention, LlamaForCausalLM, LlamaModel, all_reduce
 from fmc.model_config import ModelConfig
-from fmc.nn_moe import ExpertLinear, combine, route
+from fmc.nn_moe import (
+    ExpertLinear,
+    combine,
+    gather_rows,
+    group_by_expert,
+    route,
+    scatter_rows,
+)
+
+
+# Ablation switch (benchmarks/moe_prefill.py): False sends prompts through the gathered GEMVs.
+GROUPED_PROMPTS = True
 
 
 class Router(nn.Module):
@@ -48,15 +59,33 @@ class Experts(nn.Module):
         setattr(self, down, ExpertLinear(e, width, hidden, dtype))
 
     def forward(self, x: nn.Tensor, chosen: nn.Tensor) -> nn.Tensor:
-        """x [n, hidden], chosen [n, k] → each slot's expert output [n, k, hidden]."""
+        """x [n, hidden], chosen [n, k] → each slot's expert output [n, k, hidden]: gathered
+        GEMVs, each (token, slot) row against its expert's weight."""
         gate, up, down = (getattr(self, name) for name in self.projections)
         return down(op.silu(gate(x, chosen)) * up(x, chosen), chosen)
 
+    def grouped(self, x: nn.Tensor, chosen: nn.Tensor, num_experts: int) -> nn.Tensor:
+        """The same through grouped GEMMs: the pairs sorted by expert once, the whole MLP
+        run in that order, the outputs put back (fmc.nn_moe)."""
+        gate, up, down = (getattr(self, name) for name in self.projections)
+        top_k = chosen.shape[1]
+        order = group_by_expert(chosen, num_experts)
+        rows = gather_rows(x, order, top_k)
+        hidden = op.silu(gate.grouped(rows, order.block_expert)) * \
+            up.grouped(rows, order.block_expert)
+        return scatter_rows(down.grouped(hidden, order.block_expert), order, top_k)
+
 
 class SparseMoE(nn.Module):
+    """`grouped_prompts`: prompt tokens (a call whose sequence axis is not 1: prefill) take
+    the grouped GEMMs; decode steps keep the gathered GEMVs, which read only their tokens'
+    experts and pad nothing."""
+
     def __init__(self, config: ModelConfig, dtype: str, ranks: int,
-                 projections: tuple[str, str, str]):
+                 projections: tuple[str, str, str], grouped_prompts: bool):
         self.ranks = ranks
+        self.num_experts = config.num_experts
+        self.grouped_prompts = grouped_prompts
         self.top_k = config.num_experts_per_tok
         self.normalize = config.norm_topk_prob
         self.gate = Router(config.hidden_size, config.num_experts, dtype)
@@ -69,7 +98,10 @@ class SparseMoE(nn.Module):
         if logits.dtype != "float32":  # route in float32, as transformers does
             logits = op.astype(logits, "float32")
         chosen, weights = route(logits, self.top_k, self.normalize)
-        out = combine(self.experts(tokens, chosen), weights)
+        prompt = not (isinstance(seq, int) and seq == 1)
+        outputs = self.experts.grouped(tokens, chosen, self.num_experts) \
+            if self.grouped_prompts and prompt else self.experts(tokens, chosen)
+        out = combine(outputs, weights)
         return op.reshape(all_reduce(out, self.ranks), (batch, seq, hidden))
 
 
@@ -78,13 +110,13 @@ class MoEDecoderLayer(nn.Module):
     (Mixtral: `block_sparse_moe`; Qwen3-MoE: `mlp`)."""
 
     def __init__(self, config: ModelConfig, dtype: str, ranks: int, mlp_name: str,
-                 projections: tuple[str, str, str]):
+                 projections: tuple[str, str, str], grouped_prompts: bool):
         eps, hidden = config.rms_norm_eps, config.hidden_size
         self.input_layernorm = nn.RMSNorm(hidden, -1, eps, bias=False, dtype=dtype)
         self.self_attn = LlamaAttention(config, dtype, ranks)
         self.post_attention_layernorm = nn.RMSNorm(hidden, -1, eps, bias=False, dtype=dtype)
         self.mlp_name = mlp_name
-        setattr(self, mlp_name, SparseMoE(config, dtype, ranks, projections))
+        setattr(self, mlp_name, SparseMoE(config, dtype, ranks, projections, grouped_prompts))
 
     def forward(self, h: nn.Tensor, cache: PagedKVCache, layer_id: int) -> nn.Tensor:
         h = h + self.self_attn(self.input_layernorm(h), cache, layer_id)
@@ -93,10 +125,10 @@ class MoEDecoderLayer(nn.Module):
 
 class MoEModel(LlamaModel):
     def __init__(self, config: ModelConfig, dtype: str, ranks: int, mlp_name: str,
-                 projections: tuple[str, str, str]):
+                 projections: tuple[str, str, str], grouped_prompts: bool):
         super().__init__(config, dtype, ranks)
         self.layers = nn.ModuleList(
-            [MoEDecoderLayer(config, dtype, ranks, mlp_name, projections)
+            [MoEDecoderLayer(config, dtype, ranks, mlp_name, projections, grouped_prompts)
              for _ in range(config.num_hidden_layers)])
 
 
@@ -108,4 +140,7 @@ class MoEForCausalLM(LlamaForCausalLM):
                  projections: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")):
         super().__init__(config, dtype, target, debug_layers=debug_layers,
                          tensor_parallel=tensor_parallel)
-        self.model = MoEModel(config, dtype, tensor_parallel, mlp_name, projections)
+        # Grouped GEMMs for prompts on the CPU targets, whose matmul schedule has a form for
+        # them; GPU targets keep the gathered kernels (dlight's generic rules schedule them).
+        grouped = GROUPED_PROMPTS and target.kind.name == "llvm"
+        self.model = MoEModel(config, dtype, tensor_parallel, mlp_name, projections, grouped)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
-from fmc.nn_moe import ExpertLinear, expert_matmul
+from fmc.nn_moe import ExpertLinear, expert_matmul, grouped_matmul
 from fmc.nn_ops import take
 from fmc.quant import experts
 from fmc.quant.layout import RowInterleaved, interleave
@@ -106,6 +106,10 @@ class QuantizedExpertLinear(nn.Module):
     def forward(self, x: nn.Tensor, chosen: nn.Tensor) -> nn.Tensor:
         return expert_matmul(x, chosen, self.weight_tensors(), self.weight_reader,
                              self.out_features, f"moe_experts_{self.scheme.name}")
+
+    def grouped(self, x: nn.Tensor, block_expert: nn.Tensor) -> nn.Tensor:
+        return grouped_matmul(x, block_expert, self.weight_tensors(), self.weight_reader,
+                              self.out_features, f"moe_grouped_{self.scheme.name}")
 
 
 class _Quantizer(nn.Mutator):

@@ -8,7 +8,12 @@ GEMV over those tasks; in prefill the tokens loop inside each word, so a word's 
 weights, kept in registers, feed every token's FMAs.
 
 Other weights (row-major: f32 kept as is, rows not divisible by the block): parallel over
-outputs, each dot product split into SIMD-wide partial sums (rfactor)."""
+outputs, each dot product split into SIMD-wide partial sums (rfactor).
+
+The grouped expert GEMM (fmc.nn_moe, stage GROUPED_STAGE: [blocks, rows, out], every row of
+a block against one expert's weight): parallel over (block, output), the rows of a block
+unrolled inside each SIMD chunk of the reduction, so one decoded weight vector feeds all of
+their FMAs."""
 
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import tvm
 from tvm import s_tir, tirx
 
 from fmc.lowering.tir_util import block_names
+from fmc.nn_moe import GROUPED_STAGE
 
 LANES = 16  # float32 lanes of a 512-bit vector
 # Row-interleaved weights (fmc.quant.layout): row blocks per parallel task. Decode: 4 blocks
@@ -62,6 +68,35 @@ def _schedule_one_matmul(schedule: s_tir.Schedule, name: str, following: list[st
     schedule.parallel(outer)
     if partial is not None:  # after `parallel`, which needs the reduction block whole
         schedule.decompose_reduction(partial, chunk)
+
+
+def _schedule_grouped(schedule: s_tir.Schedule, name: str, following: list[str],
+                      lanes: int) -> bool:
+    """Loops (block, row, out, k) → parallel (block, out); per SIMD chunk of k the weight
+    vector is decoded once and every row of the block accumulates with it ([rows, lanes]
+    partial sums in registers), summed across lanes at the end."""
+    block = schedule.get_sblock(name)
+    loops = schedule.get_loops(block)
+    if len(loops) != 4:
+        return False
+    group, row, column, reduction = loops
+    k_extent = _const_extent(schedule, reduction)
+    if k_extent is None or k_extent % lanes or k_extent <= lanes:
+        return False
+    schedule.reorder(group, column, row, reduction)
+    _, inner = schedule.split(reduction, factors=[None, lanes])
+    partial = schedule.rfactor(inner, factor_axis=0)
+    group, column, *_ = schedule.get_loops(block)
+    outer = schedule.fuse(group, column)
+    schedule.compute_at(partial, outer)
+    lane, rows, chunk = schedule.get_loops(partial)[1:]
+    schedule.reorder(chunk, rows, lane)
+    schedule.vectorize(lane)
+    schedule.unroll(rows)
+    _attach_epilogue(schedule, following, outer)
+    schedule.parallel(outer)
+    schedule.decompose_reduction(partial, chunk)
+    return True
 
 
 def _const_int(extent) -> int | None:
@@ -166,6 +201,9 @@ def schedule_matmul(func: tirx.PrimFunc, lanes: int = LANES,
     schedule = s_tir.Schedule(func)
     for name in matmuls:
         following = names[names.index(name) + 1:]
+        if name.startswith(GROUPED_STAGE) and _schedule_grouped(schedule, name, following,
+                                                                lanes):
+            continue
         if not _schedule_rows(schedule, name, following, row_block):
             _schedule_one_matmul(schedule, name, following, lanes)
     return schedule.mod["main"]
