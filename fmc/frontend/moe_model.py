@@ -31,7 +31,6 @@ from fmc.nn_moe import (
     scatter_rows,
 )
 
-
 # Ablation switch (benchmarks/moe_prefill.py): False sends prompts through the gathered GEMVs.
 GROUPED_PROMPTS = True
 
