@@ -130,7 +130,8 @@ def main() -> None:
             print(f"{name:13s} prefill {rows[name]['prefill']['median']:8.1f} tok/s   "
                   f"decode {rows[name]['decode']['median']:7.1f} tok/s", flush=True)
     document = {"date": time.strftime("%Y-%m-%d"), "machine": machine(),
-                "settings": vars(args) | {"quant": "q4f16", "hidden": HIDDEN, "layers": LAYERS,
+                "settings": {k: v for k, v in vars(args).items() if k != "output"}
+                | {"quant": "q4f16", "hidden": HIDDEN, "layers": LAYERS,
                                           "experts": EXPERTS, "width": WIDTH, "top_k": TOP_K},
                 "results": rows}
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
