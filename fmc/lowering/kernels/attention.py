@@ -3,9 +3,11 @@ against each other) and paged prefill (the new tokens against the cached pages).
 (query, head) pair's online softmax per parallel iteration, one update per page or key step.
 
 On the CPU (`gpu=False`) the iterations run on the thread pool, SIMD over the head dimension;
-they replace TVM's CPU kernels everywhere. On the GPU targets (`gpu=True`) each thread runs
-one pair, 64 per block, its vectors in registers/local memory: correct, not tuned (TVM's tiled
-GPU kernels stay in use for every model that does not need the options below).
+they replace TVM's CPU kernels everywhere. On the GPU targets (`gpu=True`) each prefill
+thread runs one pair, 64 per block, its vectors in registers/local memory; a decode pair gets
+a block whose threads split its pages (`_split_decode_attention`). Correct, not tuned beyond
+that: TVM's tiled GPU kernels stay in use for every model that does not need the options
+below.
 
 Each kernel has the signature and semantics of the TVM kernel it replaces (log2-domain
 scores, lse = m + log2(d), the same -5e4/1.0 initial state, so an empty sequence gives the
@@ -168,6 +170,9 @@ def _first_visible(window: int, sm_scale, q_position, k_start):
 def decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: str,
                      page_size: int = 16, lanes: int = 16, softcap: float = 0.0,
                      window: int = 0, gpu: bool = False):
+    if gpu:
+        return _split_decode_attention(num_kv_heads, num_qo_heads, head_dim, dtype, page_size,
+                                       softcap, window)
     H_qo, H_kv, D = num_qo_heads, num_kv_heads, head_dim
     group = H_qo // H_kv
     device = _Device(gpu)
@@ -240,6 +245,111 @@ def decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype:
                                    lambda r, d: pages[page, 0, kv, low + r, d],
                                    lambda r, d: pages[page, 1, kv, low + r, d])
                         finish(o_local, state, output, lse, b, h)
+    # fmt: on
+    return batch_decode_paged_kv
+
+
+def _split_decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: str,
+                            page_size: int, softcap: float, window: int):
+    """The GPU decode: a block per (sequence, head), its SPLIT threads each running the online
+    softmax over every SPLIT-th page of the visible range, then merged through shared memory
+    (each thread's state rescaled to the common maximum) — a decode step has only
+    batch × heads pairs, too few to fill a GPU one thread each. Thread 0 starts from TVM's
+    empty state (d = 1) and the others from d = 0, so an empty sequence gives TVM's output
+    and lse exactly, and a thread without pages adds nothing."""
+    H_qo, H_kv, D = num_qo_heads, num_kv_heads, head_dim
+    group = H_qo // H_kv
+    split = max(1, min(32, 2048 // D))  # the merge buffer [split, D] stays ≤ 8 KiB
+    lanes = math.gcd(GPU_LANES, D)
+    begin, attend, _, q_scale = _attention_steps(D, lanes, dtype, softcap, T.serial)
+
+    # fmt: off
+    @T.prim_func(s_tir=True)
+    def batch_decode_paged_kv(
+        Q_handle: T.handle, pages_handle: T.handle, page_table_indptr_handle: T.handle,
+        page_table_values_handle: T.handle, var_length_info: T.handle,
+        k_rope_pos_offset_handle: T.handle, q_rope_position_handle: T.handle,
+        output_handle: T.handle, lse_handle: T.handle, rotary_mode: T.int32,
+        rope_scale: T.float32, rope_theta: T.float32, sm_scale: T.float32,
+    ):
+        T.func_attr({"tirx.is_scheduled": True, "global_symbol": DECODE_SYMBOL})
+        B = T.int32()
+        nnz_pages = T.int32()
+        max_num_pages = T.int32()
+        indptr_offset = T.int32()
+        values_offset = T.int32()
+        k_rope_offset = T.int32()
+        q_rope_offset = T.int32()
+        length_offset = T.int32()
+        Q = T.match_buffer(Q_handle, (B, H_qo, D), dtype)
+        pages = T.match_buffer(pages_handle, (max_num_pages, 2, H_kv, page_size, D), dtype)
+        page_table_indptr = T.match_buffer(page_table_indptr_handle, (B + 1,), "int32",
+                                           elem_offset=indptr_offset)
+        page_table_values = T.match_buffer(page_table_values_handle, (nnz_pages,), "int32",
+                                           elem_offset=values_offset)
+        last_page_len = T.match_buffer(var_length_info, (B,), "int32", elem_offset=length_offset)
+        k_start = T.match_buffer(k_rope_pos_offset_handle, (B,), "int32",
+                                 elem_offset=k_rope_offset)
+        q_position = T.match_buffer(q_rope_position_handle, (B,), "int32",
+                                    elem_offset=q_rope_offset)
+        output = T.match_buffer(output_handle, (B, H_qo, D), dtype)
+        lse = T.match_buffer(lse_handle, (B, H_qo), "float32")
+
+        assert rotary_mode == 0, "fmc's decode attention expects RoPE applied at append"
+        for bh in T.thread_binding(B * H_qo, thread="blockIdx.x"):
+            for tx in T.thread_binding(split, thread="threadIdx.x"):
+                with T.sblock("attn"):
+                    T.reads()
+                    T.writes()
+                    q_local = T.sblock_alloc_buffer((D,), "float32", scope="local")
+                    o_local = T.sblock_alloc_buffer((D,), "float32", scope="local")
+                    acc = T.sblock_alloc_buffer((lanes,), "float32", scope="local")
+                    scores = T.sblock_alloc_buffer((page_size,), "float32", scope="local")
+                    state = T.sblock_alloc_buffer((4,), "float32", scope="local")
+                    merged = T.sblock_alloc_buffer((2,), "float32", scope="local")  # max, sum
+                    o_shared = T.sblock_alloc_buffer((split, D), "float32", scope="shared")
+                    md_shared = T.sblock_alloc_buffer((split, 2), "float32", scope="shared")
+                    b: T.let[T.int32] = bh // H_qo
+                    h: T.let[T.int32] = bh % H_qo
+                    kv: T.let[T.int32] = h // group
+                    first: T.let[T.int32] = page_table_indptr[b]
+                    num_pages: T.let[T.int32] = page_table_indptr[b + 1] - first
+                    skip: T.let[T.int32] = _first_visible(window, sm_scale, q_position[b],
+                                                          k_start[b])
+                    begin(q_local, o_local, state, lambda d: Q[b, h, d], q_scale(sm_scale))
+                    state[1] = T.if_then_else(tx == 0, T.float32(1.0), T.float32(0.0))
+                    for step in T.serial((num_pages - skip // page_size + split - 1) // split):
+                        p: T.let[T.int32] = skip // page_size + step * split + tx
+                        if p < num_pages:
+                            page: T.let[T.int32] = page_table_values[first + p]
+                            rows: T.let[T.int32] = T.if_then_else(p == num_pages - 1,
+                                                                  last_page_len[b], page_size)
+                            low: T.let[T.int32] = T.max(skip - p * page_size, 0)
+                            attend(q_local, o_local, acc, scores, state, rows - low,
+                                   lambda r, d: pages[page, 0, kv, low + r, d],
+                                   lambda r, d: pages[page, 1, kv, low + r, d])
+                    md_shared[tx, 0] = state[0]
+                    md_shared[tx, 1] = state[1]
+                    for d in T.serial(D):
+                        o_shared[tx, d] = o_local[d]
+                    T.tvm_storage_sync("shared")
+                    merged[0] = T.float32(-5e4)
+                    for t in T.serial(split):
+                        merged[0] = T.max(merged[0], md_shared[t, 0])
+                    merged[1] = T.float32(0)
+                    for t in T.serial(split):
+                        merged[1] = merged[1] + md_shared[t, 1] * T.exp2(md_shared[t, 0]
+                                                                         - merged[0])
+                    for chunk in T.serial((D + split - 1) // split):
+                        d: T.let[T.int32] = chunk * split + tx
+                        if d < D:
+                            o_local[0] = T.float32(0)
+                            for t in T.serial(split):
+                                o_local[0] = o_local[0] + o_shared[t, d] * T.exp2(
+                                    md_shared[t, 0] - merged[0])
+                            output[b, h, d] = T.Cast(dtype, o_local[0] / merged[1])
+                    if tx == 0:
+                        lse[b, h] = merged[0] + T.log2(merged[1])
     # fmt: on
     return batch_decode_paged_kv
 
