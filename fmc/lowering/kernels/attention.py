@@ -5,7 +5,7 @@ against each other) and paged prefill (the new tokens against the cached pages).
 On the CPU (`gpu=False`) the iterations run on the thread pool, SIMD over the head dimension;
 they replace TVM's CPU kernels everywhere. On the GPU targets (`gpu=True`) each prefill
 thread runs one pair, 64 per block, its vectors in registers/local memory; a decode pair gets
-a block whose threads split its pages (`_split_decode_attention`). Correct, not tuned beyond
+a block whose threads split its pages (`_decode_split`). Correct, not tuned beyond
 that: TVM's tiled GPU kernels stay in use for every model that does not need the options
 below.
 
@@ -170,15 +170,11 @@ def _first_visible(window: int, sm_scale, q_position, k_start):
 def decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: str,
                      page_size: int = 16, lanes: int = 16, softcap: float = 0.0,
                      window: int = 0, gpu: bool = False):
-    if gpu:
-        return _split_decode_attention(num_kv_heads, num_qo_heads, head_dim, dtype, page_size,
-                                       softcap, window)
+    """Decode: one new token per sequence against its cached pages. The signature is TVM's;
+    the body is `_decode_per_pair` on the CPU, `_decode_split` on the GPU."""
     H_qo, H_kv, D = num_qo_heads, num_kv_heads, head_dim
-    group = H_qo // H_kv
-    device = _Device(gpu)
-    lanes = device.lanes(lanes, D)
-    scope, per_block = device.scope, device.per_block
-    begin, attend, finish, q_scale = _attention_steps(D, lanes, dtype, softcap, device.vector)
+    make = _decode_split if gpu else _decode_per_pair
+    body = make(H_qo // H_kv, H_qo, D, dtype, page_size, lanes, softcap, window)
 
     # fmt: off
     @T.prim_func(s_tir=True)
@@ -214,88 +210,70 @@ def decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype:
         lse = T.match_buffer(lse_handle, (B, H_qo), "float32")
 
         assert rotary_mode == 0, "fmc's decode attention expects RoPE applied at append"
-        for block in device.pairs(B * H_qo):
-            for lane in device.lane():
-                with T.sblock("attn"):
-                    # Regions would be inferred over the let-bound page range; the kernel is
-                    # scheduled by hand, so none are needed.
-                    T.reads()
-                    T.writes()
-                    q_local = T.sblock_alloc_buffer((D,), "float32", scope=scope)
-                    o_local = T.sblock_alloc_buffer((D,), "float32", scope=scope)
-                    acc = T.sblock_alloc_buffer((lanes,), "float32", scope=scope)
-                    scores = T.sblock_alloc_buffer((page_size,), "float32", scope=scope)
-                    state = T.sblock_alloc_buffer((4,), "float32", scope=scope)
-                    bh: T.let[T.int32] = block * per_block + lane
-                    if bh < B * H_qo:
-                        b: T.let[T.int32] = bh // H_qo
-                        h: T.let[T.int32] = bh % H_qo
-                        kv: T.let[T.int32] = h // group
-                        first: T.let[T.int32] = page_table_indptr[b]
-                        num_pages: T.let[T.int32] = page_table_indptr[b + 1] - first
-                        skip: T.let[T.int32] = _first_visible(window, sm_scale, q_position[b],
-                                                              k_start[b])
-                        begin(q_local, o_local, state, lambda d: Q[b, h, d], q_scale(sm_scale))
-                        for p in T.serial(skip // page_size, num_pages):
-                            page: T.let[T.int32] = page_table_values[first + p]
-                            rows: T.let[T.int32] = T.if_then_else(p == num_pages - 1,
-                                                                  last_page_len[b], page_size)
-                            low: T.let[T.int32] = T.max(skip - p * page_size, 0)
-                            attend(q_local, o_local, acc, scores, state, rows - low,
-                                   lambda r, d: pages[page, 0, kv, low + r, d],
-                                   lambda r, d: pages[page, 1, kv, low + r, d])
-                        finish(o_local, state, output, lse, b, h)
+        body(B, Q, pages, page_table_indptr, page_table_values, last_page_len, k_start,
+             q_position, output, lse, sm_scale)
     # fmt: on
     return batch_decode_paged_kv
 
 
-def _split_decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: str,
-                            page_size: int, softcap: float, window: int):
-    """The GPU decode: a block per (sequence, head), its SPLIT threads each running the online
-    softmax over every SPLIT-th page of the visible range, then merged through shared memory
-    (each thread's state rescaled to the common maximum) — a decode step has only
+def _decode_per_pair(group: int, H_qo: int, D: int, dtype: str, page_size: int, lanes: int,
+                     softcap: float, window: int):
+    """CPU decode body: (sequence, head) pairs on the thread pool, one online-softmax update
+    per page, SIMD over the head dimension."""
+    lanes = math.gcd(lanes, D)
+    begin, attend, finish, q_scale = _attention_steps(D, lanes, dtype, softcap, T.vectorized)
+
+    # fmt: off
+    @T.macro
+    def body(B, Q, pages, page_table_indptr, page_table_values, last_page_len, k_start,
+             q_position, output, lse, sm_scale):
+        for bh in T.parallel(B * H_qo):
+            with T.sblock("attn"):
+                # Regions would be inferred over the let-bound page range; the kernel is
+                # scheduled by hand, so none are needed.
+                T.reads()
+                T.writes()
+                q_local = T.sblock_alloc_buffer((D,), "float32")
+                o_local = T.sblock_alloc_buffer((D,), "float32")
+                acc = T.sblock_alloc_buffer((lanes,), "float32")
+                scores = T.sblock_alloc_buffer((page_size,), "float32")
+                state = T.sblock_alloc_buffer((4,), "float32")  # m, d, new m, rescale
+                b: T.let[T.int32] = bh // H_qo
+                h: T.let[T.int32] = bh % H_qo
+                kv: T.let[T.int32] = h // group
+                first: T.let[T.int32] = page_table_indptr[b]
+                num_pages: T.let[T.int32] = page_table_indptr[b + 1] - first
+                skip: T.let[T.int32] = _first_visible(window, sm_scale, q_position[b], k_start[b])
+                begin(q_local, o_local, state, lambda d: Q[b, h, d], q_scale(sm_scale))
+                for p in T.serial(skip // page_size, num_pages):
+                    page: T.let[T.int32] = page_table_values[first + p]
+                    rows: T.let[T.int32] = T.if_then_else(p == num_pages - 1,
+                                                          last_page_len[b], page_size)
+                    low: T.let[T.int32] = T.max(skip - p * page_size, 0)
+                    attend(q_local, o_local, acc, scores, state, rows - low,
+                           lambda r, d: pages[page, 0, kv, low + r, d],
+                           lambda r, d: pages[page, 1, kv, low + r, d])
+                finish(o_local, state, output, lse, b, h)
+    # fmt: on
+    return body
+
+
+def _decode_split(group: int, H_qo: int, D: int, dtype: str, page_size: int, _lanes: int,
+                  softcap: float, window: int):
+    """GPU decode body: a block per (sequence, head), its `split` threads each running the
+    online softmax over every split-th page of the visible range, then merged through shared
+    memory (each thread's state rescaled to the common maximum) — a decode step has only
     batch × heads pairs, too few to fill a GPU one thread each. Thread 0 starts from TVM's
     empty state (d = 1) and the others from d = 0, so an empty sequence gives TVM's output
     and lse exactly, and a thread without pages adds nothing."""
-    H_qo, H_kv, D = num_qo_heads, num_kv_heads, head_dim
-    group = H_qo // H_kv
     split = max(1, min(32, 2048 // D))  # the merge buffer [split, D] stays ≤ 8 KiB
     lanes = math.gcd(GPU_LANES, D)
     begin, attend, _, q_scale = _attention_steps(D, lanes, dtype, softcap, T.serial)
 
     # fmt: off
-    @T.prim_func(s_tir=True)
-    def batch_decode_paged_kv(
-        Q_handle: T.handle, pages_handle: T.handle, page_table_indptr_handle: T.handle,
-        page_table_values_handle: T.handle, var_length_info: T.handle,
-        k_rope_pos_offset_handle: T.handle, q_rope_position_handle: T.handle,
-        output_handle: T.handle, lse_handle: T.handle, rotary_mode: T.int32,
-        rope_scale: T.float32, rope_theta: T.float32, sm_scale: T.float32,
-    ):
-        T.func_attr({"tirx.is_scheduled": True, "global_symbol": DECODE_SYMBOL})
-        B = T.int32()
-        nnz_pages = T.int32()
-        max_num_pages = T.int32()
-        indptr_offset = T.int32()
-        values_offset = T.int32()
-        k_rope_offset = T.int32()
-        q_rope_offset = T.int32()
-        length_offset = T.int32()
-        Q = T.match_buffer(Q_handle, (B, H_qo, D), dtype)
-        pages = T.match_buffer(pages_handle, (max_num_pages, 2, H_kv, page_size, D), dtype)
-        page_table_indptr = T.match_buffer(page_table_indptr_handle, (B + 1,), "int32",
-                                           elem_offset=indptr_offset)
-        page_table_values = T.match_buffer(page_table_values_handle, (nnz_pages,), "int32",
-                                           elem_offset=values_offset)
-        last_page_len = T.match_buffer(var_length_info, (B,), "int32", elem_offset=length_offset)
-        k_start = T.match_buffer(k_rope_pos_offset_handle, (B,), "int32",
-                                 elem_offset=k_rope_offset)
-        q_position = T.match_buffer(q_rope_position_handle, (B,), "int32",
-                                    elem_offset=q_rope_offset)
-        output = T.match_buffer(output_handle, (B, H_qo, D), dtype)
-        lse = T.match_buffer(lse_handle, (B, H_qo), "float32")
-
-        assert rotary_mode == 0, "fmc's decode attention expects RoPE applied at append"
+    @T.macro
+    def body(B, Q, pages, page_table_indptr, page_table_values, last_page_len, k_start,
+             q_position, output, lse, sm_scale):
         for bh in T.thread_binding(B * H_qo, thread="blockIdx.x"):
             for tx in T.thread_binding(split, thread="threadIdx.x"):
                 with T.sblock("attn"):
@@ -351,7 +329,7 @@ def _split_decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int,
                     if tx == 0:
                         lse[b, h] = merged[0] + T.log2(merged[1])
     # fmt: on
-    return batch_decode_paged_kv
+    return body
 
 
 def ragged_prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int,
