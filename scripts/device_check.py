@@ -19,7 +19,12 @@ that fails is recorded with its error and the check goes on; steps that would st
 5. with two GPUs or more, a `--tensor-parallel 2` artifact (ranks are Disco workers with
    NCCL, rank r on cuda:r); with one, the record says it was not run and why;
 6. the `llama-3-8b` preset with random weights written here (a fp16 checkpoint of 16 GB,
-   quantized by `fmc compile --weights`), its decode tokens/s and bandwidth fraction.
+   quantized by `fmc compile --weights`), its decode tokens/s and bandwidth fraction;
+7. the families whose GPU kernels are fmc's own, with random weights written here, q4f16 on
+   `cuda:ARCH` against `cpu` (step 3's comparison) and their tokens/s: gemma2 (the
+   `gemma-2-2b` preset at 4 layers, its sliding window cut to 8 so the 12-token prompt
+   crosses it: fmc's soft-capped, windowed attention kernels) and a Qwen3-MoE
+   (benchmarks/moe_prefill.py's: 64 experts, top-8, the gathered expert kernels).
 
 Exit: 0 when every step that ran passed, 1 when one failed, 2 for bad arguments, 7 when there
 is no NVIDIA GPU (the JSON and report still say so)."""
@@ -175,6 +180,67 @@ def random_checkpoint(config: dict, directory: Path) -> Path:
     return write_random_checkpoint(config, directory)
 
 
+def gemma2_config() -> dict:
+    return dict(preset_config("gemma-2-2b"), num_hidden_layers=4, sliding_window=8)
+
+
+def gemma2_checkpoint(config: dict, directory: Path) -> Path:
+    """A Hugging Face gemma2 directory with `config` and random fp16 weights (finite,
+    magnitude < 2^-5; the norms' w near 0, so (1 + w) near 1), tied embeddings."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from convert_7b import write_shard
+
+    h, width, d = config["hidden_size"], config["intermediate_size"], config["head_dim"]
+    q, kv = config["num_attention_heads"] * d, config["num_key_value_heads"] * d
+    shapes = [("model.embed_tokens.weight", (config["vocab_size"], h))]
+    for layer in range(config["num_hidden_layers"]):
+        p = f"model.layers.{layer}."
+        shapes += [(p + norm + ".weight", (h,)) for norm in (
+            "input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+            "post_feedforward_layernorm")]
+        shapes += [(p + "self_attn.q_proj.weight", (q, h)),
+                   (p + "self_attn.k_proj.weight", (kv, h)),
+                   (p + "self_attn.v_proj.weight", (kv, h)),
+                   (p + "self_attn.o_proj.weight", (h, q)),
+                   (p + "mlp.gate_proj.weight", (width, h)),
+                   (p + "mlp.up_proj.weight", (width, h)),
+                   (p + "mlp.down_proj.weight", (h, width))]
+    shapes.append(("model.norm.weight", (h,)))
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(
+        dict(config, torch_dtype="float16", architectures=["Gemma2ForCausalLM"]), indent=1))
+    write_shard(directory / "model.safetensors", shapes, np.random.default_rng(0))
+    return directory
+
+
+def moe_checkpoint(directory: Path) -> Path:
+    """benchmarks/moe_prefill.py's random Qwen3-MoE (64 experts of width 512, top-8)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from moe_prefill import write_checkpoint
+
+    return write_checkpoint(directory, moe=True)
+
+
+def check_family(check: Check, name: str, write, work: Path, arch: str,
+                 bandwidth: float | None) -> None:
+    """Step 7 for one family: write its checkpoint, compile q4f16 for the GPU and the CPU,
+    compare the two, bench the GPU artifact."""
+    written = check.step(f"write random {name} checkpoint", lambda: str(write(
+        work / f"{name}-random")))
+    if written is None:
+        return
+    built = {}
+    for target in (f"cuda:{arch}", "cpu"):
+        path = work / f"{name}-q4f16-{target.split(':')[0]}"
+        if check.step(f"compile {name} q4f16 {target}", lambda t=target, p=path: compile_to(
+                p, written, "--target", t, "--quant", "q4f16")) is not None:
+            built[target.split(":")[0]] = path
+    if len(built) == 2:
+        check.step(f"logits {name} q4f16", lambda: compare(built["cpu"], built["cuda"]))
+    if "cuda" in built:
+        check.step(f"bench {name} q4f16", lambda: bench(built["cuda"], bandwidth))
+
+
 class Check:
     """Runs named steps within a time budget, recording each result or error."""
 
@@ -272,6 +338,9 @@ def main(argv: list[str] | None = None) -> int:
                     big, "llama-3-8b", "--weights", str(work / "llama-3-8b-random"),
                     "--target", f"cuda:{arch}", "--quant", "q4f16", timeout=900)):
                 check.step("bench llama-3-8b q4f16", lambda: bench(big, bandwidth))
+    check_family(check, "gemma2", lambda d: gemma2_checkpoint(gemma2_config(), d), work, arch,
+                 bandwidth)
+    check_family(check, "qwen3-moe", moe_checkpoint, work, arch, bandwidth)
     check.record["status"] = "passed" if all(
         e["ok"] for e in check.record["steps"].values()) else "failed"
     check.save()

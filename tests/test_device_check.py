@@ -104,3 +104,24 @@ def test_random_checkpoint_has_the_presets_tensors(tmp_path):
     values = np.concatenate([t.ravel().astype(np.float32) for t in tensors.values()])
     assert np.isfinite(values).all() and 0 < np.abs(values).max() < 2 ** -5
     assert json.loads((directory / "config.json").read_text())["num_hidden_layers"] == 2
+
+
+def test_the_gemma2_checkpoint_is_one_fmc_reads_whole(tmp_path):
+    """Step 7's gemma2 writer, at tiny sizes: fmc imports it as gemma2 with its sliding
+    layers, every tensor mapped, and the compiled artifact passes the step's comparison
+    against itself."""
+    from fmc.compiler import CompileOptions, compile_model
+    from fmc.frontend import open_model
+
+    check = load_script()
+    assert check.gemma2_config()["sliding_window"] == 8
+    config = dict(check.gemma2_config(), hidden_size=64, intermediate_size=96,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=16, vocab_size=5000)
+    directory = check.gemma2_checkpoint(config, tmp_path / "gemma2")
+    source = open_model(str(directory))
+    assert source.config.architecture == "gemma2"
+    assert source.config.arch_options["sliding_layers"] == [0]
+    assert len(source.weights.index()) == 1 + 2 * 11 + 1
+    compile_model(CompileOptions(model=str(directory), output=tmp_path / "a", quant="q4f16"))
+    assert check.compare(tmp_path / "a", tmp_path / "a")["passed"]
