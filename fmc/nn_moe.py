@@ -148,7 +148,6 @@ def group_by_expert(chosen: nn.Tensor, num_experts: int) -> GroupedRows:
     """A counting sort of the pairs chosen [n, k] by expert (stable: ties keep pair order).
     O(pairs²) comparisons for the ranks — a few ms for a 512-token chunk of top-8, small
     beside the experts' GEMMs."""
-    rows_per_block = GROUP_ROWS
     one, zero = tirx.const(1, "int32"), tirx.const(0, "int32")
 
     def blocks_before(flat: te.Tensor):
@@ -158,7 +157,7 @@ def group_by_expert(chosen: nn.Tensor, num_experts: int) -> GroupedRows:
             tirx.Select(flat[p] == e, one, zero), axis=p), name="expert_count")
         other = te.reduce_axis((0, num_experts), name="other")
         return te.compute((num_experts + 1,), lambda e: te.sum(tirx.Select(
-            other.var < e, (count[other] + rows_per_block - 1) // rows_per_block, zero),
+            other.var < e, (count[other] + GROUP_ROWS - 1) // GROUP_ROWS, zero),
             axis=other), name="expert_block_start")
 
     def position(flat: te.Tensor, start: te.Tensor):
@@ -166,7 +165,7 @@ def group_by_expert(chosen: nn.Tensor, num_experts: int) -> GroupedRows:
         q = te.reduce_axis((0, pairs), name="q")
         earlier = te.compute((pairs,), lambda p: te.sum(tirx.Select(
             tirx.all(q.var < p, flat[q] == flat[p]), one, zero), axis=q), name="expert_rank")
-        return te.compute((pairs,), lambda p: start[flat[p]] * rows_per_block + earlier[p],
+        return te.compute((pairs,), lambda p: start[flat[p]] * GROUP_ROWS + earlier[p],
                           name="grouped_position")
 
     def source(place: te.Tensor):
@@ -178,7 +177,7 @@ def group_by_expert(chosen: nn.Tensor, num_experts: int) -> GroupedRows:
         return te.compute((rows,), lambda r: found[r] - 1, name="grouped_source")
 
     def block_expert(start: te.Tensor, place: te.Tensor):
-        blocks = grouped_rows_bound(place.shape[0], num_experts) // rows_per_block
+        blocks = grouped_rows_bound(place.shape[0], num_experts) // GROUP_ROWS
         e = te.reduce_axis((0, num_experts), name="e")
         count = te.compute((blocks,), lambda b: te.sum(tirx.Select(
             start[e] <= b, one, zero), axis=e), name="block_expert_count")
