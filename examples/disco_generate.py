@@ -73,7 +73,7 @@ def main() -> None:
     while len(generated) < args.new:
         generated.append(step("decode", [generated[-1]]))
     print(json.dumps(generated))
-    session.shutdown()
+    tensor_parallel.close_session(session)  # waits for every worker, then stops them
 
 
 if __name__ == "__main__":

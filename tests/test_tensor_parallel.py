@@ -330,6 +330,26 @@ def test_the_documented_disco_loading_code_runs(tp_artifact):
     assert json.loads(run.stdout) == expected
 
 
+def test_closing_a_session_waits_for_busy_workers(tmp_path):
+    """close_session (what the example and the engine end with) waits for every worker:
+    a process that shuts a session down while a worker is still busy aborts at exit."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "busy_workers.py"
+    script.write_text(
+        "import time, tvm_ffi\n"
+        "from fmc.runtime import tensor_parallel\n"
+        "disco = tensor_parallel.disco_session_module()\n"
+        "tvm_ffi.register_global_func('fmc.test.nap', lambda: time.sleep(0.5), override=True)\n"
+        "session = disco.ThreadedSession(num_workers=2)\n"
+        "session.call_packed(session.get_global_func('fmc.test.nap'))\n"
+        "tensor_parallel.close_session(session)\n")
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+
+
 def test_processes_with_sharded_engines_exit_cleanly(tp_artifact, tmp_path):
     """Disco workers still busy when a process ends abort it (exit 134): an error right
     after loading (a prompt longer than the context) and a script that ends with a live

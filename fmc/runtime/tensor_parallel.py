@@ -210,8 +210,7 @@ class DiscoRanks:
         self._tuple_getitem = self.session.get_global_func("vm.builtin.tuple_getitem")
         # Closed when collected or at exit, whichever comes first: a worker still busy when
         # the process ends aborts it.
-        self._finalizer = weakref.finalize(self, _shut_down, self.session, self.ranks,
-                                           self.collectives)
+        self._finalizer = weakref.finalize(self, _shut_down, self.session, self.collectives)
 
     def _arg(self, value):
         import tvm
@@ -275,13 +274,19 @@ class DiscoRanks:
         self._finalizer()
 
 
-def _shut_down(session, ranks: int, collectives: CpuCollectives | None) -> None:
+def close_session(session) -> None:
+    """Wait for every Disco worker to finish its queue, then stop them. Shutdown alone does not
+    wait: a worker still running when the process exits aborts it ("terminate called without
+    an active exception")."""
     import importlib
 
-    # Every worker finishes its queue first: shutdown itself does not wait.
     sync = importlib.import_module("tvm.runtime.disco._ffi_api").SessionSyncWorker
-    for worker in range(ranks):
+    for worker in range(session.num_workers):
         sync(session, worker)
     session.shutdown()
+
+
+def _shut_down(session, collectives: CpuCollectives | None) -> None:
+    close_session(session)
     if collectives is not None:
         _forget(collectives)
