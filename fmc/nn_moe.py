@@ -42,6 +42,8 @@ GROUPED_STAGE = "grouped_matmul"
 # Rows per grouped block, all routed to one expert: each weight value is decoded once for
 # them. More rows, more reuse, more padding (up to GROUP_ROWS − 1 empty rows per expert).
 GROUP_ROWS = 8
+# `block_expert` of the blocks past the last expert's (their rows all empty): no expert.
+EMPTY_BLOCK = -1
 
 
 def is_expert_param(name: str) -> bool:
@@ -136,7 +138,7 @@ class GroupedRows(NamedTuple):
 
     position: nn.Tensor  # [n·k] int32: the grouped row of pair t·k + j
     source: nn.Tensor  # [rows] int32: the pair in each grouped row, -1 for an empty one
-    block_expert: nn.Tensor  # [rows / GROUP_ROWS] int32: each block's expert
+    block_expert: nn.Tensor  # [rows / GROUP_ROWS] int32: each block's expert (EMPTY_BLOCK)
 
 
 def grouped_rows_bound(pairs, num_experts: int):
@@ -183,9 +185,10 @@ def group_by_expert(chosen: nn.Tensor, num_experts: int) -> GroupedRows:
             start[e] <= b, one, zero), axis=e), name="block_expert_count")
         # the last expert whose blocks start at or before b (experts with no pairs share
         # their successor's start and come before it); blocks past the last expert's hold
-        # only empty rows
-        return te.compute((blocks,), lambda b: tirx.max(tirx.min(
-            count[b] - 1, num_experts - 1), 0), name="block_expert")
+        # only empty rows: EMPTY_BLOCK, which a kernel may skip
+        return te.compute((blocks,), lambda b: tirx.Select(
+            b < start[num_experts], tirx.max(tirx.min(count[b] - 1, num_experts - 1), 0),
+            tirx.const(EMPTY_BLOCK, "int32")), name="block_expert")
 
     n, k = chosen.shape
     flat = op.reshape(chosen, (n * k,))
@@ -234,8 +237,11 @@ def grouped_matmul(x: nn.Tensor, block_expert: nn.Tensor, weights: list[nn.Tenso
         k = te.reduce_axis((0, rows.shape[1]), name="k")
         return te.compute(
             (blocks, GROUP_ROWS, out_features),
-            lambda b, r, i: te.sum(rows[b * GROUP_ROWS + r, k] * value(experts[b], i, k),
-                                   axis=k), name=GROUPED_STAGE)
+            # an empty block reads expert 0 (its rows are zeros; the scatter never reads
+            # its outputs)
+            lambda b, r, i: te.sum(rows[b * GROUP_ROWS + r, k] *
+                                   value(tirx.max(experts[b], 0), i, k), axis=k),
+            name=GROUPED_STAGE)
 
     out = op.tensor_expr_op(compute, name_hint=name, args=[x, block_expert, *weights])
     return op.reshape(out, (x.shape[0], out_features))

@@ -97,7 +97,9 @@ def test_mixtral_q4f16_equals_transformers_on_the_dequantized_weights(
     manifest = json.loads((artifact / "manifest.json").read_text())
     params = {p["name"]: p for p in manifest["params"]}
     w2 = params["model.layers.0.block_sparse_moe.experts.w2.q_weight"]
-    assert (w2["scheme"], w2["shape"]) == ("q4f16", [4, 64, 96 // 8])
+    # each expert [64, 96] row-interleaved in blocks of 16 rows, as the CPU stores a dense
+    # weight: [experts, rows / 16, words, 16]
+    assert (w2["scheme"], w2["shape"]) == ("q4f16_rows16", [4, 64 // 16, 96 // 8, 16])
     assert params["model.layers.0.block_sparse_moe.gate.weight"]["scheme"] is None
     reference = _per_expert_checkpoint(artifact, tiny_checkpoint("mixtral"), tmp_path / "deq")
     matches_prefill_and_decode(fmc.load(artifact), hf_model(reference), steps=4)
@@ -307,7 +309,8 @@ def test_moe_gguf_matches_transformers(tiny_checkpoint, tmp_path, fmc_log, name,
     assert "imported 6 tensor(s) losslessly from GGUF blocks" in fmc_log.text
     manifest = json.loads((out / "manifest.json").read_text())
     scheme = {p["source"]: p["scheme"] for p in manifest["params"] if p.get("source")}
-    assert scheme[f"model.layers.1.{down}.weight"] == "q8f16"
+    # Q8_0 blocks kept as q8f16, each expert row-interleaved as the CPU stores weights
+    assert scheme[f"model.layers.1.{down}.weight"] == "q8f16_rows16"
     reference = _per_expert_checkpoint(out, checkpoint, tmp_path / "deq")
     from safetensors.numpy import load_file
 

@@ -59,7 +59,8 @@ def group_operands(scheme: str, weight: np.ndarray):
 
 def integer_model(codes: np.ndarray, scales: np.ndarray, mins: np.ndarray | None,
                   zero: int | None, sub: int, x: np.ndarray):
-    """numpy: x → int8 per block of 32 (amax/127, round half away from zero), exact integer
+    """numpy: x → int8 per block of 32 (amax/127, round half to even: the kernel's T.round
+    is LLVM's nearbyint, as llama.cpp's AVX path rounds), exact integer
     dot products per scale sub-block, then the float scales — the kernel's arithmetic,
     written independently of it."""
     blocks = x.reshape(-1, GROUP).astype(np.float32)
@@ -67,7 +68,7 @@ def integer_model(codes: np.ndarray, scales: np.ndarray, mins: np.ndarray | None
     inverse = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(
         np.float32)
     scaled = blocks * inverse[:, None]
-    xq = (np.sign(scaled) * np.floor(np.abs(scaled) + 0.5)).astype(np.int64).reshape(-1, sub)
+    xq = np.rint(scaled).astype(np.int64).reshape(-1, sub)
     xd = np.repeat((amax * np.float32(1 / 127)).astype(np.float32), GROUP // sub)
     dots = (codes.reshape(codes.shape[0], -1, sub).astype(np.int64) * xq).sum(-1)
     if zero is None:  # value = c·s + m
@@ -147,6 +148,40 @@ def test_many_token_kernel_equals_the_integer_model_per_token(scheme, tokens, sh
     rows = x.reshape(-1, k)
     expected = np.stack([integer_model(*operands, row) for row in rows])
     expected = expected + res.reshape(-1, n)
+    np.testing.assert_allclose(out.numpy().reshape(-1, n), expected, rtol=2e-6,
+                               atol=2e-6 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("scheme", ["q4f16", "q4_1", "q8f16", "q4k", "q5_0", "q6k"])
+def test_grouped_kernel_equals_the_integer_model_per_row(scheme):
+    """The grouped expert GEMM (fmc.nn_moe): blocks of GROUP_ROWS rows, each against its
+    expert's weight from a stack [E, …]; a block marked EMPTY_BLOCK is skipped and zeroed."""
+    import tvm
+
+    from fmc.nn_moe import EMPTY_BLOCK, GROUP_ROWS
+    from fmc.quant import experts
+
+    num_experts, n, k = 3, 48, 512
+    rng = np.random.default_rng(11)
+    weight = rng.standard_normal((num_experts, n, k)).astype(np.float32)
+    stored = experts.split(get(f"{scheme}_rows16").quantize(experts.flatten(weight)),
+                           num_experts)
+    chosen = np.array([2, 0, 2, EMPTY_BLOCK, 1], np.int32)
+    x = rng.standard_normal((len(chosen) * GROUP_ROWS, k)).astype(np.float32)
+    fmt = SCHEMES_WITH_KERNELS[scheme]
+    if fmt.scales.startswith("group"):
+        fmt = dataclasses.replace(fmt, scale_dtype=str(stored[1 + (fmt.high_bits > 0)].dtype))
+    func = integer_dot(n, k, fmt, False, "grouped", experts=num_experts)
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
+                      target=get_target(f"cpu:{VNNI_CPU}").tvm_target())
+    if not get_target("cpu").has_vnni():
+        pytest.skip("this CPU cannot run VNNI code")
+    out = tvm.runtime.tensor(np.full((len(chosen), GROUP_ROWS, n), np.nan, np.float32))
+    lib["main"](*[tvm.runtime.tensor(a) for a in [*stored, x, chosen]], out)
+    operands = [group_operands(scheme, weight[e]) for e in range(num_experts)]
+    expected = np.stack([
+        np.zeros(n, np.float32) if chosen[r // GROUP_ROWS] == EMPTY_BLOCK
+        else integer_model(*operands[chosen[r // GROUP_ROWS]], row) for r, row in enumerate(x)])
     np.testing.assert_allclose(out.numpy().reshape(-1, n), expected, rtol=2e-6,
                                atol=2e-6 * np.abs(expected).max())
 

@@ -124,12 +124,15 @@ class _Quantizer(nn.Mutator):
 
     def visit_module(self, name: str, node: nn.Module):
         if isinstance(node, ExpertLinear):
-            # Each expert is quantized as its own [out, in] weight; experts are not stored
-            # row-interleaved (their gathered kernel does not use the row-lane schedule).
+            # Each expert is quantized as its own [out, in] weight, row-interleaved as a
+            # dense weight is when the target asks (the grouped GEMM and the gathered GEMVs
+            # then take the row-lane schedules).
             scheme = self.plan.scheme_for(name, False, (node.out_features, node.in_features))
             self.layers[name] = scheme.name
             if scheme.is_identity(node.weight.dtype):
                 return node
+            if self.row_block and node.out_features % self.row_block == 0:
+                scheme = interleave(scheme, self.row_block)
             layer = QuantizedExpertLinear(node, scheme, name, self.dtype)
             for part, tensor in enumerate(layer.storage):
                 self.stored[f"{name}.{tensor.name}"] = QuantizedParam(

@@ -36,6 +36,11 @@ Many tokens: each task (two row blocks) walks the tokens in tiles of TOKEN_TILE,
 weight word is loaded and unpacked once per tile and feeds TOKEN_TILE dot products; the
 activations are quantized first, in parallel over tokens.
 
+The grouped expert GEMM (fmc.nn_moe: rows in blocks of GROUP_ROWS, each block against one
+expert's weight, the experts' arrays stacked [E, …]) is the many-token kernel per block: a
+task is (block, row blocks), its weights those of the block's expert, its tokens the
+block's rows; blocks marked EMPTY_BLOCK are skipped (their outputs zeroed).
+
 The integer sums are exact; the result differs from the float path by the rounding of the
 activations to int8 only (the tolerance is in docs/quantization.md)."""
 
@@ -46,6 +51,7 @@ from dataclasses import dataclass
 from tvm import tirx
 from tvm.script import tirx as T
 
+from fmc.nn_moe import EMPTY_BLOCK, GROUP_ROWS
 from fmc.quant.kquant import SUBS, SUPER, unpack_scale_min
 
 LANES = 16  # int32/float32 lanes of a 512-bit vector = weight rows per row block
@@ -61,8 +67,8 @@ Q6K_SUB = 16  # Q6_K's weights per int8 sub-block scale
 # Byte i of a lane-per-row vector comes from byte (i % 4)·16 + i // 4 of a k-major load.
 TRANSPOSE_4X16 = [(i % 4) * LANES + i // 4 for i in range(4 * LANES)]
 # Where the token count lives in x [d0, d1, K]: decode [1, 1, K], prefill [1, T, K],
-# batched decode [B, 1, K].
-TOKEN_AXES = {"one": None, "seq": 1, "batch": 0}
+# batched decode [B, 1, K]; the grouped GEMM's rows [R, K].
+TOKEN_AXES = {"one": None, "seq": 1, "batch": 0, "grouped": 0}
 SCALE_KINDS = ("group", "group+min", "k-quant", "q6k")
 # Scratch of one task (accumulators, one word): TVM puts a small constant-size "global"
 # allocation on the stack, where LLVM keeps it in registers, but serves every "local" one
@@ -124,13 +130,17 @@ class WeightFormat:
 
 
 def integer_dot(n: int, k: int, fmt: WeightFormat, residual: bool,
-                tokens: str = "one") -> tirx.PrimFunc:
+                tokens: str = "one", experts: int = 0) -> tirx.PrimFunc:
     """The kernel for an [n, k] weight stored as `fmt`. Parameters: the stored arrays
     (`fmt.arrays`), x, then (with `residual`) a tensor shaped like the output added to the
     result — o_proj's and down_proj's residual epilogue — and the output. `tokens`: "one"
     (x [1, 1, k], output [1, 1, n]), "seq" (x [1, T, k]) or "batch" (x [B, 1, k]), T and B
-    symbolic (int64)."""
+    symbolic (int64). "grouped": `experts` stacked weights (each array [experts, …]), x the
+    grouped rows [R, k], then each block's expert [R / GROUP_ROWS] (int32) in the residual's
+    place, and the output [R / GROUP_ROWS, GROUP_ROWS, n]."""
     assert n % LANES == 0 and k % fmt.block == 0
+    grouped = tokens == "grouped"
+    assert grouped == (experts > 0) and not (grouped and residual)
     bits, zero, hb, sub = fmt.bits, fmt.zero, fmt.high_bits, fmt.sub
     has_high = hb > 0
     groups = k // GROUP
@@ -157,13 +167,26 @@ def integer_dot(n: int, k: int, fmt: WeightFormat, residual: bool,
         """Which element of its block byte b of activation word j holds."""
         return (j // 2) * 8 + j % 2 + 2 * b if bits == 4 else 4 * j + b
 
+    def at(block):
+        """A row block's leading indices into a stored array: (block,), or (expert, block)
+        for stacked experts."""
+        return block if isinstance(block, tuple) else (block,)
+
+    def row_block(expert, block):
+        """Row block `block` of the weight, or of stacked expert `expert` (not None)."""
+        return block if expert is None else (expert, block)
+
+    def flat_block(block):
+        """A row block's index among all (stacked) row blocks."""
+        return block[0] * (n // LANES) + block[1] if isinstance(block, tuple) else block
+
     def weight_bytes(words, block, g, j):
         """The int8x64 operand of step j of group g: 4 codes of each of 16 rows."""
         if bits == 4:
-            word = words[block, g * (GROUP // 8) + j // 2, T.ramp(0, 1, LANES)]
+            word = words[(*at(block), g * (GROUP // 8) + j // 2, T.ramp(0, 1, LANES))]
             odd_codes = word >> T.broadcast(T.Cast("uint32", 4 * (j % 2)), LANES)
             return T.reinterpret("int8x64", odd_codes & T.broadcast(T.uint32(NIBBLES), LANES))
-        base = (block * k + g * GROUP + 4 * j) * (LANES // 4)
+        base = (flat_block(block) * k + g * GROUP + 4 * j) * (LANES // 4)
         word = words[T.ramp(base, 1, LANES)] ^ T.broadcast(T.uint32(SIGN_BITS), LANES)
         return tirx.Shuffle([T.reinterpret("int8x64", word)], TRANSPOSE_4X16)
 
@@ -183,7 +206,7 @@ def integer_dot(n: int, k: int, fmt: WeightFormat, residual: bool,
 
     def weight_bytes_with_high(arrays, block, g, j):
         """Step j of group g with the top bits joined: 4 whole codes of each of 16 rows."""
-        word = arrays[1][block, g * hb + j // high_steps, T.ramp(0, 1, LANES)]
+        word = arrays[1][(*at(block), g * hb + j // high_steps, T.ramp(0, 1, LANES))]
         picked = T.reinterpret("uint32x16", T.call_llvm_pure_intrin(
             "int8x64", MULTISHIFT, T.reinterpret("int8x64", multishift_control(j)),
             T.reinterpret("int8x64", word)))
@@ -199,16 +222,18 @@ def integer_dot(n: int, k: int, fmt: WeightFormat, residual: bool,
         if fmt.scales == "k-quant":  # d·sc and −dmin·m, sc and m 6-bit from the words
             words, d, dmin = scales[:3], scales[3], scales[4]
             block_of = g // SUBS
-            sc, m = unpack_scale_min([w[block, block_of, rows] for w in words], g % SUBS)
-            return (T.Cast("float32x16", d[block, block_of, rows]) * T.Cast("float32x16", sc),
-                    -T.Cast("float32x16", dmin[block, block_of, rows]) *
+            sc, m = unpack_scale_min([w[(*at(block), block_of, rows)] for w in words],
+                                     g % SUBS)
+            return (T.Cast("float32x16", d[(*at(block), block_of, rows)]) *
+                    T.Cast("float32x16", sc),
+                    -T.Cast("float32x16", dmin[(*at(block), block_of, rows)]) *
                     T.Cast("float32x16", m))
         if fmt.scales == "q6k":  # exact in float32: an 11-bit d times a 7-bit scale
-            return (T.Cast("float32x16", scales[1][block, g * GROUP // SUPER, rows]) *
-                    T.Cast("float32x16", scales[0][block, g * subs + s, rows]), None)
-        scale = T.Cast("float32x16", scales[0][block, g, rows])
+            return (T.Cast("float32x16", scales[1][(*at(block), g * GROUP // SUPER, rows)]) *
+                    T.Cast("float32x16", scales[0][(*at(block), g * subs + s, rows)]), None)
+        scale = T.Cast("float32x16", scales[0][(*at(block), g, rows)])
         if fmt.with_min:
-            return scale, T.Cast("float32x16", scales[1][block, g, rows])
+            return scale, T.Cast("float32x16", scales[1][(*at(block), g, rows)])
         return scale, None
 
     # fmt: off
@@ -240,13 +265,14 @@ def integer_dot(n: int, k: int, fmt: WeightFormat, residual: bool,
                 xs[(t * groups + g) * subs + s] = total[0]
 
     @T.macro
-    def dot_steps(isum, unpacked, packed, operand, weights, task, first, tile, g, s):
+    def dot_steps(isum, unpacked, packed, operand, weights, task, first, tile, g, s, expert):
         """isum[rb, i] += the sub-block's `steps` dot products (operand: the weight bytes),
         step jj into chain jj % chains(tile)."""
         for jj in T.unroll(steps):
             for rb in T.unroll(per_task):
                 unpacked[T.ramp(rb * LANES, 1, LANES)] = T.reinterpret(
-                    "int32x16", operand(weights, task * per_task + rb, g, s * steps + jj))
+                    "int32x16", operand(weights, row_block(expert, task * per_task + rb), g,
+                                        s * steps + jj))
             for rb in T.unroll(per_task):
                 for i in T.unroll(tile):
                     at: T.let[T.int32] = ((jj % chains(tile) * per_task + rb) * tile + i) * LANES
@@ -258,10 +284,10 @@ def integer_dot(n: int, k: int, fmt: WeightFormat, residual: bool,
                             LANES)))
 
     @T.macro
-    def dot_tile(codes, arrays, packed, xd, xs, out, res, task, first, tile):
+    def dot_tile(codes, arrays, packed, xd, xs, out, res, task, first, tile, expert):
         """out[first … first + tile − 1, task's rows] = Σ_sub s·xd·(Σ c·xq − z·xs) (+ res):
         per_task row blocks × `tile` tokens of accumulators, each weight step unpacked
-        once for the tile."""
+        once for the tile. `expert`: None, or the stacked expert whose weight this is."""
         acc = T.alloc_buffer((per_task * tile * LANES,), "float32", scope=STACK)
         isum = T.alloc_buffer((chains(tile) * per_task * tile * LANES,), "int32", scope=STACK)
         unpacked = T.alloc_buffer((per_task * LANES,), "int32", scope=STACK)
@@ -275,10 +301,10 @@ def integer_dot(n: int, k: int, fmt: WeightFormat, residual: bool,
                     isum[T.ramp(a * LANES, 1, LANES)] = T.broadcast(0, LANES)
                 if has_high:  # decided while parsing
                     dot_steps(isum, unpacked, packed, weight_bytes_with_high, arrays, task,
-                              first, tile, g, s)
+                              first, tile, g, s, expert)
                 else:
                     dot_steps(isum, unpacked, packed, weight_bytes, codes, task, first, tile,
-                              g, s)
+                              g, s, expert)
                 for c in T.unroll(1, chains(tile)):
                     for a in T.unroll(per_task * tile):
                         isum[T.ramp(a * LANES, 1, LANES)] = isum[T.ramp(a * LANES, 1, LANES)] + \
@@ -286,9 +312,11 @@ def integer_dot(n: int, k: int, fmt: WeightFormat, residual: bool,
                 for rb in T.unroll(per_task):
                     # the row block's scales (and minimums) once, for every token of the tile
                     block: T.let[T.int32] = task * per_task + rb
-                    scale[T.ramp(0, 1, LANES)] = sub_scales(arrays, block, g, s)[0]
+                    scale[T.ramp(0, 1, LANES)] = \
+                        sub_scales(arrays, row_block(expert, block), g, s)[0]
                     if fmt.with_min:  # decided while parsing
-                        minimum[T.ramp(0, 1, LANES)] = sub_scales(arrays, block, g, s)[1]
+                        minimum[T.ramp(0, 1, LANES)] = \
+                            sub_scales(arrays, row_block(expert, block), g, s)[1]
                     for i in T.unroll(tile):
                         a: T.let[T.int32] = (rb * tile + i) * LANES
                         step_scale = T.broadcast(xd[(first + i) * groups + g], LANES)
@@ -321,10 +349,32 @@ def integer_dot(n: int, k: int, fmt: WeightFormat, residual: bool,
             if token_axis is not None:  # decided while parsing: one token has no full tile
                 for tile in T.serial(count // TOKEN_TILE):
                     dot_tile(codes, arrays, packed, xd, xs, out, res, task,
-                             tile * TOKEN_TILE, TOKEN_TILE)
+                             tile * TOKEN_TILE, TOKEN_TILE, None)
             for t in T.serial(count % TOKEN_TILE):
                 dot_tile(codes, arrays, packed, xd, xs, out, res, task,
-                         count - count % TOKEN_TILE + t, 1)
+                         count - count % TOKEN_TILE + t, 1, None)
+
+    @T.macro
+    def dot_grouped(codes, arrays, packed, xd, xs, out, chosen, count):
+        """Every (block, task): the block's rows against its expert's row blocks, in tiles
+        of TOKEN_TILE rows; an empty block's outputs zeroed."""
+        blocks: T.let[T.int32] = T.Cast("int32", count // GROUP_ROWS)
+        for item in T.parallel(blocks * tasks):
+            # blocks innermost: an expert's blocks are consecutive, so its weight tile is
+            # still in cache for its next block
+            task: T.let[T.int32] = item // blocks
+            b: T.let[T.int32] = item % blocks
+            expert: T.let[T.int32] = chosen[b]
+            if expert != EMPTY_BLOCK:
+                for tile in T.serial(GROUP_ROWS // TOKEN_TILE):
+                    dot_tile(codes, arrays, packed, xd, xs, out, out, task,
+                             b * GROUP_ROWS + tile * TOKEN_TILE, TOKEN_TILE, expert)
+            else:
+                for r in T.serial(GROUP_ROWS):
+                    for rb in T.unroll(per_task):
+                        at: T.let[T.int64] = T.Cast("int64", b * GROUP_ROWS + r) * n + \
+                            (task * per_task + rb) * LANES
+                        out[T.ramp(at, 1, LANES)] = T.broadcast(T.float32(0), LANES)
 
     @T.macro
     def run(arrays, x, res, out, count):
@@ -342,6 +392,33 @@ def integer_dot(n: int, k: int, fmt: WeightFormat, residual: bool,
             dot_all(words, arrays, packed, xd, xs, out, res, count)
         else:
             dot_all(arrays[0], arrays, packed, xd, xs, out, res, count)
+
+    @T.macro
+    def run_grouped(arrays, x, chosen, out, count):
+        """`count` grouped rows (flat x and out) in blocks of GROUP_ROWS; chosen: each
+        block's expert. Rows of empty blocks are not quantized."""
+        packed = T.alloc_buffer((count * groups * WORDS_PER_GROUP,), "int32")
+        xd = T.alloc_buffer((count * groups,), "float32")
+        xs = T.alloc_buffer((count * groups * subs,), "int32")
+        for t in T.parallel(count):
+            if chosen[t // GROUP_ROWS] != EMPTY_BLOCK:
+                quantize_token(x, t, packed, xd, xs)
+        if bits == 8:  # the 8-bit codes read as uint32 words, 64 bytes per load
+            words = T.decl_buffer((experts * n * k // 4,), "uint32", data=arrays[0].data)
+            dot_grouped(words, arrays, packed, xd, xs, out, chosen, count)
+        else:
+            dot_grouped(arrays[0], arrays, packed, xd, xs, out, chosen, count)
+
+    @T.macro
+    def body_grouped(arrays, var_x, var_chosen, var_out):
+        count = T.int64()
+        x = T.match_buffer(var_x, (count, T.int64(k)), "float32")
+        chosen = T.match_buffer(var_chosen, (count // GROUP_ROWS,), "int32")
+        out = T.match_buffer(var_out, (count // GROUP_ROWS, T.int64(GROUP_ROWS), T.int64(n)),
+                             "float32")
+        flat_x = T.decl_buffer((count * k,), "float32", data=x.data)
+        flat_out = T.decl_buffer((count * n,), "float32", data=out.data)
+        run_grouped(arrays, flat_x, chosen, flat_out, count)
 
     @T.macro
     def body(arrays, var_x, var_res, var_out):
@@ -366,6 +443,9 @@ def integer_dot(n: int, k: int, fmt: WeightFormat, residual: bool,
             run(arrays, flat_x, flat_out, flat_out, tokens_of(count))
     # fmt: on
 
+    if grouped:  # the block → expert map takes the residual's place among the parameters
+        return _signature([((experts, *shape), dtype) for shape, dtype in fmt.arrays(n, k)],
+                          True, body_grouped)
     return _signature(fmt.arrays(n, k), residual, body)
 
 

@@ -4,7 +4,9 @@
 A kernel qualifies when it is a matmul — decode (x is [1, 1, K]), prefill ([1, T, K]) or
 batched decode ([B, 1, K]) — over a row-interleaved weight of a scheme in SCHEMES: a single
 `NT_matmul` block, optionally followed by the residual `T_add` (o_proj's and down_proj's
-epilogue), with the parameters (the scheme's stored arrays, x[, residual], out).
+epilogue), with the parameters (the scheme's stored arrays, x[, residual], out). So does
+the grouped expert GEMM of MoE prompts (fmc.nn_moe, stage GROUPED_STAGE) over stacked
+row-interleaved experts; its kernel takes the fused kernel's parameter order.
 Anything else keeps the float kernel. Runs in the fuse phase before the add→norm merge; the
 integer kernels are scheduled by hand and marked so."""
 
@@ -18,6 +20,7 @@ from tvm import tirx
 
 from fmc.lowering.kernels.int8_dot_cpu import LANES, WeightFormat, integer_dot
 from fmc.lowering.tir_util import block_names
+from fmc.nn_moe import GROUP_ROWS, GROUPED_STAGE
 
 # Scheme → its weight format (scale dtype filled in from the kernel's parameters). q8f16's
 # signed codes are read as unsigned bytes (code + 128), hence its zero 128.
@@ -30,6 +33,8 @@ SCHEMES = {"q4f16": WeightFormat(4, 7, "group"), "q4f32": WeightFormat(4, 7, "gr
 # fmc names a dequantize kernel `dequantize_SCHEME` (rows-interleaved: `SCHEME_rows16`), and
 # fusion prefixes "fused_" and may append a de-duplication number.
 KERNEL = re.compile(rf"(?:^|_)dequantize_(?P<scheme>\w+?)_rows{LANES}\d*_")
+# The grouped GEMM's kernel: `moe_grouped_SCHEME_rows16` (fmc.quant.modules), maybe numbered.
+GROUPED_KERNEL = re.compile(rf"^moe_grouped_(?P<scheme>\w+?)_rows{LANES}\d*$")
 SCALE_DTYPES = ("float16", "float32")
 
 
@@ -79,11 +84,9 @@ def match(name: str, func: tirx.PrimFunc) -> dict | None:
     k, n = int(x.shape[2]), int(out.shape[2])
     if n % LANES or k % fmt.block:
         return None
-    if fmt.scales.startswith("group"):  # float16 or float32 scales (q4f16 / q4f32)
-        scale_dtype = str(params[1 + (fmt.high_bits > 0)].dtype)
-        if scale_dtype not in SCALE_DTYPES:
-            return None
-        fmt = dataclasses.replace(fmt, scale_dtype=scale_dtype)
+    fmt = _with_scale_dtype(fmt, params)
+    if fmt is None:
+        return None
     if [(_static(b.shape), str(b.dtype)) for b in params[:layout_size]] != \
             [(list(shape), dtype) for shape, dtype in fmt.arrays(n, k)]:
         return None
@@ -92,6 +95,52 @@ def match(name: str, func: tirx.PrimFunc) -> dict | None:
     if residual and token_layout(params[-2].shape, out.shape) != tokens:
         return None
     return {"n": n, "k": k, "fmt": fmt, "residual": residual, "tokens": tokens}
+
+
+def _with_scale_dtype(fmt: WeightFormat, arrays) -> WeightFormat | None:
+    """A group-scaled format with its scales' dtype (float16 or float32: q4f16 / q4f32)
+    read from the stored arrays; None for another dtype."""
+    if not fmt.scales.startswith("group"):
+        return fmt
+    scale_dtype = str(arrays[1 + (fmt.high_bits > 0)].dtype)
+    return dataclasses.replace(fmt, scale_dtype=scale_dtype) \
+        if scale_dtype in SCALE_DTYPES else None
+
+
+def grouped_kernel(name: str, func: tirx.PrimFunc) -> tirx.PrimFunc | None:
+    """The integer-dot kernel for a grouped expert GEMM — parameters x [R, K] (float32),
+    the blocks' experts [R / GROUP_ROWS] (int32), the stacked arrays [E, …], symbolic
+    sizes, out [R / GROUP_ROWS, GROUP_ROWS, N] — with the same parameters, or None."""
+    found = GROUPED_KERNEL.search(name)
+    if found is None or found.group("scheme") not in SCHEMES:
+        return None
+    if block_names(func) != [GROUPED_STAGE]:
+        return None
+    buffers = [i for i, p in enumerate(func.params) if hasattr(p.ty, "shape")]
+    if len(buffers) < 5:
+        return None
+    x, chosen, *arrays, out = (func.params[i].ty for i in buffers)
+    if len(x.shape) != 2 or len(chosen.shape) != 1 or len(out.shape) != 3 or \
+            str(x.dtype) != "float32" or str(chosen.dtype) != "int32" or \
+            str(out.dtype) != "float32" or _static(out.shape[1:]) is None or \
+            _static(x.shape[1:]) is None:
+        return None
+    k, (rows, n) = int(x.shape[1]), _static(out.shape[1:])
+    fmt = _with_scale_dtype(SCHEMES[found.group("scheme")], arrays)
+    if fmt is None or rows != GROUP_ROWS or n % LANES or k % fmt.block:
+        return None
+    experts = _static(arrays[0].shape[:1])
+    if experts is None or [(_static(a.shape), str(a.dtype)) for a in arrays] != \
+            [([experts[0], *shape], dtype) for shape, dtype in fmt.arrays(n, k)]:
+        return None
+    kernel = integer_dot(n, k, fmt, False, "grouped", experts=experts[0])
+    # integer_dot's order is (arrays…, x, experts, out); the caller passes the fused
+    # kernel's (x, experts, arrays…, sizes…, out). Sizes are derivable, so unused.
+    *stored, new_x, new_chosen, new_out = kernel.params
+    by_role = dict(zip(buffers, [new_x, new_chosen, *stored, new_out], strict=True))
+    params = [by_role[i] if i in by_role else tirx.Var(p.name, p.ty)
+              for i, p in enumerate(func.params)]
+    return tirx.PrimFunc(params, kernel.body, kernel.ret_type, attrs=kernel.attrs)
 
 
 @tvm.transform.module_pass(opt_level=0, name="CPUInt8Dot")
@@ -103,4 +152,8 @@ class CPUInt8Dot:
             found = match(gv.name_hint, func)
             if found is not None:
                 mod[gv] = integer_dot(**found)
+                continue
+            grouped = grouped_kernel(gv.name_hint, func)
+            if grouped is not None:
+                mod[gv] = grouped
         return mod

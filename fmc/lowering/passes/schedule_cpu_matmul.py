@@ -30,6 +30,8 @@ LANES = 16  # float32 lanes of a 512-bit vector
 DECODE_BLOCKS = 4
 PREFILL_BLOCKS = 2
 UNROLLED_STEPS = 8  # reduction steps unrolled for unpacked weights (int8, float16)
+# Row blocks per task of the grouped GEMM over interleaved experts.
+GROUPED_BLOCKS = 2
 
 
 def _const_extent(schedule: s_tir.Schedule, loop) -> int | None:
@@ -101,6 +103,45 @@ def _schedule_grouped(schedule: s_tir.Schedule, name: str, following: list[str],
     return True
 
 
+def _schedule_grouped_rows(schedule: s_tir.Schedule, name: str, following: list[str],
+                           row_block: int | None) -> bool:
+    """The grouped GEMM over row-interleaved experts: loops (block, row, out, k) →
+    parallel (block, output tile); per stored word the tile's weights are decoded once
+    (one SIMD lane per weight row) and every row of the block takes its FMAs from them, the
+    activation a broadcast scalar — the dense prefill schedule, per block of one expert."""
+    block = schedule.get_sblock(name)
+    loops = schedule.get_loops(block)
+    if len(loops) != 4:
+        return False
+    group, row, column, reduction = loops
+    k_extent = _const_extent(schedule, reduction)
+    n_extent = _const_extent(schedule, column)
+    if k_extent is None or n_extent is None or n_extent % (row_block or 1):
+        return False
+    per_word = _interleaved_weight(schedule, block, row_block, k_extent)
+    if per_word is None:
+        return False
+    blocks = next(b for b in (GROUPED_BLOCKS, 1) if n_extent % (b * row_block) == 0)
+    accumulator = schedule.cache_write(block, 0, "global")
+    tile, row_blocks, lane = schedule.split(column, factors=[None, blocks, row_block])
+    step = per_word if per_word > 1 else \
+        next((u for u in (UNROLLED_STEPS, 2) if k_extent % u == 0), 1)
+    word, code = schedule.split(reduction, factors=[None, step]) if step > 1 \
+        else (reduction, None)
+    inner = [code] if code is not None else []
+    schedule.reorder(group, tile, word, row, *inner, row_blocks, lane)
+    outer = schedule.fuse(group, tile)
+    schedule.vectorize(lane)
+    schedule.unroll(row_blocks)
+    if code is not None:
+        schedule.unroll(code)
+    schedule.reverse_compute_at(accumulator, outer)
+    _attach_epilogue(schedule, following, outer)
+    schedule.parallel(outer)
+    schedule.decompose_reduction(block, word)
+    return True
+
+
 def _const_int(extent) -> int | None:
     return int(extent) if isinstance(extent, tirx.IntImm) else None
 
@@ -109,12 +150,12 @@ def _interleaved_weight(schedule: s_tir.Schedule, block, row_block: int | None,
                         k_extent: int) -> int | None:
     """Codes per stored word when the block reads a row-interleaved weight
     [rows/B, K/P, B] (fmc.quant.layout; its scales are [rows/B, K/group, B], fewer
-    columns), else None."""
+    columns) or a stack of them [E, rows/B, K/P, B] (experts), else None."""
     if not row_block:
         return None
-    columns = [_const_int(region.source.shape[1]) for region in schedule.get(block).reads
-               if len(region.source.shape) == 3
-               and _const_int(region.source.shape[2]) == row_block]
+    columns = [_const_int(region.source.shape[-2]) for region in schedule.get(block).reads
+               if len(region.source.shape) in (3, 4)
+               and _const_int(region.source.shape[-1]) == row_block]
     widest = max((c for c in columns if c), default=None)
     if widest is None or k_extent % widest:
         return None
@@ -203,8 +244,9 @@ def schedule_matmul(func: tirx.PrimFunc, lanes: int = LANES,
     schedule = s_tir.Schedule(func)
     for name in matmuls:
         following = names[names.index(name) + 1:]
-        if name.startswith(GROUPED_STAGE) and _schedule_grouped(schedule, name, following,
-                                                                lanes):
+        if name.startswith(GROUPED_STAGE) and (
+                _schedule_grouped_rows(schedule, name, following, row_block)
+                or _schedule_grouped(schedule, name, following, lanes)):
             continue
         if not _schedule_rows(schedule, name, following, row_block):
             _schedule_one_matmul(schedule, name, following, lanes)
