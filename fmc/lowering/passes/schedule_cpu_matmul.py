@@ -72,16 +72,22 @@ def _schedule_one_matmul(schedule: s_tir.Schedule, name: str, following: list[st
         schedule.decompose_reduction(partial, chunk)
 
 
+def _grouped_loops(schedule: s_tir.Schedule, name: str):
+    """The grouped GEMM's block and its loops (block, row, out, k), or None."""
+    block = schedule.get_sblock(name)
+    loops = schedule.get_loops(block)
+    return (block, *loops) if len(loops) == 4 else None
+
+
 def _schedule_grouped(schedule: s_tir.Schedule, name: str, following: list[str],
                       lanes: int) -> bool:
     """Loops (block, row, out, k) → parallel (block, out); per SIMD chunk of k the weight
     vector is decoded once and every row of the block accumulates with it ([rows, lanes]
     partial sums in registers), summed across lanes at the end."""
-    block = schedule.get_sblock(name)
-    loops = schedule.get_loops(block)
-    if len(loops) != 4:
+    found = _grouped_loops(schedule, name)
+    if found is None:
         return False
-    group, row, column, reduction = loops
+    block, group, row, column, reduction = found
     k_extent = _const_extent(schedule, reduction)
     if k_extent is None or k_extent % lanes or k_extent <= lanes:
         return False
@@ -109,11 +115,10 @@ def _schedule_grouped_rows(schedule: s_tir.Schedule, name: str, following: list[
     parallel (block, output tile); per stored word the tile's weights are decoded once
     (one SIMD lane per weight row) and every row of the block takes its FMAs from them, the
     activation a broadcast scalar — the dense prefill schedule, per block of one expert."""
-    block = schedule.get_sblock(name)
-    loops = schedule.get_loops(block)
-    if len(loops) != 4:
+    found = _grouped_loops(schedule, name)
+    if found is None:
         return False
-    group, row, column, reduction = loops
+    block, group, row, column, reduction = found
     k_extent = _const_extent(schedule, reduction)
     n_extent = _const_extent(schedule, column)
     if k_extent is None or n_extent is None or n_extent % (row_block or 1):
@@ -123,23 +128,43 @@ def _schedule_grouped_rows(schedule: s_tir.Schedule, name: str, following: list[
         return False
     blocks = next(b for b in (GROUPED_BLOCKS, 1) if n_extent % (b * row_block) == 0)
     accumulator = schedule.cache_write(block, 0, "global")
+    loops = _row_lane_loops(schedule, column, reduction, blocks, row_block, per_word, k_extent)
+    tile, row_blocks, lane, word, code = loops
+    inner = [code] if code is not None else []
+    schedule.reorder(group, tile, word, row, *inner, row_blocks, lane)
+    _finish_row_lanes(schedule, block, accumulator, following, schedule.fuse(group, tile),
+                      loops)
+    return True
+
+
+def _row_lane_loops(schedule: s_tir.Schedule, column, reduction, blocks: int, row_block: int,
+                    per_word: int, k_extent: int):
+    """(tile, row_blocks, lane, word, code): the output loop split into tasks of `blocks`
+    row blocks of `row_block` lanes, the reduction into stored words and the codes of a word
+    (code None when a step is one value)."""
     tile, row_blocks, lane = schedule.split(column, factors=[None, blocks, row_block])
+    # Unroll the codes of a word (or UNROLLED_STEPS unpacked values) so the scale load, the
+    # same for all of them, is shared.
     step = per_word if per_word > 1 else \
         next((u for u in (UNROLLED_STEPS, 2) if k_extent % u == 0), 1)
     word, code = schedule.split(reduction, factors=[None, step]) if step > 1 \
         else (reduction, None)
-    inner = [code] if code is not None else []
-    schedule.reorder(group, tile, word, row, *inner, row_blocks, lane)
-    outer = schedule.fuse(group, tile)
+    return tile, row_blocks, lane, word, code
+
+
+def _finish_row_lanes(schedule: s_tir.Schedule, block, accumulator, following: list[str],
+                      home, loops) -> None:
+    """Lanes vectorized, row blocks and codes unrolled, the accumulator's write-back and the
+    epilogue under the task loop `home`, which runs in parallel."""
+    _, row_blocks, lane, word, code = loops
     schedule.vectorize(lane)
     schedule.unroll(row_blocks)
     if code is not None:
         schedule.unroll(code)
-    schedule.reverse_compute_at(accumulator, outer)
-    _attach_epilogue(schedule, following, outer)
-    schedule.parallel(outer)
+    schedule.reverse_compute_at(accumulator, home)
+    _attach_epilogue(schedule, following, home)
+    schedule.parallel(home)
     schedule.decompose_reduction(block, word)
-    return True
 
 
 def _const_int(extent) -> int | None:
@@ -185,17 +210,12 @@ def _schedule_rows(schedule: s_tir.Schedule, name: str, following: list[str],
     # "global": small constant-size scratch goes on the stack (registers); TVM serves any
     # "local" allocation on the CPU with a workspace call per task.
     accumulator = schedule.cache_write(block, 0, "global")
-    tile, row_blocks, lane = schedule.split(spatial[-1], factors=[None, blocks, row_block])
-    # Unroll the codes of a word (or UNROLLED_STEPS unpacked values) so the scale load, the
-    # same for all of them, is shared.
-    step = per_word if per_word > 1 else \
-        next((u for u in (UNROLLED_STEPS, 2) if k_extent % u == 0), 1)
-    word, code = schedule.split(reduction, factors=[None, step]) if step > 1 \
-        else (reduction, None)
+    loops = _row_lane_loops(schedule, spatial[-1], reduction, blocks, row_block, per_word,
+                            k_extent)
+    tile, row_blocks, lane, word, code = loops
     inner = [code] if code is not None else []
     if decode:
         schedule.reorder(tile, word, *inner, row_blocks, lane)
-        home = tile
     else:
         # Tokens inside the word loop: the decoded weights of one word (codes × row blocks
         # vectors) are loop-invariant across tokens, so LLVM keeps them in registers while
@@ -203,15 +223,7 @@ def _schedule_rows(schedule: s_tir.Schedule, name: str, following: list[str],
         # is symbolic, and a split's predicate would guard every FMA (measured 4.7× slower).
         token_loop = schedule.fuse(*spatial[:-1]) if len(spatial) > 2 else spatial[0]
         schedule.reorder(tile, word, token_loop, *inner, row_blocks, lane)
-        home = tile
-    schedule.vectorize(lane)
-    schedule.unroll(row_blocks)
-    if code is not None:
-        schedule.unroll(code)
-    schedule.reverse_compute_at(accumulator, home)
-    _attach_epilogue(schedule, following, home)
-    schedule.parallel(tile)
-    schedule.decompose_reduction(block, word)
+    _finish_row_lanes(schedule, block, accumulator, following, tile, loops)
     return True
 
 
