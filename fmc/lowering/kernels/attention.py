@@ -167,6 +167,43 @@ def _first_visible(window: int, sm_scale, q_position, k_start):
                           T.max(q_position - k_start - (window - 1), 0), 0)
 
 
+def _prefill_pairs(device: _Device, num_qo_heads: int, group: int, head_dim: int,
+                   lanes: int, keys_per_update: int):
+    """The prefill kernels' common frame, a TVMScript macro: every (query, head) pair of the
+    `total` new tokens in one flat parallel loop, the pair's private vectors, its query,
+    head, KV head, sequence, row within the sequence and the sequence's query count; then
+    `keys(vectors, pair, *kernel)` — the kernel's own key loop, a macro — with
+    vectors = (q_local, o_local, acc, scores, state) and pair = (query, h, kv, b, row,
+    q_count); `kernel` is the buffers and scalars it reads."""
+    H_qo, D, scope, per_block = num_qo_heads, head_dim, device.scope, device.per_block
+
+    # fmt: off
+    @T.macro
+    def each_pair(total, q_indptr, batch_size, keys, kernel):
+        for block in device.pairs(total * H_qo):
+            for lane in device.lane():
+                with T.sblock("attn"):
+                    T.reads()
+                    T.writes()
+                    q_local = T.sblock_alloc_buffer((D,), "float32", scope=scope)
+                    o_local = T.sblock_alloc_buffer((D,), "float32", scope=scope)
+                    acc = T.sblock_alloc_buffer((lanes,), "float32", scope=scope)
+                    scores = T.sblock_alloc_buffer((keys_per_update,), "float32", scope=scope)
+                    state = T.sblock_alloc_buffer((4,), "float32", scope=scope)
+                    seq = T.sblock_alloc_buffer((1,), "int32", scope=scope)
+                    qh: T.let[T.int32] = block * per_block + lane
+                    if q_indptr[0] * H_qo <= qh and qh < q_indptr[batch_size] * H_qo:
+                        query: T.let[T.int32] = qh // H_qo
+                        h: T.let[T.int32] = qh % H_qo
+                        _sequence_of(seq, query, q_indptr, batch_size)
+                        b: T.let[T.int32] = seq[0]
+                        keys((q_local, o_local, acc, scores, state),
+                             (query, h, h // group, b, query - q_indptr[b],
+                              q_indptr[b + 1] - q_indptr[b]), *kernel)
+    # fmt: on
+    return each_pair
+
+
 def decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: str,
                      page_size: int = 16, lanes: int = 16, softcap: float = 0.0,
                      window: int = 0, gpu: bool = False):
@@ -340,14 +377,34 @@ def ragged_prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int
     so they add exactly 0), parallel over (query token, head) across all sequences, keys in
     steps of KEYS_PER_STEP with one online-softmax update per step."""
     H_qo, H_kv, D = num_qo_heads, num_kv_heads, head_dim
-    group = H_qo // H_kv
     device = _Device(gpu)
     lanes = device.lanes(lanes, D)
-    scope, per_block = device.scope, device.per_block
     step = KEYS_PER_STEP
     begin, attend, finish, q_scale = _attention_steps(D, lanes, dtype, softcap, device.vector)
+    each_pair = _prefill_pairs(device, H_qo, H_qo // H_kv, D, lanes, step)
 
     # fmt: off
+    @T.macro
+    def new_keys(vectors, pair, q, k, v, kv_indptr, q_position, k_start, output, lse, causal,
+                 sm_scale):
+        """The pair's query against its sequence's new keys, KEYS_PER_STEP per update."""
+        q_local, o_local, acc, scores, state = vectors
+        query, h, kv, b, row, q_count = pair
+        kv_start: T.let[T.int32] = kv_indptr[b]
+        k_count: T.let[T.int32] = kv_indptr[b + 1] - kv_start
+        # Keys this query sees: all, or (causal) up to its own position.
+        visible: T.let[T.int32] = T.if_then_else(
+            causal > 0, T.min(k_count - q_count + row + 1, k_count), k_count)
+        skip: T.let[T.int32] = _first_visible(window, sm_scale, q_position[query], k_start[b])
+        begin(q_local, o_local, state, lambda d: q[query, h, d], q_scale(sm_scale))
+        for start in T.serial((visible - skip + step - 1) // step):
+            first_key: T.let[T.int32] = kv_start + skip + start * step
+            attend(q_local, o_local, acc, scores, state,
+                   T.min(step, visible - skip - start * step),
+                   lambda r, d: k[first_key + r, kv, d],
+                   lambda r, d: v[first_key + r, kv, d])
+        finish(o_local, state, output, lse, query, h)
+
     @T.prim_func(s_tir=True)
     def batch_prefill_ragged_kv(
         var_q: T.handle, var_q_indptr: T.handle, var_k: T.handle, var_v: T.handle,
@@ -380,42 +437,8 @@ def ragged_prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int
         lse = T.match_buffer(var_lse, (qo_len, H_qo), "float32")
 
         assert rotary_mode == 0, "fmc's prefill attention expects RoPE applied at append"
-        for block in device.pairs(qo_len * H_qo):
-            for lane in device.lane():
-                with T.sblock("attn"):
-                    T.reads()
-                    T.writes()
-                    q_local = T.sblock_alloc_buffer((D,), "float32", scope=scope)
-                    o_local = T.sblock_alloc_buffer((D,), "float32", scope=scope)
-                    acc = T.sblock_alloc_buffer((lanes,), "float32", scope=scope)
-                    scores = T.sblock_alloc_buffer((step,), "float32", scope=scope)
-                    state = T.sblock_alloc_buffer((4,), "float32", scope=scope)
-                    seq = T.sblock_alloc_buffer((1,), "int32", scope=scope)
-                    qh: T.let[T.int32] = block * per_block + lane
-                    if q_indptr[0] * H_qo <= qh and qh < q_indptr[batch_size] * H_qo:
-                        query: T.let[T.int32] = qh // H_qo
-                        h: T.let[T.int32] = qh % H_qo
-                        kv: T.let[T.int32] = h // group
-                        _sequence_of(seq, query, q_indptr, batch_size)
-                        b: T.let[T.int32] = seq[0]
-                        row: T.let[T.int32] = query - q_indptr[b]
-                        kv_start: T.let[T.int32] = kv_indptr[b]
-                        q_count: T.let[T.int32] = q_indptr[b + 1] - q_indptr[b]
-                        k_count: T.let[T.int32] = kv_indptr[b + 1] - kv_start
-                        # Keys this query sees: all, or (causal) up to its own position.
-                        visible: T.let[T.int32] = T.if_then_else(
-                            causal > 0, T.min(k_count - q_count + row + 1, k_count), k_count)
-                        skip: T.let[T.int32] = _first_visible(window, sm_scale,
-                                                              q_position[query], k_start[b])
-                        begin(q_local, o_local, state, lambda d: q[query, h, d],
-                              q_scale(sm_scale))
-                        for start in T.serial((visible - skip + step - 1) // step):
-                            first_key: T.let[T.int32] = kv_start + skip + start * step
-                            attend(q_local, o_local, acc, scores, state,
-                                   T.min(step, visible - skip - start * step),
-                                   lambda r, d: k[first_key + r, kv, d],
-                                   lambda r, d: v[first_key + r, kv, d])
-                        finish(o_local, state, output, lse, query, h)
+        each_pair(qo_len, q_indptr, batch_size, new_keys,
+                  (q, k, v, kv_indptr, q_position, k_start, output, lse, causal, sm_scale))
     # fmt: on
     return batch_prefill_ragged_kv
 
@@ -431,13 +454,35 @@ def paged_prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int,
     checked against a numpy reference, parallel over (query token, head), one online-softmax
     update per page."""
     H_qo, H_kv, D = num_qo_heads, num_kv_heads, head_dim
-    group = H_qo // H_kv
     device = _Device(gpu)
     lanes = device.lanes(lanes, D)
-    scope, per_block = device.scope, device.per_block
     begin, attend, finish, q_scale = _attention_steps(D, lanes, dtype, softcap, device.vector)
+    each_pair = _prefill_pairs(device, H_qo, H_qo // H_kv, D, lanes, page_size)
 
     # fmt: off
+    @T.macro
+    def cached_keys(vectors, pair, q, pages, page_indptr, page_values, last_page_len, k_start,
+                    q_position, output, lse, causal, sm_scale):
+        """The pair's query against its sequence's cached pages, one update per page."""
+        q_local, o_local, acc, scores, state = vectors
+        query, h, kv, b, row, q_count = pair
+        first: T.let[T.int32] = page_indptr[b]
+        num_pages: T.let[T.int32] = page_indptr[b + 1] - first
+        kv_len: T.let[T.int32] = T.if_then_else(
+            num_pages > 0, (num_pages - 1) * page_size + last_page_len[b], 0)
+        visible: T.let[T.int32] = T.if_then_else(
+            causal > 0, T.max(T.min(kv_len - q_count + row + 1, kv_len), 0), kv_len)
+        skip: T.let[T.int32] = _first_visible(window, sm_scale, q_position[query], k_start[b])
+        begin(q_local, o_local, state, lambda d: q[query, h, d], q_scale(sm_scale))
+        for p in T.serial(skip // page_size, (visible + page_size - 1) // page_size):
+            page: T.let[T.int32] = page_values[first + p]
+            low: T.let[T.int32] = T.max(skip - p * page_size, 0)
+            attend(q_local, o_local, acc, scores, state,
+                   T.min(page_size, visible - p * page_size) - low,
+                   lambda r, d: pages[page, 0, kv, low + r, d],
+                   lambda r, d: pages[page, 1, kv, low + r, d])
+        finish(o_local, state, output, lse, query, h)
+
     @T.prim_func(s_tir=True)
     def batch_prefill_paged_kv_cpu(
         var_q: T.handle, var_q_indptr: T.handle, var_pages: T.handle,
@@ -476,45 +521,8 @@ def paged_prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int,
         lse = T.match_buffer(var_lse, (total_len, H_qo), "float32")
 
         assert rotary_mode == 0, "fmc's prefill attention expects RoPE applied at append"
-        for block in device.pairs(total_len * H_qo):
-            for lane in device.lane():
-                with T.sblock("attn"):
-                    T.reads()
-                    T.writes()
-                    q_local = T.sblock_alloc_buffer((D,), "float32", scope=scope)
-                    o_local = T.sblock_alloc_buffer((D,), "float32", scope=scope)
-                    acc = T.sblock_alloc_buffer((lanes,), "float32", scope=scope)
-                    scores = T.sblock_alloc_buffer((page_size,), "float32", scope=scope)
-                    state = T.sblock_alloc_buffer((4,), "float32", scope=scope)
-                    seq = T.sblock_alloc_buffer((1,), "int32", scope=scope)
-                    qh: T.let[T.int32] = block * per_block + lane
-                    if q_indptr[0] * H_qo <= qh and qh < q_indptr[batch_size] * H_qo:
-                        query: T.let[T.int32] = qh // H_qo
-                        h: T.let[T.int32] = qh % H_qo
-                        kv: T.let[T.int32] = h // group
-                        _sequence_of(seq, query, q_indptr, batch_size)
-                        b: T.let[T.int32] = seq[0]
-                        row: T.let[T.int32] = query - q_indptr[b]
-                        q_count: T.let[T.int32] = q_indptr[b + 1] - q_indptr[b]
-                        first: T.let[T.int32] = page_indptr[b]
-                        num_pages: T.let[T.int32] = page_indptr[b + 1] - first
-                        kv_len: T.let[T.int32] = T.if_then_else(
-                            num_pages > 0, (num_pages - 1) * page_size + last_page_len[b], 0)
-                        visible: T.let[T.int32] = T.if_then_else(
-                            causal > 0, T.max(T.min(kv_len - q_count + row + 1, kv_len), 0),
-                            kv_len)
-                        skip: T.let[T.int32] = _first_visible(window, sm_scale,
-                                                              q_position[query], k_start[b])
-                        begin(q_local, o_local, state, lambda d: q[query, h, d],
-                              q_scale(sm_scale))
-                        for p in T.serial(skip // page_size,
-                                          (visible + page_size - 1) // page_size):
-                            page: T.let[T.int32] = page_values[first + p]
-                            low: T.let[T.int32] = T.max(skip - p * page_size, 0)
-                            attend(q_local, o_local, acc, scores, state,
-                                   T.min(page_size, visible - p * page_size) - low,
-                                   lambda r, d: pages[page, 0, kv, low + r, d],
-                                   lambda r, d: pages[page, 1, kv, low + r, d])
-                        finish(o_local, state, output, lse, query, h)
+        each_pair(total_len, q_indptr, batch_size, cached_keys,
+                  (q, pages, page_indptr, page_values, last_page_len, k_start, q_position,
+                   output, lse, causal, sm_scale))
     # fmt: on
     return batch_prefill_paged_kv_cpu
