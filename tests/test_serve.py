@@ -671,11 +671,19 @@ def test_a_long_prompt_is_prefilled_in_budget_chunks_between_decode_steps(engine
     from fmc.serve.metrics import Metrics
 
     calls = []
+    second_submitted = threading.Event()
     prefill, decode = engine.prefill_batch, engine.decode_batch
+
+    def decode_once_both_are_in(seqs, tokens):
+        # The first request's decode steps wait for the long prompt: on a loaded machine
+        # the loop's thread could otherwise finish all 30 tokens before the test submits it.
+        second_submitted.wait(30)
+        calls.append(("decode", len(seqs)))
+        return decode(seqs, tokens)
+
     monkeypatch.setattr(engine, "prefill_batch", lambda seqs, prompts: (
         calls.append(("prefill", sum(map(len, prompts)))), prefill(seqs, prompts))[1])
-    monkeypatch.setattr(engine, "decode_batch", lambda seqs, tokens: (
-        calls.append(("decode", len(seqs))), decode(seqs, tokens))[1])
+    monkeypatch.setattr(engine, "decode_batch", decode_once_both_are_in)
     short = engine.tokenizer.encode("w5 w6 w7")
     long = [5 + (3 * j) % 150 for j in range(60)]
     loop = EngineLoop("t", engine, Metrics(), prefill_budget=16, prefix_pages=0)
@@ -686,12 +694,12 @@ def test_a_long_prompt_is_prefilled_in_budget_chunks_between_decode_steps(engine
         loop.start()
         try:
             loop.submit(first)
-            head = []
-            while not (head and head[-1].text):  # the first request is decoding
-                head.append(await asyncio.wait_for(first.events.get(), 30))
+            while ("prefill", len(short)) not in calls:  # the first request is running
+                await asyncio.sleep(0.01)
             loop.submit(second)
+            second_submitted.set()
             texts = []
-            for request, events in ((first, head), (second, [])):
+            for request, events in ((first, []), (second, [])):
                 while not (events and events[-1].done):
                     events.append(await asyncio.wait_for(request.events.get(), 30))
                 texts.append("".join(e.text for e in events))

@@ -38,7 +38,7 @@ activations are quantized first, in parallel over tokens.
 
 The grouped expert GEMM (fmc.nn_moe: rows in blocks of GROUP_ROWS, each block against one
 expert's weight, the experts' arrays stacked [E, …]) is the many-token kernel per block: a
-task is (block, row blocks), its weights those of the block's expert, its tokens the
+task is (row blocks, block), its weights those of the block's expert, its tokens the
 block's rows; blocks marked EMPTY_BLOCK are skipped (their outputs zeroed).
 
 The integer sums are exact; the result differs from the float path by the rounding of the
@@ -167,7 +167,7 @@ def integer_dot(n: int, k: int, fmt: WeightFormat, residual: bool,
         """Which element of its block byte b of activation word j holds."""
         return (j // 2) * 8 + j % 2 + 2 * b if bits == 4 else 4 * j + b
 
-    def at(block):
+    def leading(block):
         """A row block's leading indices into a stored array: (block,), or (expert, block)
         for stacked experts."""
         return block if isinstance(block, tuple) else (block,)
@@ -183,7 +183,7 @@ def integer_dot(n: int, k: int, fmt: WeightFormat, residual: bool,
     def weight_bytes(words, block, g, j):
         """The int8x64 operand of step j of group g: 4 codes of each of 16 rows."""
         if bits == 4:
-            word = words[(*at(block), g * (GROUP // 8) + j // 2, T.ramp(0, 1, LANES))]
+            word = words[(*leading(block), g * (GROUP // 8) + j // 2, T.ramp(0, 1, LANES))]
             odd_codes = word >> T.broadcast(T.Cast("uint32", 4 * (j % 2)), LANES)
             return T.reinterpret("int8x64", odd_codes & T.broadcast(T.uint32(NIBBLES), LANES))
         base = (flat_block(block) * k + g * GROUP + 4 * j) * (LANES // 4)
@@ -206,7 +206,7 @@ def integer_dot(n: int, k: int, fmt: WeightFormat, residual: bool,
 
     def weight_bytes_with_high(arrays, block, g, j):
         """Step j of group g with the top bits joined: 4 whole codes of each of 16 rows."""
-        word = arrays[1][(*at(block), g * hb + j // high_steps, T.ramp(0, 1, LANES))]
+        word = arrays[1][(*leading(block), g * hb + j // high_steps, T.ramp(0, 1, LANES))]
         picked = T.reinterpret("uint32x16", T.call_llvm_pure_intrin(
             "int8x64", MULTISHIFT, T.reinterpret("int8x64", multishift_control(j)),
             T.reinterpret("int8x64", word)))
@@ -222,18 +222,18 @@ def integer_dot(n: int, k: int, fmt: WeightFormat, residual: bool,
         if fmt.scales == "k-quant":  # d·sc and −dmin·m, sc and m 6-bit from the words
             words, d, dmin = scales[:3], scales[3], scales[4]
             block_of = g // SUBS
-            sc, m = unpack_scale_min([w[(*at(block), block_of, rows)] for w in words],
+            sc, m = unpack_scale_min([w[(*leading(block), block_of, rows)] for w in words],
                                      g % SUBS)
-            return (T.Cast("float32x16", d[(*at(block), block_of, rows)]) *
+            return (T.Cast("float32x16", d[(*leading(block), block_of, rows)]) *
                     T.Cast("float32x16", sc),
-                    -T.Cast("float32x16", dmin[(*at(block), block_of, rows)]) *
+                    -T.Cast("float32x16", dmin[(*leading(block), block_of, rows)]) *
                     T.Cast("float32x16", m))
         if fmt.scales == "q6k":  # exact in float32: an 11-bit d times a 7-bit scale
-            return (T.Cast("float32x16", scales[1][(*at(block), g * GROUP // SUPER, rows)]) *
-                    T.Cast("float32x16", scales[0][(*at(block), g * subs + s, rows)]), None)
-        scale = T.Cast("float32x16", scales[0][(*at(block), g, rows)])
+            return (T.Cast("float32x16", scales[1][(*leading(block), g * GROUP // SUPER, rows)]) *
+                    T.Cast("float32x16", scales[0][(*leading(block), g * subs + s, rows)]), None)
+        scale = T.Cast("float32x16", scales[0][(*leading(block), g, rows)])
         if fmt.with_min:
-            return scale, T.Cast("float32x16", scales[1][(*at(block), g, rows)])
+            return scale, T.Cast("float32x16", scales[1][(*leading(block), g, rows)])
         return scale, None
 
     # fmt: off
