@@ -186,6 +186,38 @@ def test_grouped_kernel_equals_the_integer_model_per_row(scheme):
                                atol=2e-6 * np.abs(expected).max())
 
 
+@pytest.mark.parametrize("scheme", ["q4f16", "q4_1", "q8f16", "q4k", "q5_0", "q6k"])
+def test_gathered_kernel_equals_the_integer_model_per_slot(scheme):
+    """MoE decode's gathered GEMVs: each token's activations against each of its chosen
+    experts' weights from a stack [E, …]; output [tokens, slots, n]."""
+    import tvm
+
+    from fmc.quant import experts
+
+    num_experts, n, k, slots = 3, 48, 512, 2
+    rng = np.random.default_rng(13)
+    weight = rng.standard_normal((num_experts, n, k)).astype(np.float32)
+    stored = experts.split(get(f"{scheme}_rows16").quantize(experts.flatten(weight)),
+                           num_experts)
+    chosen = np.array([[2, 0], [1, 2], [0, 1]], np.int32)
+    x = rng.standard_normal((len(chosen), k)).astype(np.float32)
+    fmt = SCHEMES_WITH_KERNELS[scheme]
+    if fmt.scales.startswith("group"):
+        fmt = dataclasses.replace(fmt, scale_dtype=str(stored[1 + (fmt.high_bits > 0)].dtype))
+    func = integer_dot(n, k, fmt, False, "gathered", experts=num_experts)
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
+                      target=get_target(f"cpu:{VNNI_CPU}").tvm_target())
+    if not get_target("cpu").has_vnni():
+        pytest.skip("this CPU cannot run VNNI code")
+    out = tvm.runtime.tensor(np.full((len(chosen), slots, n), np.nan, np.float32))
+    lib["main"](*[tvm.runtime.tensor(a) for a in [*stored, x, chosen]], out)
+    operands = [group_operands(scheme, weight[e]) for e in range(num_experts)]
+    expected = np.array([[integer_model(*operands[e], x[t]) for e in chosen[t]]
+                         for t in range(len(chosen))])
+    np.testing.assert_allclose(out.numpy(), expected, rtol=2e-6,
+                               atol=2e-6 * np.abs(expected).max())
+
+
 def test_vnni_only_where_the_cpu_has_it(monkeypatch):
     monkeypatch.delenv("FMC_CPU_DOT")
     vnni = get_target(f"cpu:{VNNI_CPU}")
@@ -234,17 +266,27 @@ def disassembly(library) -> str:
                           check=True).stdout
 
 
-@pytest.mark.parametrize("quant", ["q4f16", "q8f16", "q4k_m"])
+# qwen3-moe: the MoE expert kernels (the grouped GEMM of prompts, the gathered GEMVs of
+# decode) run in integer arithmetic too.
+@pytest.mark.parametrize("model, quant", [("llama-kquant", "q4f16"), ("llama-kquant", "q8f16"),
+                                          ("llama-kquant", "q4k_m"), ("qwen3-moe", "q4f16")])
 def test_int8_artifact_runs_within_tolerance_of_the_float_path(tiny_checkpoint, tmp_path,
-                                                               quant):
-    checkpoint = str(tiny_checkpoint("llama-kquant"))
+                                                               model, quant):
+    checkpoint = str(tiny_checkpoint(model))
     artifacts = {}
     for dot in ("float", "int8"):
         artifacts[dot] = tmp_path / dot
         compile_model(CompileOptions(model=checkpoint, output=artifacts[dot], quant=quant,
-                                     target=f"cpu:{VNNI_CPU}", cpu_dot=dot))
+                                     target=f"cpu:{VNNI_CPU}", cpu_dot=dot,
+                                     dump_ir=str(tmp_path / f"ir-{dot}")))
         manifest = json.loads((artifacts[dot] / "manifest.json").read_text())
         assert manifest["target"]["cpu_dot"] == dot
+    if model == "qwen3-moe":  # both expert kernels swapped for integer-dot ones
+        (swapped,) = (tmp_path / "ir-int8").glob("*-fuse-target-kernels.py")
+        kernels = swapped.read_text().split("@T.prim_func")
+        for name in ("moe_grouped_q4f16_rows16", "moe_experts_q4f16_rows16"):
+            (kernel,) = [k for k in kernels if f"def {name}(" in k]
+            assert "vpdpbusd" in kernel, name
     assert "vpdpbusd" in disassembly(artifacts["int8"] / "model.so")
     assert "vpdpbusd" not in disassembly(artifacts["float"] / "model.so")
     if not get_target("cpu").has_vnni():

@@ -39,7 +39,9 @@ activations are quantized first, in parallel over tokens.
 The grouped expert GEMM (fmc.nn_moe: rows in blocks of GROUP_ROWS, each block against one
 expert's weight, the experts' arrays stacked [E, …]) is the many-token kernel per block: a
 task is (row blocks, block), its weights those of the block's expert, its tokens the
-block's rows; blocks marked EMPTY_BLOCK are skipped (their outputs zeroed).
+block's rows; blocks marked EMPTY_BLOCK are skipped (their outputs zeroed). The gathered
+expert GEMVs of MoE decode (x [T, K], each token's k chosen experts [T, k]) are one-token
+GEMVs: a task is (row block, token, slot), its weights those of the slot's expert.
 
 The integer sums are exact; the result differs from the float path by the rounding of the
 activations to int8 only (the tolerance is in docs/quantization.md)."""
@@ -67,8 +69,9 @@ Q6K_SUB = 16  # Q6_K's weights per int8 sub-block scale
 # Byte i of a lane-per-row vector comes from byte (i % 4)·16 + i // 4 of a k-major load.
 TRANSPOSE_4X16 = [(i % 4) * LANES + i // 4 for i in range(4 * LANES)]
 # Where the token count lives in x [d0, d1, K]: decode [1, 1, K], prefill [1, T, K],
-# batched decode [B, 1, K]; the grouped GEMM's rows [R, K].
-TOKEN_AXES = {"one": None, "seq": 1, "batch": 0, "grouped": 0}
+# batched decode [B, 1, K]; the grouped GEMM's rows [R, K]; the gathered GEMVs' tokens [T, K].
+TOKEN_AXES = {"one": None, "seq": 1, "batch": 0, "grouped": 0, "gathered": 0}
+STACKED = ("grouped", "gathered")  # token modes over stacked expert weights
 SCALE_KINDS = ("group", "group+min", "k-quant", "q6k")
 # Scratch of one task (accumulators, one word): TVM puts a small constant-size "global"
 # allocation on the stack, where LLVM keeps it in registers, but serves every "local" one
@@ -137,10 +140,12 @@ def integer_dot(n: int, k: int, fmt: WeightFormat, residual: bool,
     (x [1, 1, k], output [1, 1, n]), "seq" (x [1, T, k]) or "batch" (x [B, 1, k]), T and B
     symbolic (int64). "grouped": `experts` stacked weights (each array [experts, …]), x the
     grouped rows [R, k], then each block's expert [R / GROUP_ROWS] (int32) in the residual's
-    place, and the output [R / GROUP_ROWS, GROUP_ROWS, n]."""
+    place, and the output [R / GROUP_ROWS, GROUP_ROWS, n]. "gathered": stacked weights, x
+    [T, k], each token's chosen experts [T, S] (int32) in the residual's place, the output
+    [T, S, n]: slot (t, s) is token t times expert chosen[t, s]'s weight."""
     assert n % LANES == 0 and k % fmt.block == 0
     grouped = tokens == "grouped"
-    assert grouped == (experts > 0) and not (grouped and residual)
+    assert (tokens in STACKED) == (experts > 0) and not (experts and residual)
     bits, zero, hb, sub = fmt.bits, fmt.zero, fmt.high_bits, fmt.sub
     has_high = hb > 0
     groups = k // GROUP
@@ -151,7 +156,7 @@ def integer_dot(n: int, k: int, fmt: WeightFormat, residual: bool,
     # One token streams its weights once: a task reads one row block, a single sequential
     # stream (two interleaved ones halved the bandwidth reached from DRAM on Zen 4). Many
     # tokens reuse each weight load, and two row blocks give more accumulators per load.
-    per_task = 1 if token_axis is None else next(
+    per_task = 1 if token_axis is None or tokens == "gathered" else next(
         b for b in (ROW_BLOCKS, 1) if n // LANES % b == 0)
     tasks = n // LANES // per_task
 
@@ -284,10 +289,12 @@ def integer_dot(n: int, k: int, fmt: WeightFormat, residual: bool,
                             LANES)))
 
     @T.macro
-    def dot_tile(codes, arrays, packed, xd, xs, out, res, task, first, tile, expert):
-        """out[first … first + tile − 1, task's rows] = Σ_sub s·xd·(Σ c·xq − z·xs) (+ res):
-        per_task row blocks × `tile` tokens of accumulators, each weight step unpacked
-        once for the tile. `expert`: None, or the stacked expert whose weight this is."""
+    def dot_tile(codes, arrays, packed, xd, xs, out, res, task, first, tile, expert,
+                 out_first):
+        """out[out_first + i, task's rows] = Σ_sub s·xd·(Σ c·xq − z·xs) (+ res) for token
+        first + i, i < tile: per_task row blocks × `tile` tokens of accumulators, each weight
+        step unpacked once for the tile. `expert`: None, or the stacked expert whose weight
+        this is."""
         acc = T.alloc_buffer((per_task * tile * LANES,), "float32", scope=STACK)
         isum = T.alloc_buffer((chains(tile) * per_task * tile * LANES,), "int32", scope=STACK)
         unpacked = T.alloc_buffer((per_task * LANES,), "int32", scope=STACK)
@@ -335,7 +342,7 @@ def integer_dot(n: int, k: int, fmt: WeightFormat, residual: bool,
                                 (scale[T.ramp(0, 1, LANES)] * step_scale)
         for rb in T.unroll(per_task):
             for i in T.unroll(tile):
-                at: T.let[T.int64] = T.Cast("int64", first + i) * n + \
+                at: T.let[T.int64] = T.Cast("int64", out_first + i) * n + \
                     (task * per_task + rb) * LANES
                 if residual:  # decided while parsing: `residual` is a Python bool
                     out[T.ramp(at, 1, LANES)] = \
@@ -349,10 +356,10 @@ def integer_dot(n: int, k: int, fmt: WeightFormat, residual: bool,
             if token_axis is not None:  # decided while parsing: one token has no full tile
                 for tile in T.serial(count // TOKEN_TILE):
                     dot_tile(codes, arrays, packed, xd, xs, out, res, task,
-                             tile * TOKEN_TILE, TOKEN_TILE, None)
+                             tile * TOKEN_TILE, TOKEN_TILE, None, tile * TOKEN_TILE)
             for t in T.serial(count % TOKEN_TILE):
                 dot_tile(codes, arrays, packed, xd, xs, out, res, task,
-                         count - count % TOKEN_TILE + t, 1, None)
+                         count - count % TOKEN_TILE + t, 1, None, count - count % TOKEN_TILE + t)
 
     @T.macro
     def dot_grouped(codes, arrays, packed, xd, xs, out, chosen, count):
@@ -367,14 +374,26 @@ def integer_dot(n: int, k: int, fmt: WeightFormat, residual: bool,
             expert: T.let[T.int32] = chosen[b]
             if expert != EMPTY_BLOCK:
                 for tile in T.serial(GROUP_ROWS // TOKEN_TILE):
-                    dot_tile(codes, arrays, packed, xd, xs, out, out, task,
-                             b * GROUP_ROWS + tile * TOKEN_TILE, TOKEN_TILE, expert)
+                    first: T.let[T.int32] = b * GROUP_ROWS + tile * TOKEN_TILE
+                    dot_tile(codes, arrays, packed, xd, xs, out, out, task, first, TOKEN_TILE,
+                             expert, first)
             else:
                 for r in T.serial(GROUP_ROWS):
                     for rb in T.unroll(per_task):
                         at: T.let[T.int64] = T.Cast("int64", b * GROUP_ROWS + r) * n + \
                             (task * per_task + rb) * LANES
                         out[T.ramp(at, 1, LANES)] = T.broadcast(T.float32(0), LANES)
+
+    @T.macro
+    def dot_gathered(codes, arrays, packed, xd, xs, out, chosen, count, slots):
+        """Every (task, token, slot): one row block of the slot's expert against the
+        token's activations, written to output row token · slots + slot."""
+        for item in T.parallel(tasks * T.Cast("int32", count) * slots):
+            task: T.let[T.int32] = item // (T.Cast("int32", count) * slots)
+            pair: T.let[T.int32] = item % (T.Cast("int32", count) * slots)
+            expert: T.let[T.int32] = chosen[pair]
+            dot_tile(codes, arrays, packed, xd, xs, out, out, task, pair // slots, 1, expert,
+                     pair)
 
     @T.macro
     def run(arrays, x, res, out, count):
@@ -410,6 +429,29 @@ def integer_dot(n: int, k: int, fmt: WeightFormat, residual: bool,
             dot_grouped(arrays[0], arrays, packed, xd, xs, out, chosen, count)
 
     @T.macro
+    def body_gathered(arrays, var_x, var_chosen, var_out):
+        count = T.int64()
+        slots = T.int64()
+        x = T.match_buffer(var_x, (count, T.int64(k)), "float32")
+        chosen = T.match_buffer(var_chosen, (count, slots), "int32")
+        out = T.match_buffer(var_out, (count, slots, T.int64(n)), "float32")
+        flat_x = T.decl_buffer((count * k,), "float32", data=x.data)
+        flat_chosen = T.decl_buffer((count * slots,), "int32", data=chosen.data)
+        flat_out = T.decl_buffer((count * slots * n,), "float32", data=out.data)
+        packed = T.alloc_buffer((count * groups * WORDS_PER_GROUP,), "int32")
+        xd = T.alloc_buffer((count * groups,), "float32")
+        xs = T.alloc_buffer((count * groups * subs,), "int32")
+        for t in T.parallel(count):
+            quantize_token(flat_x, t, packed, xd, xs)
+        if bits == 8:  # the 8-bit codes read as uint32 words, 64 bytes per load
+            words = T.decl_buffer((experts * n * k // 4,), "uint32", data=arrays[0].data)
+            dot_gathered(words, arrays, packed, xd, xs, flat_out, flat_chosen, count,
+                         T.Cast("int32", slots))
+        else:
+            dot_gathered(arrays[0], arrays, packed, xd, xs, flat_out, flat_chosen, count,
+                         T.Cast("int32", slots))
+
+    @T.macro
     def body_grouped(arrays, var_x, var_chosen, var_out):
         count = T.int64()
         x = T.match_buffer(var_x, (count, T.int64(k)), "float32")
@@ -443,9 +485,9 @@ def integer_dot(n: int, k: int, fmt: WeightFormat, residual: bool,
             run(arrays, flat_x, flat_out, flat_out, tokens_of(count))
     # fmt: on
 
-    if grouped:  # the block → expert map takes the residual's place among the parameters
+    if experts:  # the experts chosen take the residual's place among the parameters
         return _signature([((experts, *shape), dtype) for shape, dtype in fmt.arrays(n, k)],
-                          True, body_grouped)
+                          True, body_grouped if grouped else body_gathered)
     return _signature(fmt.arrays(n, k), residual, body)
 
 

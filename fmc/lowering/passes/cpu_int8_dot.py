@@ -5,8 +5,8 @@ A kernel qualifies when it is a matmul — decode (x is [1, 1, K]), prefill ([1,
 batched decode ([B, 1, K]) — over a row-interleaved weight of a scheme in SCHEMES: a single
 `NT_matmul` block, optionally followed by the residual `T_add` (o_proj's and down_proj's
 epilogue), with the parameters (the scheme's stored arrays, x[, residual], out). So does
-the grouped expert GEMM of MoE prompts (fmc.nn_moe, stage GROUPED_STAGE) over stacked
-row-interleaved experts; its kernel takes the fused kernel's parameter order.
+the MoE expert kernels over stacked row-interleaved experts (fmc.nn_moe): prompts' grouped
+GEMM and decode's gathered GEMVs; their kernels take the fused kernel's parameter order.
 Anything else keeps the float kernel. Runs in the fuse phase before the add→norm merge; the
 integer kernels are scheduled by hand and marked so."""
 
@@ -20,7 +20,7 @@ from tvm import tirx
 
 from fmc.lowering.kernels.int8_dot_cpu import LANES, WeightFormat, integer_dot
 from fmc.lowering.tir_util import block_names
-from fmc.nn_moe import GROUP_ROWS, GROUPED_STAGE
+from fmc.nn_moe import GROUP_ROWS, GROUPED_STAGE, MATMUL_STAGE
 
 # Scheme → its weight format (scale dtype filled in from the kernel's parameters). q8f16's
 # signed codes are read as unsigned bytes (code + 128), hence its zero 128.
@@ -33,8 +33,10 @@ SCHEMES = {"q4f16": WeightFormat(4, 7, "group"), "q4f32": WeightFormat(4, 7, "gr
 # fmc names a dequantize kernel `dequantize_SCHEME` (rows-interleaved: `SCHEME_rows16`), and
 # fusion prefixes "fused_" and may append a de-duplication number.
 KERNEL = re.compile(rf"(?:^|_)dequantize_(?P<scheme>\w+?)_rows{LANES}\d*_")
-# The grouped GEMM's kernel: `moe_grouped_SCHEME_rows16` (fmc.quant.modules), maybe numbered.
+# The expert kernels (fmc.quant.modules): `moe_grouped_SCHEME_rows16` (prompts' grouped
+# GEMM) and `moe_experts_SCHEME_rows16` (decode's gathered GEMVs), maybe numbered.
 GROUPED_KERNEL = re.compile(rf"^moe_grouped_(?P<scheme>\w+?)_rows{LANES}\d*$")
+GATHERED_KERNEL = re.compile(rf"^moe_experts_(?P<scheme>\w+?)_rows{LANES}\d*$")
 SCALE_DTYPES = ("float16", "float32")
 
 
@@ -107,33 +109,40 @@ def _with_scale_dtype(fmt: WeightFormat, arrays) -> WeightFormat | None:
         if scale_dtype in SCALE_DTYPES else None
 
 
-def grouped_kernel(name: str, func: tirx.PrimFunc) -> tirx.PrimFunc | None:
-    """The integer-dot kernel for a grouped expert GEMM — parameters x [R, K] (float32),
-    the blocks' experts [R / GROUP_ROWS] (int32), the stacked arrays [E, …], symbolic
-    sizes, out [R / GROUP_ROWS, GROUP_ROWS, N] — with the same parameters, or None."""
-    found = GROUPED_KERNEL.search(name)
+def expert_kernel(name: str, func: tirx.PrimFunc) -> tirx.PrimFunc | None:
+    """The integer-dot kernel, with the same parameters, for an MoE expert kernel over
+    stacked row-interleaved experts, or None:
+    - the grouped GEMM of prompts: x [R, K] (float32), the blocks' experts [R / GROUP_ROWS]
+      (int32), the stacked arrays [E, …], symbolic sizes, out [R / GROUP_ROWS, GROUP_ROWS, N];
+    - the gathered GEMVs of decode: x [T, K] (every slot reads its token's row), the chosen
+      experts [T, S], the stacked arrays, out [T, S, N]. (Down_proj's, whose input is
+      SiLU·up fused in front of it, keeps the float kernel.)"""
+    found = GROUPED_KERNEL.search(name) or GATHERED_KERNEL.search(name)
     if found is None or found.group("scheme") not in SCHEMES:
         return None
-    if block_names(func) != [GROUPED_STAGE]:
+    grouped = found.re is GROUPED_KERNEL
+    if block_names(func) != [GROUPED_STAGE if grouped else MATMUL_STAGE]:
         return None
     buffers = [i for i, p in enumerate(func.params) if hasattr(p.ty, "shape")]
     if len(buffers) < 5:
         return None
     x, chosen, *arrays, out = (func.params[i].ty for i in buffers)
-    if len(x.shape) != 2 or len(chosen.shape) != 1 or len(out.shape) != 3 or \
-            str(x.dtype) != "float32" or str(chosen.dtype) != "int32" or \
-            str(out.dtype) != "float32" or _static(out.shape[1:]) is None or \
-            _static(x.shape[1:]) is None:
+    if len(x.shape) != 2 or len(chosen.shape) != (1 if grouped else 2) or \
+            len(out.shape) != 3 or str(x.dtype) != "float32" or \
+            str(chosen.dtype) != "int32" or str(out.dtype) != "float32" or \
+            _static(out.shape[2:]) is None or _static(x.shape[1:]) is None:
         return None
-    k, (rows, n) = int(x.shape[1]), _static(out.shape[1:])
+    k, n = int(x.shape[1]), int(out.shape[2])
     fmt = _with_scale_dtype(SCHEMES[found.group("scheme")], arrays)
-    if fmt is None or rows != GROUP_ROWS or n % LANES or k % fmt.block:
+    if fmt is None or n % LANES or k % fmt.block or \
+            (grouped and _static(out.shape[1:2]) != [GROUP_ROWS]):
         return None
     experts = _static(arrays[0].shape[:1])
     if experts is None or [(_static(a.shape), str(a.dtype)) for a in arrays] != \
             [([experts[0], *shape], dtype) for shape, dtype in fmt.arrays(n, k)]:
         return None
-    kernel = integer_dot(n, k, fmt, False, "grouped", experts=experts[0])
+    kernel = integer_dot(n, k, fmt, False, "grouped" if grouped else "gathered",
+                         experts=experts[0])
     # integer_dot's order is (arrays…, x, experts, out); the caller passes the fused
     # kernel's (x, experts, arrays…, sizes…, out). Sizes are derivable, so unused.
     *stored, new_x, new_chosen, new_out = kernel.params
@@ -153,7 +162,7 @@ class CPUInt8Dot:
             if found is not None:
                 mod[gv] = integer_dot(**found)
                 continue
-            grouped = grouped_kernel(gv.name_hint, func)
-            if grouped is not None:
-                mod[gv] = grouped
+            experts = expert_kernel(gv.name_hint, func)
+            if experts is not None:
+                mod[gv] = experts
         return mod
