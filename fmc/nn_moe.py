@@ -273,6 +273,23 @@ class ExpertLinear(nn.Module):
                               self.out_features, "moe_grouped")
 
 
+# relax's OpPatternKind kOpaque: fusion leaves a kernel so marked on its own.
+OPAQUE = 8
+
+
+def silu_times(gate: nn.Tensor, up: nn.Tensor) -> nn.Tensor:
+    """SiLU(gate) · up (the same arithmetic as `op.silu(gate) * up`) as a kernel fusion
+    leaves alone, so the down projection's kernel reads a plain tensor (the CPU's
+    integer-dot expert kernels match only that)."""
+
+    def compute(a: te.Tensor, b: te.Tensor):
+        return te.compute(a.shape, lambda *i: a(*i) * tirx.sigmoid(a(*i)) * b(*i),
+                          name="silu_times_up")
+
+    return op.tensor_expr_op(compute, name_hint="moe_silu_times_up", args=[gate, up],
+                             attrs={"op_pattern": OPAQUE})
+
+
 def combine(outputs: nn.Tensor, weights: nn.Tensor) -> nn.Tensor:
     """Expert outputs [n, k, h] and routing weights [n, k] (float32) → [n, h]."""
 

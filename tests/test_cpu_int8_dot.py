@@ -187,9 +187,11 @@ def test_grouped_kernel_equals_the_integer_model_per_row(scheme):
 
 
 @pytest.mark.parametrize("scheme", ["q4f16", "q4_1", "q8f16", "q4k", "q5_0", "q6k"])
-def test_gathered_kernel_equals_the_integer_model_per_slot(scheme):
-    """MoE decode's gathered GEMVs: each token's activations against each of its chosen
-    experts' weights from a stack [E, …]; output [tokens, slots, n]."""
+@pytest.mark.parametrize("tokens", ["gathered", "slots"])
+def test_gathered_kernel_equals_the_integer_model_per_slot(scheme, tokens):
+    """MoE decode's gathered GEMVs: each token's activations ("gathered": gate, up) or each
+    slot's ("slots": down) against each of its chosen experts' weights from a stack [E, …];
+    output [tokens, slots, n]."""
     import tvm
 
     from fmc.quant import experts
@@ -200,11 +202,12 @@ def test_gathered_kernel_equals_the_integer_model_per_slot(scheme):
     stored = experts.split(get(f"{scheme}_rows16").quantize(experts.flatten(weight)),
                            num_experts)
     chosen = np.array([[2, 0], [1, 2], [0, 1]], np.int32)
-    x = rng.standard_normal((len(chosen), k)).astype(np.float32)
+    x = rng.standard_normal((len(chosen), *([slots] if tokens == "slots" else []), k)
+                            ).astype(np.float32)
     fmt = SCHEMES_WITH_KERNELS[scheme]
     if fmt.scales.startswith("group"):
         fmt = dataclasses.replace(fmt, scale_dtype=str(stored[1 + (fmt.high_bits > 0)].dtype))
-    func = integer_dot(n, k, fmt, False, "gathered", experts=num_experts)
+    func = integer_dot(n, k, fmt, False, tokens, experts=num_experts)
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
                       target=get_target(f"cpu:{VNNI_CPU}").tvm_target())
     if not get_target("cpu").has_vnni():
@@ -212,7 +215,8 @@ def test_gathered_kernel_equals_the_integer_model_per_slot(scheme):
     out = tvm.runtime.tensor(np.full((len(chosen), slots, n), np.nan, np.float32))
     lib["main"](*[tvm.runtime.tensor(a) for a in [*stored, x, chosen]], out)
     operands = [group_operands(scheme, weight[e]) for e in range(num_experts)]
-    expected = np.array([[integer_model(*operands[e], x[t]) for e in chosen[t]]
+    rows = x if tokens == "slots" else x[:, None].repeat(slots, 1)
+    expected = np.array([[integer_model(*operands[e], rows[t, j]) for j, e in enumerate(chosen[t])]
                          for t in range(len(chosen))])
     np.testing.assert_allclose(out.numpy(), expected, rtol=2e-6,
                                atol=2e-6 * np.abs(expected).max())
@@ -284,7 +288,8 @@ def test_int8_artifact_runs_within_tolerance_of_the_float_path(tiny_checkpoint, 
     if model == "qwen3-moe":  # both expert kernels swapped for integer-dot ones
         (swapped,) = (tmp_path / "ir-int8").glob("*-fuse-target-kernels.py")
         kernels = swapped.read_text().split("@T.prim_func")
-        for name in ("moe_grouped_q4f16_rows16", "moe_experts_q4f16_rows16"):
+        for name in ("moe_grouped_q4f16_rows16", "moe_experts_q4f16_rows16",
+                     "moe_experts_q4f16_rows161"):
             (kernel,) = [k for k in kernels if f"def {name}(" in k]
             assert "vpdpbusd" in kernel, name
     assert "vpdpbusd" in disassembly(artifacts["int8"] / "model.so")

@@ -29,6 +29,7 @@ from fmc.nn_moe import (
     group_by_expert,
     route,
     scatter_rows,
+    silu_times,
 )
 
 # Ablation switch (benchmarks/moe_prefill.py): False sends prompts through the gathered GEMVs.
@@ -49,9 +50,13 @@ class Experts(nn.Module):
     """The stacked projections of every expert, under the checkpoint's names
     (`projections`: gate, up, down — Mixtral's w1, w3, w2)."""
 
-    def __init__(self, config: ModelConfig, dtype: str, projections: tuple[str, str, str]):
+    def __init__(self, config: ModelConfig, dtype: str, projections: tuple[str, str, str],
+                 separate_activation: bool):
         e, hidden, width = config.num_experts, config.hidden_size, config.intermediate_size
         self.projections = projections
+        # SiLU·up as a kernel of its own, not fused into down's: the CPU's integer-dot expert
+        # kernels take a plain input tensor
+        self.separate_activation = separate_activation
         gate, up, down = projections
         setattr(self, gate, ExpertLinear(e, hidden, width, dtype))
         setattr(self, up, ExpertLinear(e, hidden, width, dtype))
@@ -61,7 +66,10 @@ class Experts(nn.Module):
         """x [n, hidden], chosen [n, k] → each slot's expert output [n, k, hidden]: gathered
         GEMVs, each (token, slot) row against its expert's weight."""
         gate, up, down = (getattr(self, name) for name in self.projections)
-        return down(op.silu(gate(x, chosen)) * up(x, chosen), chosen)
+        return down(self.activation(gate(x, chosen), up(x, chosen)), chosen)
+
+    def activation(self, gate: nn.Tensor, up: nn.Tensor) -> nn.Tensor:
+        return silu_times(gate, up) if self.separate_activation else op.silu(gate) * up
 
     def grouped(self, x: nn.Tensor, chosen: nn.Tensor, num_experts: int) -> nn.Tensor:
         """The same through grouped GEMMs: the pairs sorted by expert once, the whole MLP
@@ -70,25 +78,26 @@ class Experts(nn.Module):
         top_k = chosen.shape[1]
         order = group_by_expert(chosen, num_experts)
         rows = gather_rows(x, order, top_k)
-        hidden = op.silu(gate.grouped(rows, order.block_expert)) * \
-            up.grouped(rows, order.block_expert)
+        hidden = self.activation(gate.grouped(rows, order.block_expert),
+                                 up.grouped(rows, order.block_expert))
         return scatter_rows(down.grouped(hidden, order.block_expert), order, top_k)
 
 
 class SparseMoE(nn.Module):
-    """`grouped_prompts`: prompt tokens (a call whose sequence axis is not 1: prefill) take
-    the grouped GEMMs; decode steps keep the gathered GEMVs, which read only their tokens'
-    experts and pad nothing."""
+    """`cpu_kernels` (a CPU target): prompt tokens (a call whose sequence axis is not 1:
+    prefill) take the grouped GEMMs (unless GROUPED_PROMPTS is off), and SiLU·up is a kernel
+    of its own; decode steps keep the gathered GEMVs, which read only their tokens' experts
+    and pad nothing. GPU targets keep the gathered kernels (dlight's generic rules)."""
 
     def __init__(self, config: ModelConfig, dtype: str, ranks: int,
-                 projections: tuple[str, str, str], grouped_prompts: bool):
+                 projections: tuple[str, str, str], cpu_kernels: bool):
         self.ranks = ranks
         self.num_experts = config.num_experts
-        self.grouped_prompts = grouped_prompts
+        self.grouped_prompts = GROUPED_PROMPTS and cpu_kernels
         self.top_k = config.num_experts_per_tok
         self.normalize = config.norm_topk_prob
         self.gate = Router(config.hidden_size, config.num_experts, dtype)
-        self.experts = Experts(config, dtype, projections)
+        self.experts = Experts(config, dtype, projections, separate_activation=cpu_kernels)
 
     def forward(self, x: nn.Tensor) -> nn.Tensor:
         batch, seq, hidden = x.shape
@@ -109,13 +118,13 @@ class MoEDecoderLayer(nn.Module):
     (Mixtral: `block_sparse_moe`; Qwen3-MoE: `mlp`)."""
 
     def __init__(self, config: ModelConfig, dtype: str, ranks: int, mlp_name: str,
-                 projections: tuple[str, str, str], grouped_prompts: bool):
+                 projections: tuple[str, str, str], cpu_kernels: bool):
         eps, hidden = config.rms_norm_eps, config.hidden_size
         self.input_layernorm = nn.RMSNorm(hidden, -1, eps, bias=False, dtype=dtype)
         self.self_attn = LlamaAttention(config, dtype, ranks)
         self.post_attention_layernorm = nn.RMSNorm(hidden, -1, eps, bias=False, dtype=dtype)
         self.mlp_name = mlp_name
-        setattr(self, mlp_name, SparseMoE(config, dtype, ranks, projections, grouped_prompts))
+        setattr(self, mlp_name, SparseMoE(config, dtype, ranks, projections, cpu_kernels))
 
     def forward(self, h: nn.Tensor, cache: PagedKVCache, layer_id: int) -> nn.Tensor:
         h = h + self.self_attn(self.input_layernorm(h), cache, layer_id)
@@ -124,10 +133,10 @@ class MoEDecoderLayer(nn.Module):
 
 class MoEModel(LlamaModel):
     def __init__(self, config: ModelConfig, dtype: str, ranks: int, mlp_name: str,
-                 projections: tuple[str, str, str], grouped_prompts: bool):
+                 projections: tuple[str, str, str], cpu_kernels: bool):
         super().__init__(config, dtype, ranks)
         self.layers = nn.ModuleList(
-            [MoEDecoderLayer(config, dtype, ranks, mlp_name, projections, grouped_prompts)
+            [MoEDecoderLayer(config, dtype, ranks, mlp_name, projections, cpu_kernels)
              for _ in range(config.num_hidden_layers)])
 
 
@@ -139,7 +148,6 @@ class MoEForCausalLM(LlamaForCausalLM):
                  projections: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")):
         super().__init__(config, dtype, target, debug_layers=debug_layers,
                          tensor_parallel=tensor_parallel)
-        # Grouped GEMMs for prompts on the CPU targets, whose matmul schedule has a form for
-        # them; GPU targets keep the gathered kernels (dlight's generic rules schedule them).
-        grouped = GROUPED_PROMPTS and target.kind.name == "llvm"
-        self.model = MoEModel(config, dtype, tensor_parallel, mlp_name, projections, grouped)
+        # The CPU targets' expert kernels (SparseMoE); GPU targets keep the gathered kernels.
+        self.model = MoEModel(config, dtype, tensor_parallel, mlp_name, projections,
+                              cpu_kernels=target.kind.name == "llvm")

@@ -40,8 +40,9 @@ The grouped expert GEMM (fmc.nn_moe: rows in blocks of GROUP_ROWS, each block ag
 expert's weight, the experts' arrays stacked [E, …]) is the many-token kernel per block: a
 task is (row blocks, block), its weights those of the block's expert, its tokens the
 block's rows; blocks marked EMPTY_BLOCK are skipped (their outputs zeroed). The gathered
-expert GEMVs of MoE decode (x [T, K], each token's k chosen experts [T, k]) are one-token
-GEMVs: a task is (row block, token, slot), its weights those of the slot's expert.
+expert GEMVs of MoE decode (x [T, K] or, for down_proj, a row per slot [T, k, K]; each
+token's k chosen experts [T, k]) are one-token GEMVs: a task is (row blocks, token, slot),
+its weights those of the slot's expert.
 
 The integer sums are exact; the result differs from the float path by the rounding of the
 activations to int8 only (the tolerance is in docs/quantization.md)."""
@@ -70,8 +71,8 @@ Q6K_SUB = 16  # Q6_K's weights per int8 sub-block scale
 TRANSPOSE_4X16 = [(i % 4) * LANES + i // 4 for i in range(4 * LANES)]
 # Where the token count lives in x [d0, d1, K]: decode [1, 1, K], prefill [1, T, K],
 # batched decode [B, 1, K]; the grouped GEMM's rows [R, K]; the gathered GEMVs' tokens [T, K].
-TOKEN_AXES = {"one": None, "seq": 1, "batch": 0, "grouped": 0, "gathered": 0}
-STACKED = ("grouped", "gathered")  # token modes over stacked expert weights
+TOKEN_AXES = {"one": None, "seq": 1, "batch": 0, "grouped": 0, "gathered": 0, "slots": 0}
+STACKED = ("grouped", "gathered", "slots")  # token modes over stacked expert weights
 SCALE_KINDS = ("group", "group+min", "k-quant", "q6k")
 # Scratch of one task (accumulators, one word): TVM puts a small constant-size "global"
 # allocation on the stack, where LLVM keeps it in registers, but serves every "local" one
@@ -142,9 +143,11 @@ def integer_dot(n: int, k: int, fmt: WeightFormat, residual: bool,
     grouped rows [R, k], then each block's expert [R / GROUP_ROWS] (int32) in the residual's
     place, and the output [R / GROUP_ROWS, GROUP_ROWS, n]. "gathered": stacked weights, x
     [T, k], each token's chosen experts [T, S] (int32) in the residual's place, the output
-    [T, S, n]: slot (t, s) is token t times expert chosen[t, s]'s weight."""
+    [T, S, n]: slot (t, s) is token t times expert chosen[t, s]'s weight. "slots": the same
+    with x [T, S, k], a row per slot."""
     assert n % LANES == 0 and k % fmt.block == 0
     grouped = tokens == "grouped"
+    per_slot = tokens == "slots"
     assert (tokens in STACKED) == (experts > 0) and not (experts and residual)
     bits, zero, hb, sub = fmt.bits, fmt.zero, fmt.high_bits, fmt.sub
     has_high = hb > 0
@@ -386,16 +389,24 @@ def integer_dot(n: int, k: int, fmt: WeightFormat, residual: bool,
                             (task * per_task + rb) * LANES
                         out[T.ramp(at, 1, LANES)] = T.broadcast(T.float32(0), LANES)
 
+    def activation_row(pair, slots):
+        """The quantized activation row slot `pair` multiplies: its own, or its token's."""
+        return pair if per_slot else pair // slots
+
+    def activation_rows(count, slots):
+        """Activation rows of `count` tokens: one per slot, or one per token."""
+        return count * slots if per_slot else count
+
     @T.macro
     def dot_gathered(codes, arrays, packed, xd, xs, out, chosen, count, slots):
-        """Every (task, token, slot): one row block of the slot's expert against the
-        token's activations, written to output row token · slots + slot."""
+        """Every (task, token, slot): the task's row blocks of the slot's expert against
+        the slot's activations, written to output row token · slots + slot."""
         for item in T.parallel(tasks * T.Cast("int32", count) * slots):
             task: T.let[T.int32] = item // (T.Cast("int32", count) * slots)
             pair: T.let[T.int32] = item % (T.Cast("int32", count) * slots)
             expert: T.let[T.int32] = chosen[pair]
-            dot_tile(codes, arrays, packed, xd, xs, out, out, task, pair // slots, 1, expert,
-                     pair)
+            dot_tile(codes, arrays, packed, xd, xs, out, out, task,
+                     activation_row(pair, slots), 1, expert, pair)
 
     @T.macro
     def run(arrays, x, res, out, count):
@@ -434,16 +445,20 @@ def integer_dot(n: int, k: int, fmt: WeightFormat, residual: bool,
     def body_gathered(arrays, var_x, var_chosen, var_out):
         count = T.int64()
         slots = T.int64()
-        x = T.match_buffer(var_x, (count, T.int64(k)), "float32")
         chosen = T.match_buffer(var_chosen, (count, slots), "int32")
         out = T.match_buffer(var_out, (count, slots, T.int64(n)), "float32")
-        flat_x = T.decl_buffer((count * k,), "float32", data=x.data)
+        if per_slot:  # decided while parsing
+            x = T.match_buffer(var_x, (count, slots, T.int64(k)), "float32")
+        else:
+            x = T.match_buffer(var_x, (count, T.int64(k)), "float32")
+        flat_x = T.decl_buffer((activation_rows(count, slots) * k,), "float32", data=x.data)
         flat_chosen = T.decl_buffer((count * slots,), "int32", data=chosen.data)
         flat_out = T.decl_buffer((count * slots * n,), "float32", data=out.data)
-        packed = T.alloc_buffer((count * groups * WORDS_PER_GROUP,), "int32")
-        xd = T.alloc_buffer((count * groups,), "float32")
-        xs = T.alloc_buffer((count * groups * subs,), "int32")
-        for t in T.parallel(count):
+        packed = T.alloc_buffer((activation_rows(count, slots) * groups * WORDS_PER_GROUP,),
+                                "int32")
+        xd = T.alloc_buffer((activation_rows(count, slots) * groups,), "float32")
+        xs = T.alloc_buffer((activation_rows(count, slots) * groups * subs,), "int32")
+        for t in T.parallel(activation_rows(count, slots)):
             quantize_token(flat_x, t, packed, xd, xs)
         if bits == 8:  # the 8-bit codes read as uint32 words, 64 bytes per load
             words = T.decl_buffer((experts * n * k // 4,), "uint32", data=arrays[0].data)

@@ -114,9 +114,9 @@ def expert_kernel(name: str, func: tirx.PrimFunc) -> tirx.PrimFunc | None:
     stacked row-interleaved experts, or None:
     - the grouped GEMM of prompts: x [R, K] (float32), the blocks' experts [R / GROUP_ROWS]
       (int32), the stacked arrays [E, …], symbolic sizes, out [R / GROUP_ROWS, GROUP_ROWS, N];
-    - the gathered GEMVs of decode: x [T, K] (every slot reads its token's row), the chosen
-      experts [T, S], the stacked arrays, out [T, S, N]. (Down_proj's, whose input is
-      SiLU·up fused in front of it, keeps the float kernel.)"""
+    - the gathered GEMVs of decode: x [T, K] (every slot reads its token's row; gate, up)
+      or [T, S, K] (a row per slot; down), the chosen experts [T, S], the stacked arrays,
+      out [T, S, N]."""
     found = GROUPED_KERNEL.search(name) or GATHERED_KERNEL.search(name)
     if found is None or found.group("scheme") not in SCHEMES:
         return None
@@ -127,12 +127,13 @@ def expert_kernel(name: str, func: tirx.PrimFunc) -> tirx.PrimFunc | None:
     if len(buffers) < 5:
         return None
     x, chosen, *arrays, out = (func.params[i].ty for i in buffers)
-    if len(x.shape) != 2 or len(chosen.shape) != (1 if grouped else 2) or \
+    per_slot = not grouped and len(x.shape) == 3
+    if len(x.shape) != 2 + per_slot or len(chosen.shape) != (1 if grouped else 2) or \
             len(out.shape) != 3 or str(x.dtype) != "float32" or \
             str(chosen.dtype) != "int32" or str(out.dtype) != "float32" or \
-            _static(out.shape[2:]) is None or _static(x.shape[1:]) is None:
+            _static(out.shape[2:]) is None or _static(x.shape[-1:]) is None:
         return None
-    k, n = int(x.shape[1]), int(out.shape[2])
+    k, n = int(x.shape[-1]), int(out.shape[2])
     fmt = _with_scale_dtype(SCHEMES[found.group("scheme")], arrays)
     if fmt is None or n % LANES or k % fmt.block or \
             (grouped and _static(out.shape[1:2]) != [GROUP_ROWS]):
@@ -141,8 +142,8 @@ def expert_kernel(name: str, func: tirx.PrimFunc) -> tirx.PrimFunc | None:
     if experts is None or [(_static(a.shape), str(a.dtype)) for a in arrays] != \
             [([experts[0], *shape], dtype) for shape, dtype in fmt.arrays(n, k)]:
         return None
-    kernel = integer_dot(n, k, fmt, False, "grouped" if grouped else "gathered",
-                         experts=experts[0])
+    tokens = "grouped" if grouped else "slots" if per_slot else "gathered"
+    kernel = integer_dot(n, k, fmt, False, tokens, experts=experts[0])
     # integer_dot's order is (arrays…, x, experts, out); the caller passes the fused
     # kernel's (x, experts, arrays…, sizes…, out). Sizes are derivable, so unused.
     *stored, new_x, new_chosen, new_out = kernel.params
