@@ -152,6 +152,30 @@ def test_many_token_kernel_equals_the_integer_model_per_token(scheme, tokens, sh
                                atol=2e-6 * np.abs(expected).max())
 
 
+EXPERTS_N_K = 3, 48, 512  # a stack of experts for the MoE kernels' tests
+
+
+def stacked_kernel(scheme: str, tokens: str, rng):
+    """A random expert stack [E, n, k] quantized in `scheme` row-interleaved, its stored
+    arrays, the integer-dot kernel for `tokens` compiled for a VNNI CPU, and each expert's
+    operands for `integer_model`."""
+    import tvm
+
+    from fmc.quant import experts
+
+    num_experts, n, k = EXPERTS_N_K
+    weight = rng.standard_normal((num_experts, n, k)).astype(np.float32)
+    stored = experts.split(get(f"{scheme}_rows16").quantize(experts.flatten(weight)),
+                           num_experts)
+    fmt = SCHEMES_WITH_KERNELS[scheme]
+    if fmt.scales.startswith("group"):
+        fmt = dataclasses.replace(fmt, scale_dtype=str(stored[1 + (fmt.high_bits > 0)].dtype))
+    func = integer_dot(n, k, fmt, False, tokens, experts=num_experts)
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
+                      target=get_target(f"cpu:{VNNI_CPU}").tvm_target())
+    return stored, lib, [group_operands(scheme, w) for w in weight]
+
+
 @pytest.mark.parametrize("scheme", ["q4f16", "q4_1", "q8f16", "q4k", "q5_0", "q6k"])
 def test_grouped_kernel_equals_the_integer_model_per_row(scheme):
     """The grouped expert GEMM (fmc.nn_moe): blocks of GROUP_ROWS rows, each against its
@@ -159,26 +183,16 @@ def test_grouped_kernel_equals_the_integer_model_per_row(scheme):
     import tvm
 
     from fmc.nn_moe import EMPTY_BLOCK, GROUP_ROWS
-    from fmc.quant import experts
 
-    num_experts, n, k = 3, 48, 512
+    _, n, k = EXPERTS_N_K
     rng = np.random.default_rng(11)
-    weight = rng.standard_normal((num_experts, n, k)).astype(np.float32)
-    stored = experts.split(get(f"{scheme}_rows16").quantize(experts.flatten(weight)),
-                           num_experts)
+    stored, lib, operands = stacked_kernel(scheme, "grouped", rng)
     chosen = np.array([2, 0, 2, EMPTY_BLOCK, 1], np.int32)
     x = rng.standard_normal((len(chosen) * GROUP_ROWS, k)).astype(np.float32)
-    fmt = SCHEMES_WITH_KERNELS[scheme]
-    if fmt.scales.startswith("group"):
-        fmt = dataclasses.replace(fmt, scale_dtype=str(stored[1 + (fmt.high_bits > 0)].dtype))
-    func = integer_dot(n, k, fmt, False, "grouped", experts=num_experts)
-    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
-                      target=get_target(f"cpu:{VNNI_CPU}").tvm_target())
     if not get_target("cpu").has_vnni():
         pytest.skip("this CPU cannot run VNNI code")
     out = tvm.runtime.tensor(np.full((len(chosen), GROUP_ROWS, n), np.nan, np.float32))
     lib["main"](*[tvm.runtime.tensor(a) for a in [*stored, x, chosen]], out)
-    operands = [group_operands(scheme, weight[e]) for e in range(num_experts)]
     expected = np.stack([
         np.zeros(n, np.float32) if chosen[r // GROUP_ROWS] == EMPTY_BLOCK
         else integer_model(*operands[chosen[r // GROUP_ROWS]], row) for r, row in enumerate(x)])
@@ -194,27 +208,17 @@ def test_gathered_kernel_equals_the_integer_model_per_slot(scheme, tokens):
     output [tokens, slots, n]."""
     import tvm
 
-    from fmc.quant import experts
-
-    num_experts, n, k, slots = 3, 48, 512, 2
+    _, n, k = EXPERTS_N_K
+    slots = 2
     rng = np.random.default_rng(13)
-    weight = rng.standard_normal((num_experts, n, k)).astype(np.float32)
-    stored = experts.split(get(f"{scheme}_rows16").quantize(experts.flatten(weight)),
-                           num_experts)
+    stored, lib, operands = stacked_kernel(scheme, tokens, rng)
     chosen = np.array([[2, 0], [1, 2], [0, 1]], np.int32)
     x = rng.standard_normal((len(chosen), *([slots] if tokens == "slots" else []), k)
                             ).astype(np.float32)
-    fmt = SCHEMES_WITH_KERNELS[scheme]
-    if fmt.scales.startswith("group"):
-        fmt = dataclasses.replace(fmt, scale_dtype=str(stored[1 + (fmt.high_bits > 0)].dtype))
-    func = integer_dot(n, k, fmt, False, tokens, experts=num_experts)
-    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
-                      target=get_target(f"cpu:{VNNI_CPU}").tvm_target())
     if not get_target("cpu").has_vnni():
         pytest.skip("this CPU cannot run VNNI code")
     out = tvm.runtime.tensor(np.full((len(chosen), slots, n), np.nan, np.float32))
     lib["main"](*[tvm.runtime.tensor(a) for a in [*stored, x, chosen]], out)
-    operands = [group_operands(scheme, weight[e]) for e in range(num_experts)]
     rows = x if tokens == "slots" else x[:, None].repeat(slots, 1)
     expected = np.array([[integer_model(*operands[e], rows[t, j]) for j, e in enumerate(chosen[t])]
                          for t in range(len(chosen))])

@@ -253,12 +253,33 @@ def decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype:
     return batch_decode_paged_kv
 
 
+def _decode_page(attend, page_size: int):
+    """A decode macro both bodies share: page p of sequence b's pages (from `first`, of
+    `num_pages`, the last holding last_page_len[b] keys) into the pair's online softmax,
+    from its first visible key (`skip` keys of the sequence are hidden)."""
+
+    # fmt: off
+    @T.macro
+    def attend_page(vectors, pages, page_table_values, last_page_len, b, kv, first, num_pages,
+                    p, skip):
+        q_local, o_local, acc, scores, state = vectors
+        page: T.let[T.int32] = page_table_values[first + p]
+        rows: T.let[T.int32] = T.if_then_else(p == num_pages - 1, last_page_len[b], page_size)
+        low: T.let[T.int32] = T.max(skip - p * page_size, 0)
+        attend(q_local, o_local, acc, scores, state, rows - low,
+               lambda r, d: pages[page, 0, kv, low + r, d],
+               lambda r, d: pages[page, 1, kv, low + r, d])
+    # fmt: on
+    return attend_page
+
+
 def _decode_per_pair(group: int, H_qo: int, D: int, dtype: str, page_size: int, lanes: int,
                      softcap: float, window: int):
     """CPU decode body: (sequence, head) pairs on the thread pool, one online-softmax update
     per page, SIMD over the head dimension."""
     lanes = math.gcd(lanes, D)
     begin, attend, finish, q_scale = _attention_steps(D, lanes, dtype, softcap, T.vectorized)
+    attend_page = _decode_page(attend, page_size)
 
     # fmt: off
     @T.macro
@@ -283,13 +304,9 @@ def _decode_per_pair(group: int, H_qo: int, D: int, dtype: str, page_size: int, 
                 skip: T.let[T.int32] = _first_visible(window, sm_scale, q_position[b], k_start[b])
                 begin(q_local, o_local, state, lambda d: Q[b, h, d], q_scale(sm_scale))
                 for p in T.serial(skip // page_size, num_pages):
-                    page: T.let[T.int32] = page_table_values[first + p]
-                    rows: T.let[T.int32] = T.if_then_else(p == num_pages - 1,
-                                                          last_page_len[b], page_size)
-                    low: T.let[T.int32] = T.max(skip - p * page_size, 0)
-                    attend(q_local, o_local, acc, scores, state, rows - low,
-                           lambda r, d: pages[page, 0, kv, low + r, d],
-                           lambda r, d: pages[page, 1, kv, low + r, d])
+                    attend_page((q_local, o_local, acc, scores, state), pages,
+                                page_table_values, last_page_len, b, kv, first, num_pages, p,
+                                skip)
                 finish(o_local, state, output, lse, b, h)
     # fmt: on
     return body
@@ -306,6 +323,7 @@ def _decode_split(group: int, H_qo: int, D: int, dtype: str, page_size: int, _la
     split = max(1, min(32, 2048 // D))  # the merge buffer [split, D] stays ≤ 8 KiB
     lanes = math.gcd(GPU_LANES, D)
     begin, attend, _, q_scale = _attention_steps(D, lanes, dtype, softcap, T.serial)
+    attend_page = _decode_page(attend, page_size)
 
     # fmt: off
     @T.macro
@@ -336,13 +354,9 @@ def _decode_split(group: int, H_qo: int, D: int, dtype: str, page_size: int, _la
                     for step in T.serial((num_pages - skip // page_size + split - 1) // split):
                         p: T.let[T.int32] = skip // page_size + step * split + tx
                         if p < num_pages:
-                            page: T.let[T.int32] = page_table_values[first + p]
-                            rows: T.let[T.int32] = T.if_then_else(p == num_pages - 1,
-                                                                  last_page_len[b], page_size)
-                            low: T.let[T.int32] = T.max(skip - p * page_size, 0)
-                            attend(q_local, o_local, acc, scores, state, rows - low,
-                                   lambda r, d: pages[page, 0, kv, low + r, d],
-                                   lambda r, d: pages[page, 1, kv, low + r, d])
+                            attend_page((q_local, o_local, acc, scores, state), pages,
+                                        page_table_values, last_page_len, b, kv, first,
+                                        num_pages, p, skip)
                     md_shared[tx, 0] = state[0]
                     md_shared[tx, 1] = state[1]
                     for d in T.serial(D):
