@@ -409,37 +409,50 @@ def integer_dot(n: int, k: int, fmt: WeightFormat, residual: bool,
                      activation_row(pair, slots), 1, expert, pair)
 
     @T.macro
-    def run(arrays, x, res, out, count):
-        """`count` tokens: x, res, out are flat views."""
-        packed = T.alloc_buffer((count * groups * WORDS_PER_GROUP,), "int32")
-        xd = T.alloc_buffer((count * groups,), "float32")
-        xs = T.alloc_buffer((count * groups * subs,), "int32")
-        if token_axis is None:  # decided while parsing: one token, no thread-pool launch
+    def quantize_then_dot(arrays, rows, quantize_rows, quantize_args, dot, dot_args):
+        """Every mode's frame: scratch for `rows` activation rows, `quantize_rows(packed, xd,
+        xs, *quantize_args)` fills it, then `dot(codes, arrays, packed, xd, xs, *dot_args)`
+        with the codes as the dot products read them (8-bit ones as uint32 words, 64 bytes
+        per load)."""
+        packed = T.alloc_buffer((rows * groups * WORDS_PER_GROUP,), "int32")
+        xd = T.alloc_buffer((rows * groups,), "float32")
+        xs = T.alloc_buffer((rows * groups * subs,), "int32")
+        quantize_rows(packed, xd, xs, *quantize_args)
+        if bits == 8:  # decided while parsing
+            words = T.decl_buffer((max(experts, 1) * n * k // 4,), "uint32",
+                                  data=arrays[0].data)
+            dot(words, arrays, packed, xd, xs, *dot_args)
+        else:
+            dot(arrays[0], arrays, packed, xd, xs, *dot_args)
+
+    @T.macro
+    def quantize_tokens(packed, xd, xs, x, count):
+        """`count` rows of x, in parallel (one token: no thread-pool launch)."""
+        if token_axis is None:  # decided while parsing
             quantize_token(x, 0, packed, xd, xs)
         else:
             for t in T.parallel(count):
                 quantize_token(x, t, packed, xd, xs)
-        if bits == 8:  # the 8-bit codes read as uint32 words, 64 bytes per load
-            words = T.decl_buffer((n * k // 4,), "uint32", data=arrays[0].data)
-            dot_all(words, arrays, packed, xd, xs, out, res, count)
-        else:
-            dot_all(arrays[0], arrays, packed, xd, xs, out, res, count)
+
+    @T.macro
+    def quantize_blocks(packed, xd, xs, x, chosen, count):
+        """The grouped rows of x but those of empty blocks, in parallel."""
+        for t in T.parallel(count):
+            if chosen[t // GROUP_ROWS] != EMPTY_BLOCK:
+                quantize_token(x, t, packed, xd, xs)
+
+    @T.macro
+    def run(arrays, x, res, out, count):
+        """`count` tokens: x, res, out are flat views."""
+        quantize_then_dot(arrays, count, quantize_tokens, (x, count), dot_all,
+                          (out, res, count))
 
     @T.macro
     def run_grouped(arrays, x, chosen, out, count):
         """`count` grouped rows (flat x and out) in blocks of GROUP_ROWS; chosen: each
         block's expert. Rows of empty blocks are not quantized."""
-        packed = T.alloc_buffer((count * groups * WORDS_PER_GROUP,), "int32")
-        xd = T.alloc_buffer((count * groups,), "float32")
-        xs = T.alloc_buffer((count * groups * subs,), "int32")
-        for t in T.parallel(count):
-            if chosen[t // GROUP_ROWS] != EMPTY_BLOCK:
-                quantize_token(x, t, packed, xd, xs)
-        if bits == 8:  # the 8-bit codes read as uint32 words, 64 bytes per load
-            words = T.decl_buffer((experts * n * k // 4,), "uint32", data=arrays[0].data)
-            dot_grouped(words, arrays, packed, xd, xs, out, chosen, count)
-        else:
-            dot_grouped(arrays[0], arrays, packed, xd, xs, out, chosen, count)
+        quantize_then_dot(arrays, count, quantize_blocks, (x, chosen, count), dot_grouped,
+                          (out, chosen, count))
 
     @T.macro
     def body_gathered(arrays, var_x, var_chosen, var_out):
@@ -454,19 +467,9 @@ def integer_dot(n: int, k: int, fmt: WeightFormat, residual: bool,
         flat_x = T.decl_buffer((activation_rows(count, slots) * k,), "float32", data=x.data)
         flat_chosen = T.decl_buffer((count * slots,), "int32", data=chosen.data)
         flat_out = T.decl_buffer((count * slots * n,), "float32", data=out.data)
-        packed = T.alloc_buffer((activation_rows(count, slots) * groups * WORDS_PER_GROUP,),
-                                "int32")
-        xd = T.alloc_buffer((activation_rows(count, slots) * groups,), "float32")
-        xs = T.alloc_buffer((activation_rows(count, slots) * groups * subs,), "int32")
-        for t in T.parallel(activation_rows(count, slots)):
-            quantize_token(flat_x, t, packed, xd, xs)
-        if bits == 8:  # the 8-bit codes read as uint32 words, 64 bytes per load
-            words = T.decl_buffer((experts * n * k // 4,), "uint32", data=arrays[0].data)
-            dot_gathered(words, arrays, packed, xd, xs, flat_out, flat_chosen, count,
-                         T.Cast("int32", slots))
-        else:
-            dot_gathered(arrays[0], arrays, packed, xd, xs, flat_out, flat_chosen, count,
-                         T.Cast("int32", slots))
+        quantize_then_dot(arrays, activation_rows(count, slots), quantize_tokens,
+                          (flat_x, activation_rows(count, slots)), dot_gathered,
+                          (flat_out, flat_chosen, count, T.Cast("int32", slots)))
 
     @T.macro
     def body_grouped(arrays, var_x, var_chosen, var_out):
