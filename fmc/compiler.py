@@ -325,7 +325,14 @@ def memory_estimate(state: CompileState) -> MemoryEstimate:
     item = np.dtype(state.compute_dtype).itemsize
     weights = sum(int(np.prod(p.shape)) * np.dtype(p.dtype).itemsize for p in state.params)
     window = state.imported.context_window
-    kv = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * window * item
+    kv_per_layer_token = 2 * c.num_key_value_heads * c.head_dim * item
+    kv = c.num_hidden_layers * window * kv_per_layer_token
+    windowed_kv = None
+    if c.windowed_layers:  # what the sliding layers would hold if the cache dropped old keys
+        attention_window, sliding = c.windowed_layers
+        kept = attention_window - 1 + state.options.prefill_chunk
+        if kept < window:
+            windowed_kv = kv - len(sliding) * (window - kept) * kv_per_layer_token
     attention = (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
     # A mixture of experts computes k experts' MLP per token.
     inner = c.intermediate_size * max(1, c.num_experts_per_tok)
@@ -343,7 +350,7 @@ def memory_estimate(state: CompileState) -> MemoryEstimate:
     return MemoryEstimate(weights, kv, workspace, total, window,
                           ranks=state.ranks if sharded else None,
                           all_ranks_bytes=state.ranks * total if sharded else None,
-                          active_weights_bytes=active)
+                          active_weights_bytes=active, windowed_kv_cache_bytes=windowed_kv)
 
 
 def tensor_parallel_summary(state: CompileState) -> TensorParallel:

@@ -96,6 +96,15 @@ class ModelConfig:
             return min(self.max_position_embeddings, self.sliding_window)
         return self.max_position_embeddings
 
+    @property
+    def windowed_layers(self) -> tuple[int, tuple[int, ...]] | None:
+        """(window, layer indices) of the layers that attend within a window while the
+        context stays uncapped (gemma2/gemma3 name them in `arch_options` as
+        `sliding_window` and `sliding_layers`); None when no layer does."""
+        layers = self.arch_options.get("sliding_layers") or ()
+        window = self.arch_options.get("sliding_window")
+        return (int(window), tuple(int(i) for i in layers)) if layers and window else None
+
     def features(self) -> list[str]:
         """What this config switches on beyond the plain llama decoder (`fmc inspect`)."""
         found = []
@@ -115,8 +124,15 @@ class ModelConfig:
             found.append(f"mixture of experts: {self.num_experts_per_tok} of "
                          f"{self.num_experts} per token, top-k weights "
                          f"{'renormalised' if self.norm_topk_prob else 'not renormalised'}")
+        windowed = self.windowed_layers
+        if windowed:
+            window, layers = windowed
+            found.append(f"sliding window {window} on {len(layers)} of "
+                         f"{self.num_hidden_layers} layers (context not capped)")
         found.append("tied embeddings" if self.tie_word_embeddings else "untied embeddings")
-        found.extend(f"{key}={value}" for key, value in sorted(self.arch_options.items()))
+        shown = {"sliding_window", "sliding_layers"} if windowed else set()
+        found.extend(f"{key}={value}" for key, value in sorted(self.arch_options.items())
+                     if key not in shown)
         return found
 
     def to_dict(self) -> dict[str, Any]:

@@ -286,6 +286,42 @@ def test_presets_are_the_published_configs(preset):
         assert [i for i in range(26) if i not in options["sliding_layers"]] == [5, 11, 17, 23]
 
 
+def test_dry_run_counts_what_the_sliding_layers_would_keep(capsys):
+    """gemma-3-1b (22 of 26 layers windowed to 512) at 32768 tokens: the estimate holds every
+    layer at full length, as fmc's cache does, and beside it what the cache would hold if the
+    sliding layers kept only their window and one prefill chunk. gemma-2-2b's window (4096)
+    is its default context: nothing to save, no such line."""
+    from fmc.cli import main
+    from fmc.compiler import plan_compile
+
+    plan = plan_compile(CompileOptions(model="gemma-3-1b", quant="q4f16",
+                                       context_window=32768, prefill_chunk=256))
+    config, memory = open_model("gemma-3-1b").config, plan["memory"]
+    # float32 K and V: the CPU target keeps activations and the cache in float32
+    per_layer_token = 2 * config.num_key_value_heads * config.head_dim * 4
+    assert memory["kv_cache_bytes"] == 26 * 32768 * per_layer_token
+    assert memory["windowed_kv_cache_bytes"] == (4 * 32768 + 22 * (511 + 256)) * per_layer_token
+    assert memory["total_bytes"] == memory["weights_bytes"] + memory["kv_cache_bytes"] + \
+        memory["workspace_bytes"]  # the total is what fmc allocates
+    assert "windowed_kv_cache_bytes" not in plan_compile(
+        CompileOptions(model="gemma-2-2b", quant="q4f16"))["memory"]
+    assert main(["compile", "gemma-3-1b", "-o", "unused", "--dry-run",
+                 "--context-window", "32768", "--prefill-chunk", "256"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "sliding window: 22 of 26 layers attend to their last 512 positions" in out
+    assert f"the KV cache would be {memory['windowed_kv_cache_bytes'] / 2**20:.1f} MiB" in out
+
+
+def test_inspect_names_the_sliding_layers(gemma, capsys):
+    from fmc.cli import main
+
+    _, artifact = gemma("gemma2")
+    assert main(["inspect", str(artifact), "--json"]) == 0
+    features = json.loads(capsys.readouterr().out)["features"]
+    assert "sliding window 4 on 1 of 2 layers (context not capped)" in features
+    assert not any(f.startswith(("sliding_layers=", "sliding_window=")) for f in features)
+
+
 def test_metal_attention_kernels_carry_the_soft_cap_and_window(gemma):
     """The Metal build's attention kernels (fmc's GPU form) compute the soft-cap (cap·log2(e)
     = 0.5·1.4427 scales the tanh) and the window (a query skips keys more than 3 behind), and

@@ -439,20 +439,26 @@ class MemoryEstimate:
     all_ranks_bytes: int | None = None
     # A mixture of experts: the weights one token's forward reads (its experts only).
     active_weights_bytes: int | None = None
+    # Layers attending within a window (gemma2/3): the KV cache for one sequence of
+    # `context_window` tokens if those layers kept only their window (its last window − 1
+    # keys and one prefill chunk's). fmc's cache keeps every layer at full length
+    # (`kv_cache_bytes`): TVM 0.27's paged cache has one page table for all layers.
+    windowed_kv_cache_bytes: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"weights_bytes": self.weights_bytes, "kv_cache_bytes": self.kv_cache_bytes,
                 "workspace_bytes": self.workspace_bytes, "total_bytes": self.total_bytes,
                 "context_window": self.context_window,
                 **_without_none(ranks=self.ranks, all_ranks_bytes=self.all_ranks_bytes,
-                                active_weights_bytes=self.active_weights_bytes)}
+                                active_weights_bytes=self.active_weights_bytes,
+                                windowed_kv_cache_bytes=self.windowed_kv_cache_bytes)}
 
     @classmethod
     def read(cls, o: _Object) -> MemoryEstimate:
         return cls(*(o.required(key, int) for key in (
             "weights_bytes", "kv_cache_bytes", "workspace_bytes", "total_bytes",
             "context_window")), o.optional("ranks", int), o.optional("all_ranks_bytes", int),
-            o.optional("active_weights_bytes", int))
+            o.optional("active_weights_bytes", int), o.optional("windowed_kv_cache_bytes", int))
 
 
 @dataclass(frozen=True)

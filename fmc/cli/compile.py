@@ -17,6 +17,7 @@ from fmc.cli.output import (
     setup_logging,
     stderr,
     stdout,
+    windowed_kv_note,
 )
 
 
@@ -156,6 +157,14 @@ def _print_plan(plan: dict, json_out: bool) -> None:
                      f"{counts['total'] / 1e9:.2f} B parameters active per token; a token "
                      f"reads {human_bytes(memory['active_weights_bytes'])} of the weights",
                      highlight=False)
+    from fmc.model_config import ModelConfig
+
+    architecture = ModelConfig.from_dict(model["architecture"])
+    note = windowed_kv_note(architecture.windowed_layers, architecture.num_hidden_layers,
+                            memory["kv_cache_bytes"], memory.get("windowed_kv_cache_bytes"),
+                            memory["context_window"])
+    if note:
+        stdout.print(note, highlight=False)
     for scheme, size in sorted(memory["weights_bytes_per_scheme"].items()):
         stdout.print(f"  {scheme}: {human_bytes(size)}", highlight=False)
     cache = plan["cache"]

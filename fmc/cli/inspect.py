@@ -9,7 +9,14 @@ from typing import TYPE_CHECKING
 import typer
 from rich.table import Table
 
-from fmc.cli.output import emit_json, human_bytes, quiet_option, setup_logging, stdout
+from fmc.cli.output import (
+    emit_json,
+    human_bytes,
+    quiet_option,
+    setup_logging,
+    stdout,
+    windowed_kv_note,
+)
 
 if TYPE_CHECKING:
     from fmc.artifacts.manifest import Collectives, Manifest
@@ -96,6 +103,9 @@ def inspect_command(
                             f"{human_bytes(memory.kv_cache_bytes)} "
                             f"({memory.context_window} tokens) + workspace "
                             f"{human_bytes(memory.workspace_bytes)}"),
+        *([("sliding window", windowed)] if (windowed := windowed_kv_note(
+            model.windowed_layers, model.num_hidden_layers, memory.kv_cache_bytes,
+            memory.windowed_kv_cache_bytes, memory.context_window)) else []),
         ("entry functions", ", ".join(summary["entry_functions"])),
         *([("tensor parallel", _describe_ranks(summary["tensor_parallel"],
                                                 manifest.tensor_parallel.collectives))]

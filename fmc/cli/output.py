@@ -95,3 +95,18 @@ def human_bytes(count: float) -> str:
             return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
         count /= 1024
     return f"{count:.1f} GiB"
+
+
+def windowed_kv_note(windowed: tuple[int, tuple[int, ...]] | None, num_layers: int,
+                     kv_cache_bytes: int, windowed_kv_cache_bytes: int | None,
+                     context_window: int) -> str | None:
+    """The memory line of a model with sliding-window layers: what a cache that dropped
+    their old keys would hold, beside what fmc's cache holds."""
+    if windowed is None or windowed_kv_cache_bytes is None:
+        return None
+    window, layers = windowed
+    return (f"sliding window: {len(layers)} of {num_layers} layers attend to their last "
+            f"{window} positions; keeping only those keys, the KV cache would be "
+            f"{human_bytes(windowed_kv_cache_bytes)} for one {context_window}-token sequence; "
+            f"fmc keeps every layer's keys ({human_bytes(kv_cache_bytes)}: TVM 0.27's paged "
+            "cache has one page pool for all layers)")

@@ -85,8 +85,10 @@ class KVCacheNeeds:
     from the config), so the model hands it un-rotated q/k/v; "none" — the model rotates
     itself. sliding_window: "none" — every layer attends to the whole sequence (a config's
     `sliding_window` then caps the context, as for mistral); "per-layer" — some layers attend
-    within a window, the context uncapped: fmc's CPU attention kernels apply it, by exact
-    positions (gemma2, gemma3; fmc.frontend.gemma_model)."""
+    within a window, the context uncapped: fmc's attention kernels apply it on every target,
+    by exact positions (gemma2, gemma3; fmc.frontend.gemma_model). Such a family names those
+    layers in `arch_options` as `sliding_window` and `sliding_layers`
+    (`ModelConfig.windowed_layers`), which the memory estimate and `fmc inspect` read."""
 
     attn_kind: str = "mha"
     rope: str = "normal"
