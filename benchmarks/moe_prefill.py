@@ -9,7 +9,15 @@ Three random q4f16 models with the same attention (hidden 1024, 4 layers, 16/4 h
   ablation switch `fmc.frontend.moe_model.GROUPED_PROMPTS`);
 - `dense`: its dense twin, one MLP of width 8·512 (the same active FLOPs per token).
 Each is compiled here and measured with `fmc bench --json` (median of the runs), the three
-in turn in one run. Writes benchmarks/results/moe_prefill.json (docs/architectures.md)."""
+in turn in one run.
+
+`--llamacpp` adds the side-by-side anchor: the MoE checkpoint (with SmolLM2's tokenizer, so
+llama.cpp's converter takes it) converted by llama.cpp's `convert_hf_to_gguf.py` to F16 and
+`llama-quantize`d to Q4_0 (its recipe: Q4_0 everywhere, the output head Q6_K); llama-bench
+and `fmc bench` then run the same file (fmc compiles it with `--quant gguf`, every block kept
+as stored), alternating over `--rounds`, the same prompt and generation lengths and threads.
+
+Writes benchmarks/results/moe_prefill.json (docs/architectures.md, docs/benchmarks.md)."""
 
 from __future__ import annotations
 
@@ -31,7 +39,7 @@ from convert_7b import write_shard  # noqa: E402
 from vs_llamacpp import machine  # noqa: E402
 
 RESULTS = ROOT / "results" / "moe_prefill.json"
-HIDDEN, LAYERS, HEADS, KV_HEADS, HEAD_DIM, VOCAB = 1024, 4, 16, 4, 64, 32000
+HIDDEN, LAYERS, HEADS, KV_HEADS, HEAD_DIM, VOCAB = 1024, 4, 16, 4, 64, 49152  # SmolLM2's
 EXPERTS, WIDTH, TOP_K = 64, 512, 8
 
 
@@ -100,9 +108,68 @@ def compile_artifact(checkpoint: Path, output: Path, grouped: bool) -> Path:
 def bench(artifact: Path, args) -> dict:
     out = subprocess.run([sys.executable, "-m", "fmc", "bench", str(artifact), "--json",
                           "--quiet", "--no-verify", "--prompt-len", str(args.prompt_len),
-                          "--gen-len", str(args.gen_len), "--runs", str(args.runs)],
+                          "--gen-len", str(args.gen_len), "--runs", str(args.runs),
+                          "--threads", str(args.threads)],
                          capture_output=True, text=True, check=True)
-    return json.loads(out.stdout)
+    result = json.loads(out.stdout)
+    return {phase: result[f"{phase}_tokens_per_s"]["median"] for phase in ("prefill", "decode")}
+
+
+def llamacpp_gguf(checkpoint: Path, bin_dir: Path, tmp: Path) -> Path:
+    """The checkpoint as llama.cpp's own tools make it: converted to F16, then Q4_0."""
+    import shutil
+
+    from llamacpp import CACHE, SDIST_VERSION
+    from vs_llamacpp import CACHE as SMOLLM2_ARTIFACTS
+    from vs_llamacpp import compile_fmc
+
+    tokenizer = SMOLLM2_ARTIFACTS / "fmc-q0f16" / "tokenizer"
+    if not tokenizer.exists():
+        tokenizer = compile_fmc("q0f16", "smollm2") / "tokenizer"
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer / name, checkpoint / name)
+    converter = CACHE / f"llama.cpp-{SDIST_VERSION}" / "src" / "convert_hf_to_gguf.py"
+    f16, q4_0 = tmp / "moe-F16.gguf", tmp / "moe-Q4_0.gguf"
+    subprocess.run([sys.executable, str(converter), str(checkpoint), "--outtype", "f16",
+                    "--outfile", str(f16)], check=True, capture_output=True)
+    subprocess.run([str(bin_dir / "llama-quantize"), str(f16), str(q4_0), "Q4_0"],
+                   check=True, capture_output=True)
+    return q4_0
+
+
+def llama_bench(bin_dir: Path, gguf: Path, args) -> dict:
+    out = subprocess.run([str(bin_dir / "llama-bench"), "-m", str(gguf), "-p",
+                          str(args.prompt_len), "-n", str(args.gen_len), "-t", str(args.threads),
+                          "-r", str(args.runs), "-o", "json"],
+                         check=True, capture_output=True, text=True).stdout
+    rows = json.loads(out)
+    return {"prefill": next(r["avg_ts"] for r in rows if r["n_gen"] == 0),
+            "decode": next(r["avg_ts"] for r in rows if r["n_prompt"] == 0)}
+
+
+def side_by_side(checkpoint: Path, tmp: Path, args) -> dict:
+    """llama.cpp and fmc on one Q4_0 GGUF, alternating; medians over the rounds."""
+    import statistics
+
+    from llamacpp import build
+
+    from fmc.compiler import CompileOptions, compile_model
+
+    bin_dir = build()
+    gguf = llamacpp_gguf(checkpoint, bin_dir, tmp)
+    artifact = tmp / "moe-gguf"
+    compile_model(CompileOptions(model=str(gguf), output=artifact, quant="gguf",
+                                 use_cache=False))
+    rounds: dict[str, list[dict]] = {"llama.cpp Q4_0": [], "fmc, the same GGUF": []}
+    for _ in range(args.rounds):
+        rounds["llama.cpp Q4_0"].append(llama_bench(bin_dir, gguf, args))
+        rounds["fmc, the same GGUF"].append(bench(artifact, args))
+    rows = {name: {phase: round(statistics.median(r[phase] for r in measured), 1)
+                   for phase in ("prefill", "decode")} for name, measured in rounds.items()}
+    fmc_row, anchor = rows["fmc, the same GGUF"], rows["llama.cpp Q4_0"]
+    rows["ratio fmc / llama.cpp"] = {phase: round(fmc_row[phase] / anchor[phase], 2)
+                                     for phase in ("prefill", "decode")}
+    return rows
 
 
 def main() -> None:
@@ -111,6 +178,11 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--gen-len", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--llamacpp", action="store_true",
+                        help="also run llama.cpp and fmc side by side on one Q4_0 GGUF")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="alternations of the side-by-side pair (--llamacpp)")
     parser.add_argument("--output", default=str(RESULTS))
     args = parser.parse_args()
     os.environ.setdefault("FMC_NO_CACHE", "1")
@@ -123,15 +195,16 @@ def main() -> None:
                      "moe-gathered": compile_artifact(moe, tmp / "moe-gathered", grouped=False),
                      "dense": compile_artifact(dense, tmp / "dense", grouped=True)}
         for name, artifact in artifacts.items():
-            result = bench(artifact, args)
-            rows[name] = {phase: {stat: round(value, 1) for stat, value in
-                                  result[f"{phase}_tokens_per_s"].items()}
-                          for phase in ("prefill", "decode")}
-            print(f"{name:13s} prefill {rows[name]['prefill']['median']:8.1f} tok/s   "
-                  f"decode {rows[name]['decode']['median']:7.1f} tok/s", flush=True)
+            rows[name] = {phase: round(value, 1) for phase, value in
+                          bench(artifact, args).items()}
+        if args.llamacpp:
+            rows.update(side_by_side(moe, tmp, args))
+    for name, row in rows.items():
+        print(f"{name:22s} prefill {row['prefill']:8.1f}   decode {row['decode']:7.1f}",
+              flush=True)
     document = {"date": time.strftime("%Y-%m-%d"), "machine": machine(),
                 "settings": {k: v for k, v in vars(args).items() if k != "output"}
-                | {"quant": "q4f16", "hidden": HIDDEN, "layers": LAYERS,
+                | {"quant": "q4f16", "hidden": HIDDEN, "layers": LAYERS, "vocab": VOCAB,
                                           "experts": EXPERTS, "width": WIDTH, "top_k": TOP_K},
                 "results": rows}
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
