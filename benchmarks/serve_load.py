@@ -3,7 +3,7 @@
     python benchmarks/serve_load.py [--fmc ARTIFACT] [--gguf FILE] [--llama-server BIN]
                                     [--concurrency 1 4 16] [--requests 4] [--rounds 2]
                                     [--max-tokens 64] [--prompt-tokens 128] [--threads N]
-                                    [--skip-llama]
+                                    [--skip-llama] [--fmc-variant 'LABEL=SERVE ARGS' ...]
 
 For each server and each concurrency C, C asyncio clients (the official `openai` client,
 streaming `/v1/completions`, `ignore_eos` so every request generates `--max-tokens`) each
@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -170,12 +171,14 @@ def chart(results: dict, path: Path) -> None:
     except ImportError:
         print("matplotlib not installed: no chart", file=sys.stderr)
         return
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     for name, runs in results.items():
         levels = [r["concurrency"] for r in runs]
         axes[0].plot(levels, [r["tokens_per_second"] for r in runs], marker="o", label=name)
         axes[1].plot(levels, [r["ttft_p99"] for r in runs], marker="o", label=name)
-    for axis, title in zip(axes, ("aggregate tokens/s", "p99 TTFT (s)"), strict=True):
+        axes[2].plot(levels, [1000 * r["itl_p99"] for r in runs], marker="o", label=name)
+    for axis, title in zip(axes, ("aggregate tokens/s", "p99 TTFT (s)", "p99 ITL (ms)"),
+                           strict=True):
         axis.set_xscale("log", base=2)
         axis.set_xlabel("concurrent clients")
         axis.set_title(title)
@@ -191,6 +194,9 @@ def main() -> None:
     parser.add_argument("--gguf", type=Path, default=DEFAULT_GGUF, help="llama.cpp model")
     parser.add_argument("--llama-server", type=Path, help="binary (default: build it)")
     parser.add_argument("--skip-llama", action="store_true", help="fmc only")
+    parser.add_argument("--fmc-variant", action="append", default=[], metavar="LABEL=ARGS",
+                        help="also serve the artifact with extra `fmc serve` arguments, "
+                             "e.g. 'fmc, budget 512=--busy-prefill-budget 512' (repeatable)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--requests", type=int, default=4, help="requests per client")
     parser.add_argument("--rounds", type=int, default=2,
@@ -208,11 +214,17 @@ def main() -> None:
 
     parallel = max(args.concurrency)
     texts = prompts(64, args.prompt_tokens)
-    servers = {"fmc": lambda port: Server("fmc", [
-        sys.executable, "-m", "fmc.cli", "serve", str(args.fmc), "--port", str(port),
-        "--name", "model", "--threads", str(args.threads), "--max-batch", str(min(parallel, 8)),
-        "--max-queue", str(4 * parallel), "--context-window", str(args.context), "--quiet"],
-        port)}
+    def fmc_server(label: str, extra: list[str]):
+        return lambda port: Server(label, [
+            sys.executable, "-m", "fmc.cli", "serve", str(args.fmc), "--port", str(port),
+            "--name", "model", "--threads", str(args.threads),
+            "--max-batch", str(min(parallel, 8)), "--max-queue", str(4 * parallel),
+            "--context-window", str(args.context), "--quiet", *extra], port)
+
+    servers = {"fmc": fmc_server("fmc", [])}
+    for variant in args.fmc_variant:
+        label, _, extra = variant.partition("=")
+        servers[label] = fmc_server(label, shlex.split(extra))
     if not args.skip_llama:
         binary = args.llama_server or build_llama_server()
         servers["llama-server"] = lambda port: Server("llama-server", [

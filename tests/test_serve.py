@@ -717,6 +717,80 @@ def test_a_long_prompt_is_prefilled_in_budget_chunks_between_decode_steps(engine
     assert engine.history == {}
 
 
+def test_prompts_arriving_together_are_spread_over_steps_while_streams_decode(engine,
+                                                                             monkeypatch):
+    """Prefill budget 64, busy budget 12: four 10-token prompts submitted together while a
+    stream decodes are prefilled one per step, a decode step between each (packed into one
+    40-token call, the stream would wait for all four); with nothing decoding, the same four
+    share one call. Every answer equals its solo run."""
+    from fmc.runtime.sampling import SamplingParams
+    from fmc.serve.batching import EngineLoop, Request
+    from fmc.serve.metrics import Metrics
+
+    calls = []
+    all_submitted = threading.Event()
+    prefill, decode = engine.prefill_batch, engine.decode_batch
+
+    def decode_once_all_are_in(seqs, tokens):
+        all_submitted.wait(30)  # the running stream waits for the burst (a loaded machine)
+        calls.append(("decode", len(seqs)))
+        return decode(seqs, tokens)
+
+    monkeypatch.setattr(engine, "prefill_batch", lambda seqs, prompts: (
+        calls.append(("prefill", tuple(map(len, prompts)))), prefill(seqs, prompts))[1])
+    monkeypatch.setattr(engine, "decode_batch", decode_once_all_are_in)
+    running = engine.tokenizer.encode("w5 w6 w7")
+    burst = [[5 + (7 * i + 3 * j) % 150 for j in range(10)] for i in range(4)]
+
+    def serve_burst(stream: bool) -> list[str]:
+        loop = EngineLoop("t", engine, Metrics(), prefill_budget=64, prefix_pages=0,
+                          busy_prefill_budget=12)
+
+        async def run():
+            requests = [Request(p, engine.stop_rule(3), SamplingParams(), 1, engine.tokenizer)
+                        for p in burst]
+            if stream:
+                requests.insert(0, Request(running, engine.stop_rule(30), SamplingParams(),
+                                           1, engine.tokenizer))
+            if not stream:  # all in the inbox before the loop's first turn
+                for request in requests:
+                    loop.submit(request)
+            loop.start()
+            try:
+                if stream:
+                    loop.submit(requests[0])
+                    while ("prefill", (len(running),)) not in calls:
+                        await asyncio.sleep(0.01)
+                    # the loop is now held in the stream's first decode step, so its next
+                    # turn admits the whole burst at once
+                    for request in requests[1:]:
+                        loop.submit(request)
+                all_submitted.set()
+                texts = []
+                for request in requests:
+                    events = []
+                    while not (events and events[-1].done):
+                        events.append(await asyncio.wait_for(request.events.get(), 30))
+                    texts.append("".join(e.text for e in events))
+                return texts
+            finally:
+                loop.stop()
+
+        return asyncio.run(run())
+
+    texts = serve_burst(stream=True)
+    start = calls.index(("prefill", (10,)))
+    assert [kind for kind, _ in calls[start:start + 8]] == ["prefill", "decode"] * 4
+    assert [size for kind, size in calls[start:start + 8] if kind == "prefill"] == [(10,)] * 4
+    assert texts[0] == solo(engine, running, 30)[0]
+    calls.clear()
+    alone = serve_burst(stream=False)
+    assert calls[0] == ("prefill", (10, 10, 10, 10))
+    monkeypatch.undo()
+    assert texts[1:] == alone == [solo(engine, p, 3)[0] for p in burst]
+    assert engine.history == {}
+
+
 def test_a_full_queue_is_429_with_retry_after_and_sigterm_exits_0(tiny_artifact):
     srv = Server(tiny_artifact(MODEL), "--max-batch", "1", "--max-queue", "1")
     try:

@@ -36,6 +36,10 @@ def serve_command(
     prefill_budget: int = typer.Option(None, "--prefill-budget", help="Prompt tokens "
                                        "prefilled per engine step, between decode steps "
                                        "(default and maximum: the artifact's prefill chunk)."),
+    busy_prefill_budget: int = typer.Option(None, "--busy-prefill-budget", help="Prompt "
+                                            "tokens an engine step packs while streams are "
+                                            "decoding, beyond its first prompt or chunk "
+                                            "(default 128; at most --prefill-budget)."),
     prefix_cache_pages: int = typer.Option(None, "--prefix-cache-pages", help="KV pages "
                                            "kept by finished sequences for prefix reuse "
                                            "(default: half the cache; 0: keep none)."),
@@ -57,10 +61,12 @@ def serve_command(
     except ImportError as exc:
         raise UsageError(f"fmc serve needs the server packages ({exc.name} is missing): "
                          "pip install 'fmc[serve]'") from None
-    if max_batch < 1 or max_queue < 0 or (prefill_budget is not None and prefill_budget < 1) \
+    if max_batch < 1 or max_queue < 0 or any(
+            budget is not None and budget < 1 for budget in (prefill_budget,
+                                                             busy_prefill_budget)) \
             or (prefix_cache_pages is not None and prefix_cache_pages < 0):
-        raise UsageError("--max-batch and --prefill-budget must be ≥ 1, --max-queue and "
-                         "--prefix-cache-pages ≥ 0")
+        raise UsageError("--max-batch, --prefill-budget and --busy-prefill-budget must be "
+                         "≥ 1, --max-queue and --prefix-cache-pages ≥ 0")
     setup_logging(quiet or json_out)
     # uvicorn handles SIGINT/SIGTERM itself (graceful shutdown), then re-raises the signal
     # to the previous handler: make that a no-op so a requested shutdown exits 0.
@@ -69,7 +75,7 @@ def serve_command(
             signal.signal(signum, lambda *_: None)
     serve(artifacts, name or None, host=host, port=port, api_key=api_key,
           max_queue=max_queue, max_batch=max_batch, prefill_budget=prefill_budget,
-          prefix_pages=prefix_cache_pages,
+          prefix_pages=prefix_cache_pages, busy_prefill_budget=busy_prefill_budget,
           grace=grace, log_level="warning" if quiet or json_out else "info",
           on_ready=_print_ready if json_out else None,
           verify=verify, context_window=context_window, threads=threads)

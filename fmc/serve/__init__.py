@@ -18,14 +18,14 @@ API_KEY_ENV = "FMC_API_KEY"
 def load_models(artifacts: list[Path], names: list[str] | None = None, *,
                 max_batch: int | None = None, max_queue: int = 64,
                 prefill_budget: int | None = None, prefix_pages: int | None = None,
-                metrics=None, **load_options):
+                busy_prefill_budget: int | None = None, metrics=None, **load_options):
     """One `Model` (engine, engine loop, chat template) per artifact; names default to the
     artifact directories' names."""
     import fmc
     from fmc.errors import ArtifactError
     from fmc.runtime.chat import ChatTemplate
     from fmc.serve.app import Model
-    from fmc.serve.batching import EngineLoop
+    from fmc.serve.batching import DEFAULT_BUSY_PREFILL_BUDGET, EngineLoop
     from fmc.serve.metrics import Metrics
 
     names = list(names or [])
@@ -46,7 +46,7 @@ def load_models(artifacts: list[Path], names: list[str] | None = None, *,
         except ArtifactError as exc:
             template_error = str(exc)
         loop = EngineLoop(name, engine, metrics, max_batch, max_queue, prefill_budget,
-                          prefix_pages)
+                          prefix_pages, busy_prefill_budget or DEFAULT_BUSY_PREFILL_BUDGET)
         models.append(Model(name, engine, loop, template, template_error, int(time.time())))
     return models, metrics
 
@@ -72,8 +72,9 @@ def _check_listen(host: str, port: int) -> None:
 def serve(artifacts: list[Path], names: list[str] | None = None, host: str = "127.0.0.1",
           port: int = 8000, api_key: str | None = None, max_queue: int = 64,
           max_batch: int | None = None, prefill_budget: int | None = None,
-          prefix_pages: int | None = None, grace: float = 10.0, log_level: str = "info",
-          on_ready=None, **load_options) -> None:
+          prefix_pages: int | None = None, busy_prefill_budget: int | None = None,
+          grace: float = 10.0, log_level: str = "info", on_ready=None,
+          **load_options) -> None:
     """Load every artifact and serve until SIGINT/SIGTERM; `on_ready(info)` is called once
     the sockets listen, with the URL, the bound port (useful with port 0) and the models."""
     import uvicorn
@@ -99,7 +100,7 @@ def serve(artifacts: list[Path], names: list[str] | None = None, host: str = "12
     _check_listen(host, port)  # before the (slow) loading
     models, metrics = load_models(artifacts, names, max_batch=max_batch, max_queue=max_queue,
                                   prefill_budget=prefill_budget, prefix_pages=prefix_pages,
-                                  **load_options)
+                                  busy_prefill_budget=busy_prefill_budget, **load_options)
     app = create_app(models, metrics, api_key)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=grace, access_log=False)

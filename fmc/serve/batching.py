@@ -10,7 +10,10 @@ Each turn of the loop (`EngineLoop._turn`):
 3. prefills at most `prefill_budget` prompt tokens (default: the artifact's prefill chunk),
    packed across requests with `Engine.prefill_batch`; a prompt longer than the budget is
    prefilled a budget-sized chunk per turn, so a long prompt never stalls running streams
-   for more than one chunk;
+   for more than one chunk. While sequences are decoding, whole prompts are packed only up
+   to `busy_prefill_budget` tokens (default 128) after the turn's first prompt or chunk:
+   the streams then wait for a short forward pass each turn instead of one long one when
+   many requests arrive together;
 4. runs one `decode_batch` over every decoding sequence.
 
 A request's prompt is prefilled into one sequence; when it is complete, the sequence is
@@ -130,16 +133,23 @@ class QueueFull(Exception):
     pass
 
 
+# Prompt tokens a turn packs beyond its first prompt while streams are decoding: about one
+# decode step's time on a small model, so the streams' pause stays short (docs/serve.md).
+DEFAULT_BUSY_PREFILL_BUDGET = 128
+
+
 class EngineLoop:
     def __init__(self, name: str, engine, metrics, max_batch: int | None = None,
                  max_queue: int = 64, prefill_budget: int | None = None,
-                 prefix_pages: int | None = None):
+                 prefix_pages: int | None = None,
+                 busy_prefill_budget: int = DEFAULT_BUSY_PREFILL_BUDGET):
         self.name = name
         self.engine = engine
         self.metrics = metrics
         self.max_batch = min(max_batch or engine.max_batch_size, engine.max_batch_size)
         self.max_queue = max_queue
         self.prefill_budget = min(prefill_budget or engine.prefill_chunk, engine.prefill_chunk)
+        self.busy_prefill_budget = min(busy_prefill_budget, self.prefill_budget)
         self.page_size = engine.manifest.runtime.page_size
         self.total_pages = engine.available_pages()
         # Finished sequences kept for prefix reuse, least recently used first: seq → tokens.
@@ -354,17 +364,19 @@ class EngineLoop:
                                   done=common))
 
     def _prefill(self) -> None:
-        budget = self.prefill_budget
+        # The turn's first prompt takes up to the whole budget (a long one a budget-sized
+        # chunk); others join while they fit whole — in less room while streams wait.
+        budget = self.busy_prefill_budget if self._decoding else self.prefill_budget
         picked: list[tuple[Job, list[int]]] = []
         reserved = sum(1 for _, c in self._decoding
                        if self.engine.sequence_length(c.seq) % self.page_size == 0)
         pages = self.engine.available_pages() - reserved
         for job in self._jobs:
             left = len(job.tokens) - job.done
-            if left <= budget:
+            if not picked:  # whole, or a long prompt chunk by chunk
+                piece = job.tokens[job.done:job.done + self.prefill_budget]
+            elif left <= budget:
                 piece = job.tokens[job.done:]
-            elif not picked and budget == self.prefill_budget:
-                piece = job.tokens[job.done:job.done + budget]  # a long prompt, chunk by chunk
             else:
                 continue  # would be split differently from a solo run: next turn
             need = math.ceil(len(piece) / self.page_size) + 1
@@ -375,7 +387,7 @@ class EngineLoop:
             pages -= need
             picked.append((job, piece))
             budget -= len(piece)
-            if budget == 0:
+            if budget <= 0:
                 break
         if not picked:
             return
