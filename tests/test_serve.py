@@ -791,6 +791,14 @@ def test_prompts_arriving_together_are_spread_over_steps_while_streams_decode(en
     assert engine.history == {}
 
 
+@pytest.mark.parametrize("option", ["--prefill-budget", "--busy-prefill-budget"])
+def test_a_budget_below_one_is_a_usage_error(option, artifact, capsys):
+    from fmc.cli import main
+
+    assert main(["serve", str(artifact), option, "0"]) == 2
+    assert "--busy-prefill-budget must be ≥ 1" in capsys.readouterr().err
+
+
 def test_a_full_queue_is_429_with_retry_after_and_sigterm_exits_0(tiny_artifact):
     srv = Server(tiny_artifact(MODEL), "--max-batch", "1", "--max-queue", "1")
     try:

@@ -39,7 +39,8 @@ def serve_command(
     busy_prefill_budget: int = typer.Option(None, "--busy-prefill-budget", help="Prompt "
                                             "tokens an engine step packs while streams are "
                                             "decoding, beyond its first prompt or chunk "
-                                            "(default 128; at most --prefill-budget)."),
+                                            "(default 128, at most --prefill-budget; smaller: "
+                                            "shorter pauses, later first tokens)."),
     prefix_cache_pages: int = typer.Option(None, "--prefix-cache-pages", help="KV pages "
                                            "kept by finished sequences for prefix reuse "
                                            "(default: half the cache; 0: keep none)."),

@@ -11,9 +11,9 @@ Each turn of the loop (`EngineLoop._turn`):
    packed across requests with `Engine.prefill_batch`; a prompt longer than the budget is
    prefilled a budget-sized chunk per turn, so a long prompt never stalls running streams
    for more than one chunk. While sequences are decoding, whole prompts are packed only up
-   to `busy_prefill_budget` tokens (default 128) after the turn's first prompt or chunk:
-   the streams then wait for a short forward pass each turn instead of one long one when
-   many requests arrive together;
+   to `busy_prefill_budget` tokens after the turn's first prompt or chunk (default 128):
+   a burst of arrivals is spread over several short pauses of the streams instead of one
+   long one;
 4. runs one `decode_batch` over every decoding sequence.
 
 A request's prompt is prefilled into one sequence; when it is complete, the sequence is
@@ -133,8 +133,10 @@ class QueueFull(Exception):
     pass
 
 
-# Prompt tokens a turn packs beyond its first prompt while streams are decoding: about one
-# decode step's time on a small model, so the streams' pause stays short (docs/serve.md).
+# Prompt tokens a turn packs after its first prompt while streams decode. Measured on
+# SmolLM2 at 16 clients (docs/benchmarks.md): against the whole budget (512), the streams'
+# longest pause halves and p99 inter-token latency falls 2.5×, throughput unchanged, p99
+# time to first token up to 14 % later.
 DEFAULT_BUSY_PREFILL_BUDGET = 128
 
 
