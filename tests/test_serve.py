@@ -791,6 +791,70 @@ def test_prompts_arriving_together_are_spread_over_steps_while_streams_decode(en
     assert engine.history == {}
 
 
+def test_a_lone_stream_yields_its_pages_to_a_prompt_being_prefilled(engine):
+    """A long stream and a 200-token prompt prefilled 4 tokens a turn share the tiny
+    artifact's 17-page KV cache.
+    The stream grows into the pages the prompt was promised; when it needs a page and none is
+    free, it is the only decoding sequence, and it is preempted (recomputed later) rather than
+    run into a full cache. No error; every answer equals its solo run."""
+    from fmc.runtime.sampling import SamplingParams
+    from fmc.serve.batching import EngineLoop, Request
+    from fmc.serve.metrics import Metrics
+
+    assert engine.available_pages() == 17
+    stream = [5, 6, 7]
+    prompt = [5 + (7 * j) % 150 for j in range(200)]
+    metrics = Metrics()
+    loop = EngineLoop("t", engine, metrics, prefill_budget=4, prefix_pages=0)
+
+    async def run():
+        requests = [Request(stream, engine.stop_rule(150), SamplingParams(), 1,
+                            engine.tokenizer),
+                    Request(prompt, engine.stop_rule(5), SamplingParams(), 1, engine.tokenizer)]
+        for request in requests:  # both in the inbox before the loop's first turn
+            loop.submit(request)
+        loop.start()
+        try:
+            texts = []
+            for request in requests:
+                events = []
+                while not (events and (events[-1].done or events[-1].error)):
+                    events.append(await asyncio.wait_for(request.events.get(), 60))
+                assert not events[-1].error, events[-1].error
+                texts.append("".join(e.text for e in events))
+            return texts
+        finally:
+            loop.stop()
+
+    texts = asyncio.run(run())
+    assert sum(metrics.preemptions.values()) >= 1
+    assert texts == [solo(engine, stream, 150)[0], solo(engine, prompt, 5)[0]]
+    assert engine.history == {}
+
+
+def test_a_prompt_being_prefilled_keeps_a_page_for_each_of_its_choices(engine):
+    """Choices 2…n fork the finished prompt; mid-page, each fork copies that page. Until the
+    prompt is done, its job keeps them reserved (it used to keep one, for choice 1)."""
+    from fmc.runtime.sampling import SamplingParams
+    from fmc.serve.batching import EngineLoop, Request
+    from fmc.serve.metrics import Metrics
+
+    loop = EngineLoop("t", engine, Metrics(), prefill_budget=16, prefix_pages=0)
+
+    async def admitted() -> int:
+        request = Request(list(range(5, 25)), engine.stop_rule(2), SamplingParams(), 3,
+                          engine.tokenizer)
+        loop._waiting.append(request)
+        loop._admit()
+        try:
+            return loop._reserved_pages()
+        finally:
+            loop._release(request)
+
+    assert asyncio.run(admitted()) == 2 + 3  # 20 prompt tokens, then a page per choice
+    assert engine.history == {}
+
+
 @pytest.mark.parametrize("option", ["--prefill-budget", "--busy-prefill-budget"])
 def test_a_budget_below_one_is_a_usage_error(option, artifact, capsys):
     from fmc.cli import main

@@ -315,14 +315,20 @@ class EngineLoop:
         self.metrics.queue_depth(self.name, self._queued)
 
     def _live(self) -> int:
-        return len(self._decoding) + sum(
-            r.n if j.resumed is None else 1 for j in self._jobs for r in [j.request])
+        return len(self._decoding) + sum(map(self._choices, self._jobs))
 
     def _reserved_pages(self) -> int:
-        """Pages that prefills in progress will take, and one per decoding sequence."""
-        pending = sum(math.ceil((len(j.tokens) - j.done) / self.page_size) + 1
+        """Pages that prefills in progress will take — with one per choice: its first decoded
+        token, or the partial page a fork for choices 2…n copies — and one per decoding
+        sequence."""
+        pending = sum(math.ceil((len(j.tokens) - j.done) / self.page_size) + self._choices(j)
                       for j in self._jobs)
         return pending + len(self._decoding)
+
+    @staticmethod
+    def _choices(job: Job) -> int:
+        """Sequences a prefill job turns into: a request's n, or the one it recomputes."""
+        return job.request.n if job.resumed is None else 1
 
     def _free_pages(self) -> int:
         return self.engine.available_pages() - self._reserved_pages()
@@ -345,6 +351,8 @@ class EngineLoop:
                 return
             source, common = self._match(request.prompt)
             need = math.ceil((len(request.prompt) - common) / self.page_size) + request.n
+            if source is not None and source not in self._retained and common % self.page_size:
+                need += 1  # forking a live sequence mid-page copies that page
             while need > self._free_pages() and self._evict(keep=source):
                 pass
             if need > self._free_pages():
@@ -381,7 +389,7 @@ class EngineLoop:
                 piece = job.tokens[job.done:]
             else:
                 continue  # would be split differently from a solo run: next turn
-            need = math.ceil(len(piece) / self.page_size) + 1
+            need = math.ceil(len(piece) / self.page_size) + self._choices(job)
             while need > pages and self._evict():
                 pages = self.engine.available_pages() - reserved
             if need > pages:
@@ -438,15 +446,18 @@ class EngineLoop:
                 self._step(request, choice, row)
 
     def _make_room(self) -> None:
-        """Preempt the newest decoding sequences while the step needs more pages than are
-        free (a sequence whose length is a multiple of the page size starts a page)."""
+        """While the step needs more pages than are free (a sequence whose length is a
+        multiple of the page size starts a page), evict kept sequences, then preempt the
+        newest decoding ones — the last one too while prefills in progress hold pages."""
         while self._decoding:
             need = sum(1 for _, c in self._decoding
                        if self.engine.sequence_length(c.seq) % self.page_size == 0)
-            if need <= self.engine.available_pages() or len(self._decoding) == 1:
+            if need <= self.engine.available_pages():
                 return
             if self._evict():  # kept sequences go before running ones
                 continue
+            if len(self._decoding) == 1 and not self._jobs:
+                return  # it holds every page: its full context ends it (Generation.step)
             request, choice = max(self._decoding, key=lambda rc: rc[1].order)
             self._decoding.remove((request, choice))
             choice.resume = list(self.engine.history[choice.seq])
