@@ -21,8 +21,9 @@ forked for choices 2…n (sharing the prompt's pages) and every choice samples f
 logits. Every logits row goes through the runtime's one generation policy
 (`fmc.runtime.generation.Generation.step`: end-of-sequence, stop strings cut exactly,
 max_tokens, a full context), after the OpenAI presence/frequency penalties. When a decode
-step would need more KV pages than are free, the newest sequences are preempted: removed,
-and later recomputed from their tokens (one prefill) before they decode again.
+step would need more KV pages than are free, kept sequences are evicted, then the newest
+sequences are preempted: removed, and later recomputed from their tokens (one prefill)
+before they decode again.
 
 Results go back to the asyncio side through `loop.call_soon_threadsafe`: each request has an
 asyncio queue of `Event`s. An exception in one request's sampling fails that request only;
