@@ -661,6 +661,36 @@ def test_an_exception_in_one_requests_sampling_fails_that_request_only(engine):
     assert engine.history == {}  # both sequences were removed
 
 
+async def streamed_texts(requests) -> list[str]:
+    """Each in-process request's text, once its last event has come (an error fails)."""
+    texts = []
+    for request in requests:
+        events = []
+        while not (events and (events[-1].done or events[-1].error)):
+            events.append(await asyncio.wait_for(request.events.get(), 60))
+        assert not events[-1].error, events[-1].error
+        texts.append("".join(e.text for e in events))
+    return texts
+
+
+def recorded_engine_calls(engine, monkeypatch, gate: threading.Event, prefill_size) -> list:
+    """The engine loop's calls, in order: ("prefill", prefill_size(prompts)) and ("decode",
+    batch size). Decode steps wait for `gate`: on a loaded machine the loop's thread could
+    otherwise run a stream to its end before the test has submitted what it interleaves."""
+    calls = []
+    prefill, decode = engine.prefill_batch, engine.decode_batch
+
+    def gated_decode(seqs, tokens):
+        gate.wait(30)
+        calls.append(("decode", len(seqs)))
+        return decode(seqs, tokens)
+
+    monkeypatch.setattr(engine, "prefill_batch", lambda seqs, prompts: (
+        calls.append(("prefill", prefill_size(prompts))), prefill(seqs, prompts))[1])
+    monkeypatch.setattr(engine, "decode_batch", gated_decode)
+    return calls
+
+
 def test_a_long_prompt_is_prefilled_in_budget_chunks_between_decode_steps(engine,
                                                                           monkeypatch):
     """The engine loop in-process with a 16-token prefill budget: while a 60-token prompt
@@ -670,20 +700,9 @@ def test_a_long_prompt_is_prefilled_in_budget_chunks_between_decode_steps(engine
     from fmc.serve.batching import EngineLoop, Request
     from fmc.serve.metrics import Metrics
 
-    calls = []
     second_submitted = threading.Event()
-    prefill, decode = engine.prefill_batch, engine.decode_batch
-
-    def decode_once_both_are_in(seqs, tokens):
-        # The first request's decode steps wait for the long prompt: on a loaded machine
-        # the loop's thread could otherwise finish all 30 tokens before the test submits it.
-        second_submitted.wait(30)
-        calls.append(("decode", len(seqs)))
-        return decode(seqs, tokens)
-
-    monkeypatch.setattr(engine, "prefill_batch", lambda seqs, prompts: (
-        calls.append(("prefill", sum(map(len, prompts)))), prefill(seqs, prompts))[1])
-    monkeypatch.setattr(engine, "decode_batch", decode_once_both_are_in)
+    calls = recorded_engine_calls(engine, monkeypatch, second_submitted,
+                                  lambda prompts: sum(map(len, prompts)))
     short = engine.tokenizer.encode("w5 w6 w7")
     long = [5 + (3 * j) % 150 for j in range(60)]
     loop = EngineLoop("t", engine, Metrics(), prefill_budget=16, prefix_pages=0)
@@ -698,12 +717,7 @@ def test_a_long_prompt_is_prefilled_in_budget_chunks_between_decode_steps(engine
                 await asyncio.sleep(0.01)
             loop.submit(second)
             second_submitted.set()
-            texts = []
-            for request, events in ((first, []), (second, [])):
-                while not (events and events[-1].done):
-                    events.append(await asyncio.wait_for(request.events.get(), 30))
-                texts.append("".join(e.text for e in events))
-            return texts
+            return await streamed_texts([first, second])
         finally:
             loop.stop()
 
@@ -727,18 +741,9 @@ def test_prompts_arriving_together_are_spread_over_steps_while_streams_decode(en
     from fmc.serve.batching import EngineLoop, Request
     from fmc.serve.metrics import Metrics
 
-    calls = []
     all_submitted = threading.Event()
-    prefill, decode = engine.prefill_batch, engine.decode_batch
-
-    def decode_once_all_are_in(seqs, tokens):
-        all_submitted.wait(30)  # the running stream waits for the burst (a loaded machine)
-        calls.append(("decode", len(seqs)))
-        return decode(seqs, tokens)
-
-    monkeypatch.setattr(engine, "prefill_batch", lambda seqs, prompts: (
-        calls.append(("prefill", tuple(map(len, prompts)))), prefill(seqs, prompts))[1])
-    monkeypatch.setattr(engine, "decode_batch", decode_once_all_are_in)
+    calls = recorded_engine_calls(engine, monkeypatch, all_submitted,
+                                  lambda prompts: tuple(map(len, prompts)))
     running = engine.tokenizer.encode("w5 w6 w7")
     burst = [[5 + (7 * i + 3 * j) % 150 for j in range(10)] for i in range(4)]
 
@@ -766,13 +771,7 @@ def test_prompts_arriving_together_are_spread_over_steps_while_streams_decode(en
                     for request in requests[1:]:
                         loop.submit(request)
                 all_submitted.set()
-                texts = []
-                for request in requests:
-                    events = []
-                    while not (events and events[-1].done):
-                        events.append(await asyncio.wait_for(request.events.get(), 30))
-                    texts.append("".join(e.text for e in events))
-                return texts
+                return await streamed_texts(requests)
             finally:
                 loop.stop()
 
@@ -815,14 +814,7 @@ def test_a_lone_stream_yields_its_pages_to_a_prompt_being_prefilled(engine):
             loop.submit(request)
         loop.start()
         try:
-            texts = []
-            for request in requests:
-                events = []
-                while not (events and (events[-1].done or events[-1].error)):
-                    events.append(await asyncio.wait_for(request.events.get(), 60))
-                assert not events[-1].error, events[-1].error
-                texts.append("".join(e.text for e in events))
-            return texts
+            return await streamed_texts(requests)
         finally:
             loop.stop()
 
