@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
 from convert_7b import write_shard  # noqa: E402
-from vs_llamacpp import machine  # noqa: E402
+from vs_llamacpp import llama_bench, machine  # noqa: E402
 
 RESULTS = ROOT / "results" / "moe_prefill.json"
 HIDDEN, LAYERS, HEADS, KV_HEADS, HEAD_DIM, VOCAB = 1024, 4, 16, 4, 64, 49152  # SmolLM2's
@@ -137,16 +137,6 @@ def llamacpp_gguf(checkpoint: Path, bin_dir: Path, tmp: Path) -> Path:
     return q4_0
 
 
-def llama_bench(bin_dir: Path, gguf: Path, args) -> dict:
-    out = subprocess.run([str(bin_dir / "llama-bench"), "-m", str(gguf), "-p",
-                          str(args.prompt_len), "-n", str(args.gen_len), "-t", str(args.threads),
-                          "-r", str(args.runs), "-o", "json"],
-                         check=True, capture_output=True, text=True).stdout
-    rows = json.loads(out)
-    return {"prefill": next(r["avg_ts"] for r in rows if r["n_gen"] == 0),
-            "decode": next(r["avg_ts"] for r in rows if r["n_prompt"] == 0)}
-
-
 def side_by_side(checkpoint: Path, tmp: Path, args) -> dict:
     """llama.cpp and fmc on one Q4_0 GGUF, alternating; medians over the rounds."""
     import statistics
@@ -162,7 +152,8 @@ def side_by_side(checkpoint: Path, tmp: Path, args) -> dict:
                                  use_cache=False))
     rounds: dict[str, list[dict]] = {"llama.cpp Q4_0": [], "fmc, the same GGUF": []}
     for _ in range(args.rounds):
-        rounds["llama.cpp Q4_0"].append(llama_bench(bin_dir, gguf, args))
+        rounds["llama.cpp Q4_0"].append(llama_bench(bin_dir, gguf, args.threads,
+                                                    args.prompt_len, args.gen_len, args.runs))
         rounds["fmc, the same GGUF"].append(bench(artifact, args))
     rows = {name: {phase: round(statistics.median(r[phase] for r in measured), 1)
                    for phase in ("prefill", "decode")} for name, measured in rounds.items()}

@@ -123,13 +123,15 @@ def compile_fmc(row: str, model: str, checkpoint: Path | None = None) -> Path:
     return out
 
 
-def llama_bench(bin_dir: Path, gguf: Path, threads: int) -> dict:
-    out = subprocess.run([str(bin_dir / "llama-bench"), "-m", str(gguf), "-p", str(PROMPT),
-                          "-n", str(GEN), "-t", str(threads), "-r", "3", "-o", "json"],
-                         check=True, capture_output=True, text=True).stdout
+def llama_bench(bin_dir: Path, gguf: Path, threads: int, prompt: int = PROMPT,
+                gen: int = GEN, repetitions: int = 3) -> dict:
+    """llama-bench's tokens/s: {"prefill" (a `prompt`-token prompt), "decode" (`gen` tokens)}."""
+    out = subprocess.run([str(bin_dir / "llama-bench"), "-m", str(gguf), "-p", str(prompt),
+                          "-n", str(gen), "-t", str(threads), "-r", str(repetitions),
+                          "-o", "json"], check=True, capture_output=True, text=True).stdout
     rows = json.loads(out)
-    prefill = next(r for r in rows if r["n_prompt"] == PROMPT and r["n_gen"] == 0)
-    decode = next(r for r in rows if r["n_gen"] == GEN and r["n_prompt"] == 0)
+    prefill = next(r for r in rows if r["n_prompt"] == prompt and r["n_gen"] == 0)
+    decode = next(r for r in rows if r["n_gen"] == gen and r["n_prompt"] == 0)
     return {"prefill": prefill["avg_ts"], "decode": decode["avg_ts"]}
 
 

@@ -327,9 +327,9 @@ def memory_estimate(state: CompileState) -> MemoryEstimate:
     window = state.imported.context_window
     kv_per_layer_token = 2 * c.num_key_value_heads * c.head_dim * item
     kv = c.num_hidden_layers * window * kv_per_layer_token
-    windowed_kv = None
-    if c.windowed_layers:  # what the sliding layers would hold if the cache dropped old keys
-        attention_window, sliding = c.windowed_layers
+    windowed_kv, windowed = None, c.windowed_layers
+    if windowed:  # what the sliding layers would hold if the cache dropped old keys
+        attention_window, sliding = windowed
         kept = attention_window - 1 + state.options.prefill_chunk
         if kept < window:
             windowed_kv = kv - len(sliding) * (window - kept) * kv_per_layer_token

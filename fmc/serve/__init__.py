@@ -25,7 +25,7 @@ def load_models(artifacts: list[Path], names: list[str] | None = None, *,
     from fmc.errors import ArtifactError
     from fmc.runtime.chat import ChatTemplate
     from fmc.serve.app import Model
-    from fmc.serve.batching import DEFAULT_BUSY_PREFILL_BUDGET, EngineLoop
+    from fmc.serve.batching import EngineLoop
     from fmc.serve.metrics import Metrics
 
     names = list(names or [])
@@ -46,7 +46,7 @@ def load_models(artifacts: list[Path], names: list[str] | None = None, *,
         except ArtifactError as exc:
             template_error = str(exc)
         loop = EngineLoop(name, engine, metrics, max_batch, max_queue, prefill_budget,
-                          prefix_pages, busy_prefill_budget or DEFAULT_BUSY_PREFILL_BUDGET)
+                          prefix_pages, busy_prefill_budget)
         models.append(Model(name, engine, loop, template, template_error, int(time.time())))
     return models, metrics
 

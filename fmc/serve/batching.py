@@ -144,15 +144,15 @@ DEFAULT_BUSY_PREFILL_BUDGET = 128
 class EngineLoop:
     def __init__(self, name: str, engine, metrics, max_batch: int | None = None,
                  max_queue: int = 64, prefill_budget: int | None = None,
-                 prefix_pages: int | None = None,
-                 busy_prefill_budget: int = DEFAULT_BUSY_PREFILL_BUDGET):
+                 prefix_pages: int | None = None, busy_prefill_budget: int | None = None):
         self.name = name
         self.engine = engine
         self.metrics = metrics
         self.max_batch = min(max_batch or engine.max_batch_size, engine.max_batch_size)
         self.max_queue = max_queue
         self.prefill_budget = min(prefill_budget or engine.prefill_chunk, engine.prefill_chunk)
-        self.busy_prefill_budget = min(busy_prefill_budget, self.prefill_budget)
+        self.busy_prefill_budget = min(busy_prefill_budget or DEFAULT_BUSY_PREFILL_BUDGET,
+                                       self.prefill_budget)
         self.page_size = engine.manifest.runtime.page_size
         self.total_pages = engine.available_pages()
         # Finished sequences kept for prefix reuse, least recently used first: seq → tokens.
